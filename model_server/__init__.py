@@ -1,0 +1,38 @@
+"""model-server: a fault-tolerant manager for fleets of SGLang LLM servers.
+
+Two halves share one fleet table (:mod:`model_server.config`): the launch
+pipeline (``model-server serve``) and the client (:class:`ModelServer`).
+Importing this package never imports torch or sglang.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from model_server.config import Fleet, ServerSpec, load_fleet
+from model_server.errors import ConfigError, ModelServerError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncModelServer",
+    "ConfigError",
+    "Fleet",
+    "ModelServer",
+    "ModelServerError",
+    "ServerSpec",
+    "__version__",
+    "load_fleet",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from model_server.client import AsyncModelServer, ModelServer
+
+
+def __getattr__(name: str) -> Any:
+    # The client pulls in the openai SDK; load it only when asked for.
+    if name in ("ModelServer", "AsyncModelServer"):
+        from model_server import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'model_server' has no attribute {name!r}")

@@ -1,0 +1,390 @@
+"""The fleet table: TOML in ``configs/`` -> validated, frozen pydantic models.
+
+One file describes every server of the fleet (all hosts), the launch policy
+every host applies, the client policy applications use, and the *name* of the
+environment variable holding the API key (never the key). Both halves read it
+through :func:`load_fleet`, so a mistake is caught once, with a message that
+names the file, the server and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from model_server.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "CONFIG_ENV",
+    "PROJECT_ROOT",
+    "ClientPolicy",
+    "Fleet",
+    "GpuInventoryConfig",
+    "LaunchPolicy",
+    "MemFractionRule",
+    "RoutingPolicy",
+    "ServerKind",
+    "ServerSpec",
+    "default_config_path",
+    "load_fleet",
+    "parse_fleet",
+]
+
+CONFIG_ENV = "MODEL_SERVER_CONFIG"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = Path("configs") / "servers.toml"
+
+
+class _Strict(BaseModel):
+    """Frozen, and unknown keys are an error (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerKind(str, Enum):
+    completion = "completion"
+    embedding = "embedding"
+
+
+class RoutingPolicy(str, Enum):
+    fastest = "fastest"  # the original's: always the lowest smoothed latency
+    p2c = "p2c"  # power of two choices on latency x (1 + in flight)
+
+
+class ServerSpec(_Strict):
+    """One server of the fleet: where it runs, what it serves, on which GPUs."""
+
+    name: str = ""  # defaults to "<group>@<host>:<port>"
+    group: str = Field(min_length=1)
+    kind: ServerKind
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    model: str
+    gpus: tuple[int, ...] = ()
+    served_model_name: str | None = None
+    args: tuple[str, ...] = ()  # extra engine arguments, appended as given
+
+    @field_validator("group", "host", "model", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _group_as_text(cls, value: Any) -> Any:
+        # The original keyed groups by model size: group = 8 means "8".
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is empty: give a model directory or hub id")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_valid(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        negative = [g for g in value if g < 0]
+        if negative:
+            raise ValueError(f"has negative GPU index {negative[0]}: indices are as nvidia-smi shows them (0, 1, ...)")
+        repeated = sorted({g for g in value if value.count(g) > 1})
+        if repeated:
+            raise ValueError(f"repeats GPU index {repeated[0]}: list each GPU once")
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ServerSpec:
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.group}@{self.host}:{self.port}")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL clients use."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def model_name(self) -> str:
+        """The model name requests carry: the served name, else the path."""
+        return self.served_model_name or self.model
+
+    @property
+    def tp_size(self) -> int:
+        return max(1, len(self.gpus))
+
+
+class MemFractionRule(_Strict):
+    """If the lowest free ratio of the server's GPUs is >= min_free_ratio, use mem_fraction_static."""
+
+    min_free_ratio: float = Field(gt=0, le=1)
+    mem_fraction_static: float = Field(gt=0, lt=1)
+
+
+class LaunchPolicy(_Strict):
+    """How every host starts, watches and stops its servers."""
+
+    engine: Literal["sglang", "sim"] = "sglang"
+    bind_host: str = "0.0.0.0"
+    gpu_free_threshold_mib: int = Field(default=10000, ge=0)
+    gpu_poll_interval_s: float = Field(default=10.0, gt=0)
+    gpu_wait_timeout_s: float | None = Field(default=None, gt=0)  # None: wait as long as it takes
+    mem_fraction_policy: tuple[MemFractionRule, ...] = (
+        MemFractionRule(min_free_ratio=0.95, mem_fraction_static=0.80),
+        MemFractionRule(min_free_ratio=0.85, mem_fraction_static=0.70),
+    )
+    context_length: int | None = Field(default=131072, gt=0)
+    chunked_prefill_size: int | None = Field(default=16384, gt=0)
+    embedding_context_length: int | None = Field(default=32768, gt=0)
+    embedding_chunked_prefill_size: int | None = Field(default=4096, gt=0)
+    enable_metrics: bool = True
+    startup_timeout_s: float = Field(default=1800.0, gt=0)
+    health_interval_s: float = Field(default=10.0, gt=0)
+    health_timeout_s: float = Field(default=25.0, gt=0)
+    health_failures_to_restart: int = Field(default=3, ge=1)
+    restart_backoff_initial_s: float = Field(default=2.0, ge=0)
+    restart_backoff_max_s: float = Field(default=120.0, ge=0)
+    max_restarts: int = Field(default=5, ge=0)  # in restart_window_s; more ends the server FAILED
+    restart_window_s: float = Field(default=1800.0, gt=0)
+    stop_grace_s: float = Field(default=30.0, ge=0)
+    log_dir: str = "logs"
+    status_file: str = "run/status.json"
+
+    @field_validator("mem_fraction_policy")
+    @classmethod
+    def _policy_sorted(cls, rules: tuple[MemFractionRule, ...]) -> tuple[MemFractionRule, ...]:
+        if not rules:
+            raise ValueError("is empty: give at least one {min_free_ratio, mem_fraction_static} rule")
+        return tuple(sorted(rules, key=lambda r: r.min_free_ratio, reverse=True))
+
+
+class ClientPolicy(_Strict):
+    """How ModelServer finds replicas, times requests out, retries and fails over.
+
+    Names and defaults follow the original client (LATENCY_GROWING_RATE = 20,
+    an initial bound of 3 s, MAX_RETRY = 20) where it had one.
+    """
+
+    routing: RoutingPolicy = RoutingPolicy.fastest
+    initial_latency_s: float = Field(default=3.0, gt=0)
+    latency_growing_rate: float = Field(default=20.0, gt=1)
+    build_rounds: int = Field(default=3, ge=1)  # probe rounds, the bound growing each time
+    max_retry: int = Field(default=20, ge=1)  # attempts per request, fallbacks included
+    request_timeout_floor_s: float = Field(default=5.0, gt=0)
+    request_timeout_ceiling_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    retry_backoff_initial_ms: float = Field(default=50.0, ge=0)
+    retry_backoff_max_ms: float = Field(default=2000.0, ge=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
+    run_state_file: str | None = None  # JSON file whose is_running flag is cleared when a group dies
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> ClientPolicy:
+        if self.request_timeout_floor_s > self.request_timeout_ceiling_s:
+            raise ValueError(
+                f"request_timeout_floor_s ({self.request_timeout_floor_s}) is above "
+                f"request_timeout_ceiling_s ({self.request_timeout_ceiling_s})"
+            )
+        return self
+
+
+class GpuInventoryConfig(_Strict):
+    """Where GPU memory readings come from: NVML, or a simulated inventory."""
+
+    source: Literal["nvml", "simulated"] = "nvml"
+    count: int = Field(default=8, ge=0)  # simulated only
+    total_mib: int = Field(default=81920, gt=0)  # simulated only: per GPU
+    # simulated only: a JSON file {"<index>": used_mib, ...} re-read on every
+    # poll, so a test or a demo can make a GPU busy and free it again.
+    state_file: str | None = None
+
+
+class Fleet(_Strict):
+    """The whole fleet table."""
+
+    api_key_env: str | None = None  # the NAME of the variable holding the key
+    launch: LaunchPolicy = LaunchPolicy()
+    client: ClientPolicy = ClientPolicy()
+    gpu_inventory: GpuInventoryConfig = GpuInventoryConfig()
+    servers: tuple[ServerSpec, ...] = Field(min_length=1)
+    _source: str = PrivateAttr(default="<memory>")  # the file it came from, for messages
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @model_validator(mode="after")
+    def _fleet_consistent(self) -> Fleet:
+        problems: list[str] = []
+        seen_names: dict[str, int] = {}
+        seen_addresses: dict[str, int] = {}
+        gpu_owner: dict[tuple[str, int], int] = {}
+        group_kind: dict[str, tuple[ServerKind, int]] = {}
+        for i, s in enumerate(self.servers):
+            label = f"server '{s.name}' (servers[{i}])"
+            if s.address in seen_addresses:
+                j = seen_addresses[s.address]
+                problems.append(
+                    f"{label}: fields 'host'/'port' duplicate {s.address} of server '{self.servers[j].name}' "
+                    f"(servers[{j}]): give each server its own port"
+                )
+            elif s.name in seen_names:
+                problems.append(f"{label}: field 'name' repeats the name of servers[{seen_names[s.name]}], and names must be unique")
+            seen_names.setdefault(s.name, i)
+            seen_addresses.setdefault(s.address, i)
+            for g in s.gpus:
+                owner = gpu_owner.get((s.host, g))
+                if owner is not None:
+                    problems.append(
+                        f"{label}: field 'gpus' uses GPU {g} of host {s.host}, already used by server "
+                        f"'{self.servers[owner].name}' (servers[{owner}]): two servers cannot share a GPU, "
+                        f"so comment one of them out"
+                    )
+                else:
+                    gpu_owner[(s.host, g)] = i
+            if s.group in group_kind and group_kind[s.group][0] != s.kind:
+                kind, j = group_kind[s.group]
+                problems.append(
+                    f"{label}: field 'kind' is {s.kind.value} but group '{s.group}' is {kind.value} in "
+                    f"servers[{j}]: a group holds one kind, so give this server another group"
+                )
+            group_kind.setdefault(s.group, (s.kind, i))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- queries -------------------------------------------------------------------
+
+    def group(self, name: str | int) -> tuple[ServerSpec, ...]:
+        """The servers of one group, in table order (empty if none)."""
+        key = str(name)
+        return tuple(s for s in self.servers if s.group == key)
+
+    @property
+    def groups(self) -> dict[str, tuple[ServerSpec, ...]]:
+        out: dict[str, list[ServerSpec]] = defaultdict(list)
+        for s in self.servers:
+            out[s.group].append(s)
+        return {g: tuple(v) for g, v in out.items()}
+
+    def server(self, name: str) -> ServerSpec:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"{self.source}: no server is named '{name}'. The servers are: "
+            f"{', '.join(s.name for s in self.servers)}. Use one of these names."
+        )
+
+    def api_key(self, required: bool = True) -> str | None:
+        """The key from the environment variable the table names, or None if it names none.
+
+        ``required`` makes an unset or empty variable an error: a fleet that
+        launches with a key cannot be reached without it.
+        """
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env, "")
+        if not value and required:
+            raise ConfigError(
+                f"{self.source}: field 'api_key_env' names the environment variable {self.api_key_env}, "
+                f"which is unset or empty, and the servers of this fleet require an API key. "
+                f"Fix: export {self.api_key_env}=<your key> before starting (never put the key in the file), "
+                f"or remove 'api_key_env' to run without a key."
+            )
+        return value or None
+
+
+def default_config_path() -> Path:
+    """``$MODEL_SERVER_CONFIG``, else ``configs/servers.toml`` (here, else in the project)."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    return PROJECT_ROOT / DEFAULT_CONFIG
+
+
+def _where(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    """Turn a pydantic error location into 'server 'x' (servers[2]), field 'port''."""
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] == "servers" and isinstance(parts[1], int):
+        i = parts[1]
+        raw = data.get("servers", [])
+        name = ""
+        if isinstance(raw, list) and i < len(raw) and isinstance(raw[i], dict):
+            name = str(raw[i].get("name") or "")
+        label = f"server '{name}' (servers[{i}])" if name else f"servers[{i}]"
+        rest = ".".join(str(p) for p in parts[2:])
+        return f"{label}, field '{rest}'" if rest else label
+    dotted = ".".join(str(p) for p in parts)
+    return f"field '{dotted}'" if dotted else "the table"
+
+
+def _explain(err: ValidationError, data: dict[str, Any], source: str) -> ConfigError:
+    errors = err.errors()
+    inner = any(len(e["loc"]) > 1 and e["loc"][0] == "servers" for e in errors)
+    problems = []
+    for e in errors:
+        loc = tuple(e["loc"])
+        if inner and loc == ("servers",) and e["type"] == "too_short":
+            continue  # only a consequence of a broken entry, reported on its own
+        where = _where(loc, data)
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{where} is not a known key (check its spelling against configs/servers.toml)")
+        elif loc == ("servers",):
+            problems.append("there are no [[servers]] entries: add at least one")
+        elif e["type"] == "missing":
+            problems.append(f"{where} is required but missing")
+        elif e["type"] == "value_error":
+            problems.append(msg if not loc else f"{where} {msg}")
+        else:
+            problems.append(f"{where}: {msg}, got {e.get('input')!r}")
+    return ConfigError(f"{source}: invalid fleet table: " + "; ".join(problems) + ". Fix this and run `model-server check` again.")
+
+
+def parse_fleet(text: str, source: str = "<memory>") -> Fleet:
+    """Parse and validate a fleet table given as TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: malformed TOML: {err}. Fix the syntax at that line.") from err
+    try:
+        fleet = Fleet.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, data, source) from err
+    fleet._source = source
+    return fleet
+
+
+def load_fleet(path: str | os.PathLike[str] | None = None) -> Fleet:
+    """Read the fleet table from ``path``, else ``$MODEL_SERVER_CONFIG``, else configs/servers.toml."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"{file}: cannot read the fleet table ({err.strerror or err}). Give an existing file with "
+            f"--config or {CONFIG_ENV}; configs/local.toml runs a simulated fleet on any machine."
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: the fleet table is not UTF-8 text ({err}). Save it as UTF-8.") from err
+    return parse_fleet(text, source=str(file))
