@@ -14,7 +14,7 @@ the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["ModelServerError", "ConfigError"]
+__all__ = ["ClientError", "ConfigError", "LaunchError", "ModelServerError"]
 
 
 class ModelServerError(Exception):
@@ -23,3 +23,11 @@ class ModelServerError(Exception):
 
 class ConfigError(ModelServerError, ValueError):
     """The fleet table (or an option that overrides it) is invalid."""
+
+
+class LaunchError(ModelServerError):
+    """The launch pipeline cannot start or keep a server (tree in supervisor.py)."""
+
+
+class ClientError(ModelServerError):
+    """The client could not serve a request (tree in client.py)."""
