@@ -1,0 +1,14 @@
+"""The launch pipeline of this host: `python serve_llm_pipeline.py [--config FILE] [--host-ip IP] [--only NAME ...] [--dry-run]`.
+
+The same as `model-server serve` (see model_server/pipeline.py). Errors in the
+table or options exit with status 2, like every model-server command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from model_server.cli import main
+
+if __name__ == "__main__":
+    main(["serve", *sys.argv[1:]])

@@ -1,0 +1,166 @@
+"""Command building (pure) and `--dry-run` on the shipped tables: exact argv, env, no key anywhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_server.config import LaunchPolicy, ServerSpec, load_fleet
+from model_server.launch import build_command
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+KEY = "sk-test-Do-Not-Leak-7f3a"
+
+
+def spec(**fields: object) -> ServerSpec:
+    base: dict[str, object] = {"name": "s", "group": "8", "kind": "completion", "host": "10.0.0.1", "port": 8056, "model": "m/x", "gpus": (1,)}
+    base.update(fields)
+    return ServerSpec(**base)
+
+
+def test_sglang_completion_command_is_exact() -> None:
+    cmd = build_command(spec(served_model_name="llama", args=("--log-level", "warning")), LaunchPolicy(), 0.7, key_file="/run/k.yaml", python="py")
+    assert cmd.argv == (
+        "py", "-m", "sglang.launch_server", "--model-path", "m/x", "--tp-size", "1", "--host", "0.0.0.0",
+        "--port", "8056", "--mem-fraction-static", "0.7", "--context-length", "131072",
+        "--chunked-prefill-size", "16384", "--served-model-name", "llama", "--enable-metrics",
+        "--enable-p2p-check", "--dtype", "auto", "--config", "/run/k.yaml", "--log-level", "warning",
+    )  # fmt: skip
+    assert dict(cmd.env) == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def test_embedding_uses_its_own_sizes_and_optional_flags_drop_out() -> None:
+    policy = LaunchPolicy(enable_metrics=False, embedding_chunked_prefill_size=None)
+    cmd = build_command(spec(kind="embedding", gpus=(0, 5)), policy, 0.8, python="py")
+    assert cmd.argv == (
+        "py", "-m", "sglang.launch_server", "--model-path", "m/x", "--tp-size", "2", "--host", "0.0.0.0",
+        "--port", "8056", "--mem-fraction-static", "0.8", "--context-length", "32768", "--is-embedding",
+        "--enable-p2p-check", "--dtype", "auto",
+    )  # fmt: skip
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "0,5"
+
+
+def test_sim_engine_takes_the_sglang_flags_it_knows() -> None:
+    policy = LaunchPolicy(engine="sim", bind_host="127.0.0.1")
+    cmd = build_command(spec(args=("--ttft-ms", "5")), policy, 0.8, key_file="k.yaml", python="py")
+    assert cmd.argv[:4] == ("py", "-m", "model_server", "sim")
+    assert "--enable-p2p-check" not in cmd.argv and "--dtype" not in cmd.argv
+    assert cmd.argv[-4:] == ("--config", "k.yaml", "--ttft-ms", "5")
+    assert cmd.argv[cmd.argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_no_gpus_means_no_cuda_variables_and_render_quotes() -> None:
+    cmd = build_command(spec(gpus=(), model="dir with space/m"), LaunchPolicy(), 0.8, python="py")
+    assert dict(cmd.env) == {}
+    assert "'dir with space/m'" in cmd.render()
+    cmd = build_command(spec(gpus=(2, 3)), LaunchPolicy(), 0.8, python="py")
+    assert cmd.render().startswith("CUDA_VISIBLE_DEVICES=2,3 CUDA_DEVICE_ORDER=PCI_BUS_ID py -m sglang.launch_server ")
+
+
+# ---- the dry run, end to end -------------------------------------------------------------
+
+
+def dry_run(config: Path, cwd: Path, *extra: str) -> dict[str, tuple[dict[str, str], list[str]]]:
+    env = {**os.environ, "MODEL_SERVER_API_KEY": KEY}
+    out = subprocess.run(
+        [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), "--host-ip", "192.0.2.11", "--dry-run", *extra],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert KEY not in out.stdout and KEY not in out.stderr
+    commands = {}
+    for line in out.stdout.splitlines():
+        words = shlex.split(line)
+        env_part = {}
+        while "=" in words[0] and not words[0].startswith("/"):
+            k, v = words.pop(0).split("=", 1)
+            env_part[k] = v
+        port = words[words.index("--port") + 1]
+        commands[port] = (env_part, words)
+    assert not (cwd / "run").exists()  # a dry run writes nothing, key file included
+    return commands
+
+
+def sglang_argv(model: str, tp: int, port: int, context: int, prefill: int, key: Path, embedding: bool = False) -> list[str]:
+    argv = [PY, "-m", "sglang.launch_server", "--model-path", model, "--tp-size", str(tp), "--host", "0.0.0.0",
+            "--port", str(port), "--mem-fraction-static", "0.8", "--context-length", str(context),
+            "--chunked-prefill-size", str(prefill), "--enable-metrics"]  # fmt: skip
+    if embedding:
+        argv.append("--is-embedding")
+    return [*argv, "--enable-p2p-check", "--dtype", "auto", "--config", str(key)]
+
+
+def test_dry_run_of_servers_toml_gives_exact_commands(tmp_path: Path) -> None:
+    commands = dry_run(ROOT / "configs" / "servers.toml", tmp_path)
+    assert len(commands) == 8
+    secrets = tmp_path / "run" / "secrets"
+    env, argv = commands["8056"]
+    assert env == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert argv == sglang_argv("meta-llama/Llama-3.1-8B-Instruct", 1, 8056, 131072, 16384, secrets / "llama8b-1.yaml")
+    env, argv = commands["7777"]
+    assert env == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert argv == sglang_argv("Alibaba-NLP/gte-Qwen2-7B-instruct", 1, 7777, 32768, 4096, secrets / "gte7b-embed.yaml", embedding=True)
+
+
+def seventy_b_table(tmp_path: Path) -> Path:
+    """servers.toml with the 70B uncommented and the servers of GPUs 0-3 removed."""
+    text = (ROOT / "configs" / "servers.toml").read_text()
+    main, tail = text.split("# A 70B on 4 GPUs", 1)
+    commented = tail.split("# [[servers]]\n", 1)[1]
+    seventy = "".join(line[2:] + "\n" for line in commented.splitlines() if line.startswith("# "))
+    head, *blocks = re.split(r"(?m)^\[\[servers\]\]\n", main)
+    keep = [b for b in blocks if not re.search(r"(?m)^gpus = \[[0-3]\]", b)]
+    out = head + "".join("[[servers]]\n" + b for b in keep) + "[[servers]]\n" + seventy
+    path = tmp_path / "servers70.toml"
+    path.write_text(out)
+    fleet = load_fleet(path)  # still a valid table
+    assert [s.name for s in fleet.servers if len(s.gpus) == 4] == ["llama70b"]
+    return path
+
+
+def test_dry_run_of_a_4_gpu_server(tmp_path: Path) -> None:
+    commands = dry_run(seventy_b_table(tmp_path), tmp_path, "--only", "llama70b")
+    assert list(commands) == ["8400"]
+    env, argv = commands["8400"]
+    assert env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    key = tmp_path / "run" / "secrets" / "llama70b.yaml"
+    assert argv == sglang_argv("meta-llama/Llama-3.1-70B-Instruct", 4, 8400, 131072, 16384, key)
+
+
+def test_dry_run_of_local_toml_prints_one_command_per_server() -> None:
+    out = subprocess.run(
+        [PY, "serve_llm_pipeline.py", "--config", "configs/local.toml", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    fleet = load_fleet(ROOT / "configs" / "local.toml")
+    assert len(lines) == len(fleet.servers)
+    for line, s in zip(lines, fleet.servers):
+        words = shlex.split(line)
+        assert words[2:6] == [PY, "-m", "model_server", "sim"]
+        assert words[words.index("--port") + 1] == str(s.port)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--only", "nope"], "no server of the table has that name. The servers are: llama8b-1"),
+        (["--host-ip", "198.51.100.7"], "no server of the table runs on this machine"),
+    ],
+)
+def test_bad_selection_exits_2_with_a_clear_message(tmp_path: Path, args: list[str], needle: str) -> None:
+    config = ROOT / "configs" / "servers.toml"
+    cmd = [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), "--dry-run", *args]
+    if "--host-ip" not in args:
+        cmd += ["--host-ip", "192.0.2.11"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "MODEL_SERVER_API_KEY": KEY})
+    assert out.returncode == 2
+    assert needle in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,285 @@
+"""The server state machine, backoff and crash-loop window (pure), and the supervisor loop with fakes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from model_server.config import LaunchPolicy, ServerSpec
+from model_server.gpu import GpuReading
+from model_server.server_state import (
+    RestartHistory,
+    ServerState,
+    backoff_s,
+    can_transition,
+    decide_after_failure,
+    transition,
+)
+from model_server.status import ServerStatus, StatusBoard
+from model_server.supervisor import Deps, ServerSupervisor, health_url
+
+S = ServerState
+
+# ---- pure: transitions, backoff, crash loop ------------------------------------------------
+
+
+def test_legal_life_of_a_server() -> None:
+    state = None
+    for new in (S.WAITING_GPU, S.STARTING, S.READY, S.RESTARTING, S.WAITING_GPU, S.STARTING, S.RESTARTING, S.STARTING, S.READY, S.STOPPED):
+        state = transition(state, new)
+    assert state is S.STOPPED
+
+
+@pytest.mark.parametrize(
+    ("current", "new"),
+    [(S.FAILED, S.STARTING), (S.STOPPED, S.READY), (S.WAITING_GPU, S.READY), (S.READY, S.STARTING), (None, S.READY)],
+)
+def test_illegal_transitions_are_refused(current: ServerState | None, new: ServerState) -> None:
+    assert not can_transition(current, new)
+    with pytest.raises(ValueError, match="illegal"):
+        transition(current, new)
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for new in S:
+        assert not can_transition(S.FAILED, new)
+        assert not can_transition(S.STOPPED, new)
+
+
+def test_backoff_doubles_caps_and_jitters() -> None:
+    assert [backoff_s(n, 2.0, 120.0, lambda: 1.0) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
+    assert backoff_s(10, 2.0, 120.0, lambda: 1.0) == 120.0
+    assert backoff_s(1, 2.0, 120.0, lambda: 0.0) == 1.0  # jitter keeps at least half
+
+
+@given(st.integers(1, 60), st.floats(0, 100), st.floats(0, 1000), st.floats(0, 0.999999))
+def test_backoff_stays_within_half_and_cap(attempt: int, initial: float, cap: float, r: float) -> None:
+    base = min(cap, initial * 2 ** (attempt - 1))
+    assert base / 2 - 1e-9 <= backoff_s(attempt, initial, cap, lambda: r) <= base + 1e-9
+
+
+def decide(history: RestartHistory, now: float, max_restarts: int = 2, window_s: float = 100.0):
+    return decide_after_failure(
+        history, now, cause="the engine exited (exit status 1)", max_restarts=max_restarts, window_s=window_s,
+        backoff_initial_s=1.0, backoff_max_s=60.0, rand=lambda: 1.0,
+    )  # fmt: skip
+
+
+def test_more_restarts_than_allowed_in_the_window_fail() -> None:
+    h = RestartHistory()
+    first = decide(h, 0.0)
+    second = decide(first.history, 10.0)
+    assert (first.restart, first.delay_s, second.restart, second.delay_s) == (True, 1.0, True, 2.0)
+    third = decide(second.history, 20.0)
+    assert not third.restart
+    assert "crash loop" in third.reason and "3 restarts within 100 s" in third.reason and "max_restarts is 2" in third.reason
+    assert "exit status 1" in third.reason
+
+
+def test_old_restarts_leave_the_window_and_backoff_starts_over() -> None:
+    h = decide(decide(RestartHistory(), 0.0).history, 10.0).history
+    later = decide(h, 500.0)
+    assert later.restart and later.delay_s == 1.0 and later.history.total == 3
+
+
+def test_zero_restarts_allowed_fails_at_once() -> None:
+    assert not decide(RestartHistory(), 0.0, max_restarts=0).restart
+
+
+def test_health_url_probes_loopback_for_wildcard_binds() -> None:
+    assert health_url("0.0.0.0", 8056) == "http://127.0.0.1:8056/health_generate"
+    assert health_url("10.0.0.2", 1) == "http://10.0.0.2:1/health_generate"
+    assert health_url("::", 9) == "http://[::1]:9/health_generate"
+
+
+# ---- the supervisor loop, with fakes for every OS call ---------------------------------------
+
+
+class FakeProc:
+    pids = itertools.count(1000)
+
+    def __init__(self, exit_code: int | None = None) -> None:
+        self.pid = next(self.pids)
+        self.returncode = exit_code
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class World:
+    """Scripted engines: each spawn takes the next behaviour ('crash', 'hang', 'ok')."""
+
+    def __init__(self, behaviours: list[str], busy_reads: int = 0, port_busy: bool = False) -> None:
+        self.behaviours = list(behaviours)
+        self.procs: list[tuple[FakeProc, str]] = []
+        self.busy_reads = busy_reads
+        self.port_busy = port_busy
+        self.killed: list[int] = []
+
+    def spawn(self, command, log_file, drop_env):
+        kind = self.behaviours.pop(0) if self.behaviours else "ok"
+        proc = FakeProc(2 if kind == "crash" else None)
+        self.procs.append((proc, kind))
+        return proc
+
+    def probe(self, url: str, timeout_s: float) -> tuple[bool, str]:
+        proc, kind = self.procs[-1]
+        return (kind == "ok", "" if kind == "ok" else "no answer")
+
+    def kill_groups(self, pgids, grace_s, reap=()):
+        for proc, _ in self.procs:
+            if proc.pid in pgids and proc.returncode is None:
+                proc.returncode = -15
+        self.killed += list(pgids)
+        return []
+
+    def read(self, indices):
+        used = 50000 if self.busy_reads > 0 else 0
+        self.busy_reads -= 1
+        return [GpuReading(i, used, 81920) for i in indices]
+
+
+POLICY = LaunchPolicy(
+    engine="sim", bind_host="127.0.0.1", gpu_poll_interval_s=0.01, startup_timeout_s=5, health_interval_s=0.01,
+    health_timeout_s=0.01, health_failures_to_restart=2, restart_backoff_initial_s=0.001, restart_backoff_max_s=0.002,
+    max_restarts=2, restart_window_s=60, stop_grace_s=0,
+)  # fmt: skip
+SPEC = ServerSpec(name="s1", group="8", kind="completion", host="127.0.0.1", port=9, model="m", gpus=(1,))
+
+
+def make(world: World, tmp_path: Path, policy: LaunchPolicy = POLICY) -> tuple[ServerSupervisor, StatusBoard]:
+    board = StatusBoard(tmp_path / "status.json", [ServerStatus("s1", "8", "127.0.0.1", 9)], {})
+    deps = Deps(
+        inventory=world, probe=world.probe, spawn=world.spawn, kill_groups=world.kill_groups,
+        port_in_use=lambda h, p: world.port_busy, create_time=lambda pid: 1.0,
+    )  # fmt: skip
+    return ServerSupervisor(SPEC, policy, board, deps, tmp_path / "s1.log"), board
+
+
+def run_in_thread(sup: ServerSupervisor) -> tuple[threading.Thread, list]:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(sup.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(20)
+def test_crash_loop_ends_failed_after_max_restarts(tmp_path: Path) -> None:
+    world = World(["crash"] * 10)
+    sup, board = make(world, tmp_path)
+    assert sup.run() is S.FAILED
+    assert len(world.procs) == 3  # the first start + max_restarts (2)
+    status = board.get("s1")
+    assert status.state == "FAILED" and status.restarts == 2 and "crash loop" in status.last_error
+
+
+@pytest.mark.timeout(20)
+def test_hung_engine_is_killed_and_restarted_then_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    world = World(["hang", "ok"])
+    sup, board = make(world, tmp_path, POLICY.model_copy(update={"startup_timeout_s": 0.05}))
+    thread, result = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY")
+    first, second = world.procs[0][0], world.procs[1][0]
+    assert first.pid in world.killed and board.get("s1").pid == second.pid
+    assert "startup timeout" in board.get("s1").last_error
+    proc = sup.request_stop()
+    assert proc is second
+    thread.join(5)
+    assert result == [S.STOPPED] and board.get("s1").state == "STOPPED"
+    assert "server s1: STARTING -> READY" in caplog.text
+
+
+@pytest.mark.timeout(20)
+def test_failed_probes_in_a_row_after_ready_mean_hung(tmp_path: Path) -> None:
+    world = World(["ok", "ok"])
+    sup, board = make(world, tmp_path)
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY")
+    world.procs[0] = (world.procs[0][0], "hang")  # it stops answering
+    wait_until(lambda: board.get("s1").state == "READY" and board.get("s1").restarts == 1)
+    assert "hung: 2 health probes failed in a row" in board.get("s1").last_error
+    sup.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.timeout(20)
+def test_waits_for_busy_gpus_then_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    world = World(["ok"], busy_reads=3)
+    sup, board = make(world, tmp_path)
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY")
+    assert "WAITING_GPU -> STARTING" in caplog.text and "waiting for GPUs (GPU 1: 50000 of 81920 MiB used)" in caplog.text
+    sup.request_stop()
+    thread.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_gpu_wait_deadline_and_busy_port_fail_without_spawning(tmp_path: Path) -> None:
+    world = World(["ok"], busy_reads=10**6)
+    sup, board = make(world, tmp_path, POLICY.model_copy(update={"gpu_wait_timeout_s": 0.05}))
+    assert sup.run() is S.FAILED and world.procs == []
+    assert "stayed busy" in board.get("s1").last_error and "gpu_wait_timeout_s" in board.get("s1").last_error
+    world = World(["ok"], port_busy=True)
+    sup, board = make(world, tmp_path)
+    assert sup.run() is S.FAILED and world.procs == []
+    assert "port 9 on 127.0.0.1 is already in use" in board.get("s1").last_error
+
+
+# ---- the pipeline's verdict, in process with the same fakes ------------------------------------
+
+
+def fake_pipeline(world: World, tmp_path: Path):
+    from model_server.config import parse_fleet
+    from model_server.pipeline import Pipeline, Plan
+
+    fleet = parse_fleet(
+        f'[launch]\nengine = "sim"\nbind_host = "127.0.0.1"\nstatus_file = "{tmp_path / "status.json"}"\n'
+        f'log_dir = "{tmp_path}"\nhealth_interval_s = 0.01\nhealth_timeout_s = 0.01\nrestart_backoff_initial_s = 0.001\n'
+        f'max_restarts = 1\nstop_grace_s = 0\n'
+        + "".join(
+            f'[[servers]]\nname = "s{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {9000 + i}\nmodel = "m"\n'
+            for i in (1, 2)
+        )
+    )
+    deps = Deps(
+        inventory=world, probe=world.probe, spawn=world.spawn, kill_groups=world.kill_groups,
+        port_in_use=lambda h, p: False, create_time=lambda pid: 1.0,
+    )  # fmt: skip
+    return Pipeline(Plan(fleet, fleet.servers), deps=deps)
+
+
+@pytest.mark.timeout(20)
+def test_pipeline_exits_1_when_every_server_failed(tmp_path: Path) -> None:
+    assert fake_pipeline(World(["crash"] * 10), tmp_path).run(install_signals=False) == 1
+
+
+@pytest.mark.timeout(20)
+def test_pipeline_exits_0_when_all_were_ready_until_the_stop(tmp_path: Path) -> None:
+    from model_server.status import read_status
+
+    pipeline = fake_pipeline(World(["ok", "ok"]), tmp_path)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(pipeline.run(install_signals=False)), daemon=True)
+    thread.start()
+    wait_until(lambda: {s["state"] for s in (read_status(tmp_path / "status.json") or {"servers": {}})["servers"].values()} == {"READY"})
+    pipeline.request_stop()
+    thread.join(10)
+    assert result == [0]
+    assert {s["state"] for s in read_status(tmp_path / "status.json")["servers"].values()} == {"STOPPED"}
