@@ -1,0 +1,112 @@
+"""Fault injection: what is switched on, and the pure decision for one request.
+
+`Faults` is a frozen value; the app swaps it whole when /sim/faults changes it.
+`decide` maps (faults, the request's number since crash_after was armed, stream
+or not, a seeded random source) to one `FaultAction`; the app carries it out.
+Draws happen only for rates above zero, so a seeded run is reproducible and an
+engine with no faults makes no draws at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["FaultAction", "FaultError", "Faults", "decide"]
+
+
+class FaultError(ValueError):
+    """A fault setting is invalid (bad name or value); the message says which and why."""
+
+
+class FaultAction(enum.Enum):
+    PROCEED = "proceed"
+    CRASH = "crash"  # os._exit: the process is gone
+    HANG = "hang"  # accept, never answer
+    ERROR = "error"  # answer error_status in the OpenAI envelope
+    MALFORMED = "malformed"  # a 200 whose body is not valid JSON
+    DROP_STREAM = "drop_stream"  # cut the connection after the first chunk
+
+
+def _probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise FaultError(f"{name} must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _validate(name: str, value: Any) -> Any:
+    if name in ("error_rate", "malformed_rate", "drop_stream_rate"):
+        return _probability(name, value)
+    if name == "error_status":
+        if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
+            raise FaultError(f"error_status must be an HTTP error status 400-599, got {value!r}")
+        return value
+    if name == "hang":
+        if not isinstance(value, bool):
+            raise FaultError(f"hang must be true or false, got {value!r}")
+        return value
+    if name == "slow_factor":
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        if not ok:
+            raise FaultError(f"slow_factor must be a number > 0, got {value!r}")
+        return float(value)
+    if name == "crash_after":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FaultError(f"crash_after must be an integer >= 1 or null, got {value!r}")
+        return value
+    raise FaultError(f"unknown fault {name!r}; known: {', '.join(Faults.names())}")
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults switched on. All off by default."""
+
+    error_rate: float = 0.0
+    error_status: int = 500
+    hang: bool = False
+    slow_factor: float = 1.0
+    crash_after: int | None = None  # crash on the N-th model request since it was set
+    malformed_rate: float = 0.0
+    drop_stream_rate: float = 0.0
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Faults:
+        """The faults given as start flags (any object with attributes of the same names)."""
+        return cls().updated({name: getattr(settings, name) for name in cls.names()})
+
+    def updated(self, changes: Mapping[str, Any]) -> Faults:
+        """A copy with `changes` applied; FaultError names the first bad key or value."""
+        if not isinstance(changes, Mapping):
+            raise FaultError(f"faults must be a JSON object of name: value, got {type(changes).__name__}")
+        clean = {str(name): _validate(str(name), value) for name, value in changes.items()}
+        return dataclasses.replace(self, **clean)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def decide(faults: Faults, *, request_number: int, stream: bool, rng: random.Random) -> FaultAction:
+    """The fault (if any) that hits one model request.
+
+    `request_number` counts model requests (1-based) since crash_after was set.
+    Order: crash, hang, error, then malformed (any answer) or dropped stream.
+    """
+    if faults.crash_after is not None and request_number >= faults.crash_after:
+        return FaultAction.CRASH
+    if faults.hang:
+        return FaultAction.HANG
+    if faults.error_rate > 0 and rng.random() < faults.error_rate:
+        return FaultAction.ERROR
+    if faults.malformed_rate > 0 and rng.random() < faults.malformed_rate:
+        return FaultAction.MALFORMED
+    if stream and faults.drop_stream_rate > 0 and rng.random() < faults.drop_stream_rate:
+        return FaultAction.DROP_STREAM
+    return FaultAction.PROCEED

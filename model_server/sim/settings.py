@@ -1,0 +1,236 @@
+"""The simulator's settings: SGLang's flag names plus its own latency and fault flags.
+
+`parse_sim_args` is the only way in. It behaves like ``sglang.launch_server``'s
+argparse: an unknown flag exits with status 2 and "unrecognized arguments", and
+``--config FILE.yaml`` supplies options as YAML keys (``api-key`` or
+``api_key``), the command line winning over the file. That is how the launcher
+passes the API key without putting it in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from model_server.errors import ModelServerError
+
+__all__ = ["SimError", "SimSettings", "build_parser", "parse_sim_args"]
+
+PROG = "model-server sim"
+
+
+class SimError(ModelServerError):
+    """The simulated engine cannot start (bad settings file, port in use, ...)."""
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Everything the simulator was started with. Defaults match the contract."""
+
+    model_path: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = field(default=None, repr=False)  # never logged, never reported
+    is_embedding: bool = False
+    # Accepted like SGLang's and reported in /server_info; only max_running_requests has an effect.
+    tp_size: int = 1
+    mem_fraction_static: float | None = None
+    context_length: int | None = None
+    chunked_prefill_size: int | None = None
+    enable_metrics: bool = False
+    max_running_requests: int = 32
+    log_level: str = "warning"
+    dtype: str = "auto"
+    enable_p2p_check: bool = False
+    trust_remote_code: bool = False
+    # The simulator's own.
+    startup_delay_s: float = 0.0
+    ttft_ms: float = 20.0
+    ttft_per_prompt_token_ms: float = 0.02
+    tpot_ms: float = 2.0
+    tpot_growth: float = 0.05
+    embedding_dim: int = 256
+    seed: int = 0
+    # Faults at start (all settable at run time through /sim/faults).
+    error_rate: float = 0.0
+    error_status: int = 500
+    hang: bool = False
+    slow_factor: float = 1.0
+    crash_after: int | None = None
+    malformed_rate: float = 0.0
+    drop_stream_rate: float = 0.0
+
+    @property
+    def model_name(self) -> str:
+        """The name answered on /v1/models and in replies (SGLang: served name, else the path)."""
+        return self.served_model_name or self.model_path
+
+    @property
+    def effective_context_length(self) -> int:
+        return self.context_length or 32768
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as /server_info reports them: everything but the API key."""
+        data = dataclasses.asdict(self)
+        data.pop("api_key")
+        data["api_key_set"] = self.api_key is not None
+        return data
+
+
+# --- argparse value types: a bad value is an argparse error (exit 2) naming the flag ---
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
+    return value
+
+
+def _http_error_status(text: str) -> int:
+    value = int(text)
+    if not 400 <= value <= 599:
+        raise argparse.ArgumentTypeError(f"{text} is not an HTTP error status (400-599)")
+    return value
+
+
+_probability.__name__ = "probability"
+_non_negative_float.__name__ = "number >= 0"
+_positive_float.__name__ = "number > 0"
+_positive_int.__name__ = "integer >= 1"
+_port.__name__ = "port"
+_http_error_status.__name__ = "HTTP error status"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """SGLang's flag names where they overlap, then the simulator's own."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="A simulated SGLang engine (not a model): SGLang's HTTP API with deterministic "
+        "filler text, a latency model and fault injection, for tests and demos without a GPU.",
+    )
+    s = p.add_argument_group("SGLang options")
+    s.add_argument("--model-path", help="reported as the model path (required; nothing is loaded)")
+    s.add_argument("--served-model-name", help="the model name on /v1/models and in replies")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=30000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer --config for secrets)")
+    s.add_argument("--is-embedding", action="store_true", help="serve embeddings instead of completions")
+    s.add_argument("--config", help="YAML file of options (keys with '_' or '-'); the command line wins")
+    s.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=_positive_int, default=1)
+    s.add_argument("--mem-fraction-static", type=_probability)
+    s.add_argument("--context-length", type=_positive_int)
+    s.add_argument("--chunked-prefill-size", type=int)
+    s.add_argument("--enable-metrics", action="store_true", help="accepted; /metrics is always on here")
+    s.add_argument(
+        "--max-running-requests", type=_positive_int, default=32, help="running batch size; the rest queue"
+    )
+    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error", "critical"])
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--enable-p2p-check", action="store_true")
+    s.add_argument("--trust-remote-code", action="store_true")
+
+    m = p.add_argument_group("latency model")
+    m.add_argument("--startup-delay-s", type=_non_negative_float, default=0.0, help="503 on health while 'loading'")
+    m.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="base time to first token")
+    m.add_argument("--ttft-per-prompt-token-ms", type=_non_negative_float, default=0.02)
+    m.add_argument("--tpot-ms", type=_non_negative_float, default=2.0, help="time per output token, 1 running")
+    m.add_argument("--tpot-growth", type=_non_negative_float, default=0.05, help="tpot x (1 + F x (running-1))")
+    m.add_argument("--embedding-dim", type=_positive_int, default=256)
+    m.add_argument("--seed", type=int, default=0)
+
+    f = p.add_argument_group("faults (also settable at run time: POST /sim/faults)")
+    f.add_argument("--error-rate", type=_probability, default=0.0, help="share of model requests that fail")
+    f.add_argument("--error-status", type=_http_error_status, default=500)
+    f.add_argument("--hang", action="store_true", help="model routes accept and never answer")
+    f.add_argument("--slow-factor", type=_positive_float, default=1.0, help="every latency x F")
+    f.add_argument("--crash-after", type=_positive_int, help="exit on the N-th model request")
+    f.add_argument("--malformed-rate", type=_probability, default=0.0, help="share of 200s with invalid JSON")
+    f.add_argument("--drop-stream-rate", type=_probability, default=0.0, help="share of streams cut mid-way")
+    return p
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read --config FILE.yaml into argparse defaults, converting each value like its flag would."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        parser.error(f"--config {path}: cannot read it ({err.strerror}); give an existing YAML file")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"--config {path}: not valid YAML ({err}); fix the file")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        action = actions.get(key)
+        if action is None:
+            parser.error(f"--config {path}: unrecognized option {raw_key!r}")
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {raw_key!r} must be true or false, got {value!r}")
+            defaults[key] = value
+            continue
+        if value is None:
+            defaults[key] = None
+            continue
+        try:
+            converted = action.type(str(value)) if action.type else str(value)
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"--config {path}: invalid value for {raw_key!r}: {value!r} ({err})")
+        if action.choices is not None and converted not in action.choices:
+            parser.error(f"--config {path}: {raw_key!r} must be one of {sorted(action.choices)}")
+        defaults[key] = converted
+    return defaults
+
+
+def parse_sim_args(argv: Sequence[str]) -> SimSettings:
+    """argv (without the program name) -> settings; exits 2 with argparse's message on bad input."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(list(argv))
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(parser, known.config))
+    ns = parser.parse_args(list(argv))
+    if not ns.model_path:
+        parser.error("the following arguments are required: --model-path")
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SimSettings)}
+    return SimSettings(**values)

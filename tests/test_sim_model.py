@@ -1,0 +1,310 @@
+"""The simulator's pure parts: latency model, faults, tokenizer and filler, embeddings, flags, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+from model_server.sim import text as simtext
+from model_server.sim.engine import CRASH_EXIT_STATUS, SimEngine
+from model_server.sim.faults import FaultAction, FaultError, Faults, decide
+from model_server.sim.latency import MIN_SLICE_S, LatencyModel, RunningBatch, tokens_per_slice
+from model_server.sim.metrics import ThroughputMeter
+from model_server.sim.settings import SimSettings, parse_sim_args
+
+# --- latency model ---
+
+
+def test_ttft_grows_with_prompt_and_slow_factor() -> None:
+    m = LatencyModel(ttft_ms=20, ttft_per_prompt_token_ms=0.5, tpot_ms=2, tpot_growth=0.1)
+    assert m.ttft_s(0) == pytest.approx(0.020)
+    assert m.ttft_s(100) == pytest.approx(0.070)
+    assert m.ttft_s(100, slow_factor=3) == pytest.approx(0.210)
+
+
+def test_tpot_grows_with_running_batch() -> None:
+    m = LatencyModel(ttft_ms=0, ttft_per_prompt_token_ms=0, tpot_ms=2, tpot_growth=0.1)
+    assert m.tpot_s(1) == pytest.approx(0.002)
+    assert m.tpot_s(11) == pytest.approx(0.004)  # 2 ms x (1 + 0.1 x 10)
+    assert m.tpot_s(0) == m.tpot_s(1)  # never below one running request
+    assert m.tpot_s(11, slow_factor=2) == pytest.approx(0.008)
+    assert m.total_s(prompt_tokens=0, output_tokens=11) == pytest.approx(10 * 0.002)
+
+
+def test_tokens_per_slice_covers_min_slice() -> None:
+    assert tokens_per_slice(0.0) > 10**6  # zero latency: one step, no sleeping
+    assert tokens_per_slice(1.0) == 1
+    k = tokens_per_slice(0.001)
+    assert k * 0.001 >= MIN_SLICE_S and (k - 1) * 0.001 < MIN_SLICE_S
+
+
+def test_running_batch_bounds_concurrency_and_counts_queue() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        batch = RunningBatch(capacity=2)
+        release = asyncio.Event()
+        peak = 0
+
+        async def request() -> None:
+            nonlocal peak
+            async with batch.slot(tokens=10):
+                peak = max(peak, batch.running)
+                await release.wait()
+
+        tasks = [asyncio.create_task(request()) for _ in range(5)]
+        for _ in range(100):  # let every task reach the batch
+            await asyncio.sleep(0)
+        seen = (batch.running, batch.queued, batch.running_tokens)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert (batch.running, batch.queued, batch.running_tokens) == (0, 0, 0)
+        assert peak == 2
+        return seen
+
+    assert asyncio.run(scenario()) == (2, 3, 20)
+
+
+# --- faults ---
+
+
+def test_no_faults_proceed_without_drawing() -> None:
+    rng = random.Random(1)
+    before = rng.getstate()
+    assert decide(Faults(), request_number=1, stream=True, rng=rng) is FaultAction.PROCEED
+    assert rng.getstate() == before
+
+
+@pytest.mark.parametrize(
+    ("faults", "stream", "expected"),
+    [
+        (Faults(error_rate=1.0), False, FaultAction.ERROR),
+        (Faults(malformed_rate=1.0), False, FaultAction.MALFORMED),
+        (Faults(drop_stream_rate=1.0), True, FaultAction.DROP_STREAM),
+        (Faults(drop_stream_rate=1.0), False, FaultAction.PROCEED),  # only streams can be cut
+        (Faults(hang=True, error_rate=1.0), False, FaultAction.HANG),  # hang wins over error
+        (Faults(crash_after=1, hang=True), False, FaultAction.CRASH),  # crash wins over all
+    ],
+)
+def test_fault_decisions(faults: Faults, stream: bool, expected: FaultAction) -> None:
+    assert decide(faults, request_number=1, stream=stream, rng=random.Random(0)) is expected
+
+
+def test_crash_after_counts_requests() -> None:
+    f = Faults(crash_after=3)
+    actions = [decide(f, request_number=n, stream=False, rng=random.Random(0)) for n in (1, 2, 3)]
+    assert actions == [FaultAction.PROCEED, FaultAction.PROCEED, FaultAction.CRASH]
+
+
+def test_error_rate_is_a_share_and_reproducible() -> None:
+    def run(seed: int) -> list[FaultAction]:
+        rng = random.Random(seed)
+        return [decide(Faults(error_rate=0.3), request_number=i, stream=False, rng=rng) for i in range(1, 4001)]
+
+    first = run(7)
+    share = first.count(FaultAction.ERROR) / len(first)
+    assert 0.25 < share < 0.35
+    assert run(7) == first
+    assert run(8) != first
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"error_status": 200}, "error_status"),
+        ({"hang": "yes"}, "hang"),
+        ({"slow_factor": 0}, "slow_factor"),
+        ({"crash_after": 0}, "crash_after"),
+        ({"bogus": 1}, "unknown fault 'bogus'"),
+    ],
+)
+def test_bad_fault_settings_are_named(changes: dict, needle: str) -> None:
+    with pytest.raises(FaultError, match=needle):
+        Faults().updated(changes)
+
+
+def test_faults_update_is_a_copy() -> None:
+    base = Faults()
+    changed = base.updated({"error_rate": 0.5, "error_status": 503})
+    assert base.error_rate == 0.0 and changed.error_rate == 0.5 and changed.error_status == 503
+    assert Faults.from_settings(SimSettings(model_path="m", hang=True)).hang is True
+
+
+def test_engine_crash_after_calls_exit() -> None:
+    exits: list[int] = []
+    engine = SimEngine(SimSettings(model_path="m", crash_after=2), exit_process=exits.append)
+    engine.admit("/v1/completions", stream=False)
+    assert exits == []
+    engine.admit("/v1/completions", stream=False)
+    assert exits == [CRASH_EXIT_STATUS]
+    engine.set_faults({"crash_after": 2})  # re-armed: counts again from zero
+    engine.admit("/v1/completions", stream=False)
+    assert exits == [CRASH_EXIT_STATUS]
+    assert engine.stats()["requests_total"] == 3
+
+
+# --- tokenizer, filler, stop, embeddings ---
+
+
+@pytest.mark.parametrize(
+    ("text", "n"), [("", 0), ("Hello, world!", 4), ("a  b\tc\n", 3), ("don't", 3), ("x1_y2 z", 2)]
+)
+def test_tokenizer_counts(text: str, n: int) -> None:
+    assert simtext.count_tokens(text) == n
+    assert len(simtext.tokenize(text)) == n
+
+
+@given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=0, max_value=300))
+def test_filler_has_exactly_n_tokens(h: int, n: int) -> None:
+    words = simtext.filler_words(h, n)
+    assert len(words) == n
+    assert simtext.count_tokens(" ".join(words)) == n
+
+
+def test_filler_is_deterministic_per_prompt() -> None:
+    h1, h2 = simtext.prompt_hash("hello", 0), simtext.prompt_hash("goodbye", 0)
+    assert simtext.filler_words(h1, 20) == simtext.filler_words(simtext.prompt_hash("hello", 0), 20)
+    assert simtext.filler_words(h1, 20) != simtext.filler_words(h2, 20)
+    assert simtext.prompt_hash("hello", 1) != h1
+
+
+def test_stop_cuts_before_earliest_match() -> None:
+    assert simtext.apply_stop("alpha beta gamma beta", ["gamma", "beta"]) == ("alpha ", True)
+    assert simtext.apply_stop("alpha beta", ["zeta", ""]) == ("alpha beta", False)
+
+
+@given(st.text(alphabet=st.sampled_from("ab \n"), max_size=40))
+def test_stream_pieces_join_back(text: str) -> None:
+    assert "".join(simtext.split_pieces(text)) == text
+
+
+def test_chat_prompt_rendering() -> None:
+    prompt = simtext.prompt_of_messages(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    )
+    assert prompt == "system: Be brief.\nuser: Hi"
+    with pytest.raises(ValueError):
+        simtext.prompt_of_messages(["not a message"])
+
+
+def test_embeddings_are_deterministic_unit_vectors() -> None:
+    a = simtext.embed("hello", 64, 0)
+    assert len(a) == 64
+    assert math.sqrt(sum(v * v for v in a)) == pytest.approx(1.0)
+    simtext.embed.cache_clear()
+    assert simtext.embed("hello", 64, 0) == a
+    b = simtext.embed("hello!", 64, 0)
+    assert abs(sum(x * y for x, y in zip(a, b))) < 0.9  # a different input points elsewhere
+    assert simtext.embed("hello", 64, 1) != a
+
+
+# --- flags ---
+
+
+def test_defaults_and_sglang_flags() -> None:
+    s = parse_sim_args(["--model-path", "m", "--tensor-parallel-size", "2", "--mem-fraction-static", "0.8"])
+    assert (s.model_path, s.model_name, s.port, s.host, s.tp_size, s.mem_fraction_static) == (
+        "m",
+        "m",
+        30000,
+        "127.0.0.1",
+        2,
+        0.8,
+    )
+    assert (s.ttft_ms, s.tpot_ms, s.tpot_growth, s.embedding_dim, s.max_running_requests) == (20, 2, 0.05, 256, 32)
+    assert "api_key" not in s.public_dict()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--model-path", "m", "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "required: --model-path"),
+        (["--model-path", "m", "--error-rate", "2"], "--error-rate"),
+        (["--model-path", "m", "--error-status", "200"], "--error-status"),
+        (["--model-path", "m", "--port", "70000"], "--port"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_sim_args(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_config_yaml_supplies_options_and_command_line_wins(tmp_path) -> None:
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text("api-key: s3cret\nmodel_path: from-file\nport: 1234\nis-embedding: true\ntpot-ms: 7\n")
+    s = parse_sim_args(["--config", str(cfg), "--port", "4321"])
+    assert (s.api_key, s.model_path, s.port, s.is_embedding, s.tpot_ms) == ("s3cret", "from-file", 4321, True, 7.0)
+    assert "s3cret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("bogus-key: 1\n", "unrecognized option 'bogus-key'"), ("- a\n", "mapping"), ("port: [\n", "not valid YAML")],
+)
+def test_bad_config_yaml_exits_2(tmp_path, content: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        parse_sim_args(["--model-path", "m", "--config", str(cfg)])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+# --- metrics ---
+
+
+def test_throughput_meter_window() -> None:
+    now = [100.0]
+    meter = ThroughputMeter(window_s=10, clock=lambda: now[0])
+    now[0] = 110.0
+    meter.add(50)
+    meter.add(50)
+    assert meter.rate() == pytest.approx(10.0)  # 100 tokens over the 10 s window
+    now[0] = 125.0
+    assert meter.rate() == 0.0
+
+
+# --- the HTTP layer in-process: bad input is always a 4xx in the OpenAI envelope, never a 500 ---
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_fields = st.sampled_from(
+    ["model", "messages", "prompt", "input", "text", "max_tokens", "stop", "stream", "n", "sampling_params",
+     "encoding_format", "stream_options", "max_completion_tokens", "input_ids"]
+)
+
+
+@hyp_settings(deadline=None, max_examples=60)
+@given(
+    route=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate", "/sim/faults"]),
+    body=st.dictionaries(_fields, _json_values, max_size=5) | _json_values,
+)
+def test_random_bodies_never_cause_a_server_error(route: str, body: object) -> None:
+    import httpx
+
+    from model_server.sim.app import create_app
+
+    settings = SimSettings(model_path="m", ttft_ms=0, tpot_ms=0, ttft_per_prompt_token_ms=0)
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+            return await client.post(route, json=body)
+
+    response = asyncio.run(send())
+    assert response.status_code in (200, 400, 404), response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    elif route != "/sim/faults" and not (isinstance(body, dict) and body.get("stream")):
+        response.json()  # a 200 is valid JSON (no faults are on)
