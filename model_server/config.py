@@ -194,6 +194,10 @@ class ClientPolicy(_Strict):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
     run_state_file: str | None = None  # JSON file whose is_running flag is cleared when a group dies
+    # client helper: a whole call (every attempt and backoff) gives up after this long; None = only max_retry bounds it
+    request_deadline_s: float | None = Field(default=None, gt=0)
+    # client helper: at most one background re-probe of a group per this many seconds (degraded replicas)
+    reprobe_interval_s: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ClientPolicy:

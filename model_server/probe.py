@@ -1,0 +1,178 @@
+"""Latency probes: every replica of a group at once, with a small real request.
+
+A completion replica is asked for one output token of a short chat, an
+embedding replica for the embedding of a short text, each under the current
+latency bound. The probes run concurrently (threads, or tasks in the async
+client), so building a group of N replicas takes about one probe, not N.
+A probe answers with its latency, or says why it failed; it never raises for
+a replica's fault. Used by the client's build/re-probe, ``client_configs`` and
+``model-server probe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from model_server.config import ServerKind, ServerSpec
+from model_server.replica_group import ProbeResult
+from model_server.retry import is_retryable_status
+
+__all__ = ["PROBE_TEXT", "aprobe_group", "check_probe_answer", "probe_group", "probe_one", "probe_request"]
+
+PROBE_TEXT = "Reply with one word: ready?"
+
+
+def probe_request(spec: ServerSpec) -> tuple[str, dict[str, Any]]:
+    """(URL, JSON body) of the probe for one replica."""
+    if spec.kind is ServerKind.embedding:
+        return f"{spec.base_url}/embeddings", {"model": spec.model_name, "input": PROBE_TEXT}
+    body = {
+        "model": spec.model_name,
+        "messages": [{"role": "user", "content": PROBE_TEXT}],
+        "max_tokens": 1,
+        "temperature": 0.0,
+    }
+    return f"{spec.base_url}/chat/completions", body
+
+
+def check_probe_answer(spec: ServerSpec, response: httpx.Response) -> tuple[int | None, str | None]:
+    """(output tokens, error): the error says what is wrong with the answer, None if it is good."""
+    if is_rejection(response.status_code):
+        return None, None
+    if response.status_code != 200:
+        return None, f"HTTP {response.status_code}: {response.text[:200]}"
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"malformed answer (not JSON: {err})"
+    try:
+        if spec.kind is ServerKind.embedding:
+            vector = data["data"][0]["embedding"]
+            if not isinstance(vector, list) or not vector:
+                return None, "malformed answer (empty embedding)"
+            return None, None
+        content = data["choices"][0]["message"]["content"]
+        if content is not None and not isinstance(content, str):
+            return None, "malformed answer (content is not text)"
+        tokens = (data.get("usage") or {}).get("completion_tokens")
+        return (tokens if isinstance(tokens, int) and tokens > 0 else 1), None
+    except (KeyError, IndexError, TypeError) as err:
+        return None, f"malformed answer (missing {err})"
+
+
+def is_rejection(status: int) -> bool:
+    """A 4xx that refuses the request itself (the server is up): see model_server.retry."""
+    return 400 <= status < 500 and not is_retryable_status(status)
+
+
+def _result(spec: ServerSpec, response: httpx.Response, elapsed: float, timeout_s: float) -> ProbeResult:
+    tokens, error = check_probe_answer(spec, response)
+    if error is not None:
+        return ProbeResult(spec, None, error=error)
+    if elapsed > timeout_s:
+        return ProbeResult(spec, None, error=f"too slow: {elapsed:.2f}s > bound {timeout_s:.2f}s", timed_out=True)
+    rejected = f"HTTP {response.status_code}: {response.text[:200]}" if is_rejection(response.status_code) else None
+    return ProbeResult(spec, elapsed, output_tokens=tokens or 1, rejected=rejected)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _timeout(timeout_s: float, connect_timeout_s: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+
+
+def probe_one(
+    spec: ServerSpec, timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
+    connect_timeout_s: float = 3.0,
+) -> ProbeResult:
+    """Probe one replica (blocking, at most about ``timeout_s``)."""
+    url, body = probe_request(spec)
+    own = client is None
+    http = client or httpx.Client()
+    started = time.monotonic()
+    try:
+        response = http.post(url, json=body, headers=_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s))
+        elapsed = time.monotonic() - started
+    except httpx.TimeoutException:
+        return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
+    except httpx.HTTPError as err:
+        return ProbeResult(spec, None, error=f"connection error: {type(err).__name__}: {err}"[:300])
+    finally:
+        if own:
+            http.close()
+    return _result(spec, response, elapsed, timeout_s)
+
+
+def probe_group(
+    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
+    connect_timeout_s: float = 3.0,
+) -> list[ProbeResult]:
+    """Probe every replica concurrently; results in the order of ``specs``, within about ``timeout_s``."""
+    if not specs:
+        return []
+    own = client is None
+    http = client or httpx.Client(limits=httpx.Limits(max_connections=max(10, len(specs))))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="model-server-probe")
+    try:
+        futures = [
+            pool.submit(probe_one, s, timeout_s, api_key=api_key, client=http, connect_timeout_s=connect_timeout_s)
+            for s in specs
+        ]
+        # Each probe bounds itself with its httpx timeout; the wait below bounds the round.
+        concurrent.futures.wait(futures, timeout=timeout_s + connect_timeout_s + 1.0)
+        results = []
+        for spec, future in zip(specs, futures):
+            if future.done():
+                results.append(future.result())
+            else:
+                results.append(ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True))
+        return results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if own:
+            http.close()
+
+
+async def _aprobe_one(
+    spec: ServerSpec, timeout_s: float, api_key: str | None, client: httpx.AsyncClient, connect_timeout_s: float
+) -> ProbeResult:
+    url, body = probe_request(spec)
+    started = time.monotonic()
+    try:
+        response = await asyncio.wait_for(
+            client.post(url, json=body, headers=_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)),
+            timeout=timeout_s + connect_timeout_s,
+        )
+        elapsed = time.monotonic() - started
+    except (httpx.TimeoutException, asyncio.TimeoutError):
+        return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
+    except httpx.HTTPError as err:
+        return ProbeResult(spec, None, error=f"connection error: {type(err).__name__}: {err}"[:300])
+    return _result(spec, response, elapsed, timeout_s)
+
+
+async def aprobe_group(
+    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None,
+    client: httpx.AsyncClient | None = None, connect_timeout_s: float = 3.0,
+) -> list[ProbeResult]:
+    """The asyncio twin of :func:`probe_group`: every replica at once, results in order."""
+    if not specs:
+        return []
+    own = client is None
+    http = client or httpx.AsyncClient()
+    try:
+        return list(
+            await asyncio.gather(*(_aprobe_one(s, timeout_s, api_key, http, connect_timeout_s) for s in specs))
+        )
+    finally:
+        if own:
+            await http.aclose()

@@ -1,0 +1,219 @@
+"""The replicas of one group and their shared, locked state (no I/O).
+
+Every thread (or task) of a ModelServer asks a :class:`ReplicaGroup` for a
+replica (:meth:`acquire`), sends its request without holding any lock, then
+reports the outcome (:meth:`release`). Probe results arrive the same way
+(:meth:`apply_probes`). The lock is held only for these few assignments; the
+log lines they cause (one per breaker change, degradation) are written after
+it is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from model_server.breaker import Breaker, BreakerState
+from model_server.config import ClientPolicy, ServerKind, ServerSpec
+from model_server.endpoint import Endpoint, EndpointSnapshot
+from model_server.retry import OutcomeKind, probe_timeout_s, request_timeout_s
+from model_server.routing import Candidate, choose
+
+__all__ = ["Lease", "ProbeResult", "ReplicaGroup"]
+
+log = logging.getLogger("model_server.client")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request's hold on a replica, from acquire to release."""
+
+    group: str
+    spec: ServerSpec
+    started_s: float
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    spec: ServerSpec
+    latency_s: float | None  # None: no good answer within the bound
+    output_tokens: int | None = None
+    error: str | None = None
+    timed_out: bool = False  # no answer within the bound (as opposed to a refusal or an error answer)
+    # The replica answered, but refused the probe itself (400/401/404/...): it is up, and the
+    # caller's real request will get the same refusal as a RequestRejectedError with its reason.
+    rejected: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The replica is up and answered within the bound (perhaps refusing the probe)."""
+        return self.latency_s is not None
+
+    @property
+    def usable(self) -> bool:
+        """Up, in time, and the probe itself was served."""
+        return self.latency_s is not None and self.rejected is None
+
+
+class ReplicaGroup:
+    """Replicas of one group: routing, outcomes, breakers, the latency bound, the rebuild bookkeeping."""
+
+    def __init__(self, name: str, specs: Sequence[ServerSpec], policy: ClientPolicy, *, clock: Callable[[], float]) -> None:
+        if not specs:
+            raise ValueError(f"group '{name}' has no servers")
+        self.name = name
+        self.kind = specs[0].kind
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._endpoints = {
+            s.name: Endpoint(
+                s,
+                breaker=Breaker(policy.breaker_failures, policy.breaker_cooldown_s),
+                ewma_alpha=policy.latency_ewma_alpha,
+                degraded_factor=policy.latency_growing_rate,
+            )
+            for s in specs
+        }
+        self.bound_s = policy.initial_latency_s
+        self.built = False
+        self.probe_rounds = 0  # completed probe rounds: lets waiting threads see that one finished
+        self.last_round_found = False
+        self.reprobe_running = False
+        self.last_reprobe_s: float | None = None
+
+    @property
+    def per_token(self) -> bool:
+        return self.kind is ServerKind.completion
+
+    @property
+    def specs(self) -> tuple[ServerSpec, ...]:
+        return tuple(e.spec for e in self._endpoints.values())
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def acquire(self, rng: random.Random, tried: Iterable[str] = ()) -> Lease | None:
+        """The replica for the next attempt (its in-flight count taken), or None if no breaker lets one through."""
+        now = self._clock()
+        notes: list[str] = []
+        with self._lock:
+            endpoints = list(self._endpoints.values())
+            ratios = [r for r in (e.reply_to_probe_ratio for e in endpoints) if r is not None]
+            scale = statistics.median(ratios) if ratios else 1.0
+            candidates = [
+                Candidate(e.name, e.score_latency_s(scale), e.in_flight, e.available(now), e.degraded) for e in endpoints
+            ]
+            index = choose(candidates, self.policy.routing, rng, frozenset(tried))
+            if index is None:
+                return None
+            chosen = endpoints[index]
+            old = chosen.start(now)
+            if old is not chosen.breaker.state:
+                notes.append(f"breaker of {chosen.name} (group '{self.name}'): {old.value} -> {chosen.breaker.state.value} (trial request)")
+        for note in notes:
+            log.info(note)
+        return Lease(self.name, chosen.spec, now)
+
+    def release(
+        self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None
+    ) -> bool:
+        """Record an attempt's outcome (None: cancelled). Returns True if the group should be re-probed."""
+        now = self._clock()
+        elapsed_s = now - lease.started_s
+        reprobe = False
+        with self._lock:
+            e = self._endpoints[lease.spec.name]
+            old = e.breaker.state
+            if kind is OutcomeKind.OK:
+                newly_degraded = e.succeed(now, elapsed_s, output_tokens if self.per_token else None)
+                reprobe = newly_degraded and self._reprobe_due(now)
+            elif kind is OutcomeKind.REJECTED:
+                e.reject(now)
+            elif kind is None:
+                e.cancel(now)
+            else:
+                e.fail(now, error)
+            new = e.breaker.state
+            latency, baseline = e.latency_s, e.baseline_s
+        if old is not new:
+            log.warning("breaker of %s (group '%s'): %s -> %s%s", lease.spec.name, self.name, old.value, new.value,
+                        f" after {error}" if error else "")
+        if reprobe:
+            log.warning(
+                "replica %s (group '%s') is degraded: %.4f s%s smoothed vs a baseline of %.4f s; re-probing the group",
+                lease.spec.name, self.name, latency or 0.0, "/token" if self.per_token else "", baseline or 0.0,
+            )
+        return reprobe
+
+    def _reprobe_due(self, now: float) -> bool:
+        if self.reprobe_running:
+            return False
+        interval = self.policy.reprobe_interval_s
+        return self.last_reprobe_s is None or now - self.last_reprobe_s >= interval
+
+    def try_start_reprobe(self) -> bool:
+        """Claim the group's one background re-probe slot."""
+        with self._lock:
+            if self.reprobe_running:
+                return False
+            self.reprobe_running = True
+            self.last_reprobe_s = self._clock()
+            return True
+
+    def end_reprobe(self) -> None:
+        with self._lock:
+            self.reprobe_running = False
+
+    # ---- probes -------------------------------------------------------------------------
+
+    def apply_probes(self, results: Sequence[ProbeResult]) -> bool:
+        """Fold one probe round into the state. Returns True if some replica answered."""
+        now = self._clock()
+        changes: list[tuple[str, BreakerState, BreakerState]] = []
+        with self._lock:
+            found = any(r.ok for r in results)
+            for r in results:
+                e = self._endpoints.get(r.spec.name)
+                if e is None:
+                    continue
+                old = e.breaker.state
+                if r.ok:
+                    e.probe_ok(now, r.latency_s or 0.0, r.output_tokens if self.per_token else None)
+                else:
+                    e.probe_failed(now, r.error or "no answer")
+                if old is not e.breaker.state:
+                    changes.append((e.name, old, e.breaker.state))
+            # A longer bound helps only replicas that were too slow, not ones that refused or erred.
+            grow = not found and any(r.timed_out for r in results)
+            if found:
+                self.built = True
+            elif grow:
+                self.bound_s *= self.policy.latency_growing_rate
+            self.probe_rounds += 1
+            self.last_round_found = found
+            bound = self.bound_s
+        for name, old, new in changes:
+            log.warning("breaker of %s (group '%s'): %s -> %s (probe)", name, self.name, old.value, new.value)
+        if grow:
+            log.warning("no replica of group '%s' answered a probe in time; the latency bound grows to %.2f s", self.name, bound)
+        elif not found:
+            log.warning("no replica of group '%s' answered a probe (all refused or erred)", self.name)
+        return found
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def request_timeout_s(self) -> float:
+        with self._lock:
+            return request_timeout_s(self.bound_s, self.policy)
+
+    def probe_timeout_s(self) -> float:
+        with self._lock:
+            return probe_timeout_s(self.bound_s, self.policy)
+
+    def snapshot(self) -> dict[str, EndpointSnapshot]:
+        with self._lock:
+            return {name: e.snapshot() for name, e in self._endpoints.items()}

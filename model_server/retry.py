@@ -1,0 +1,161 @@
+"""Retry policy, pure: which outcomes retry, how long to wait, how many attempts.
+
+- Retried on another replica (and held against the one that failed): a
+  connection error, a timeout, HTTP 408/409/429, any 5xx, and a malformed
+  answer (a 200 whose body is not the expected JSON).
+- Given back to the caller at once (and held against no replica): any other
+  4xx, i.e. the server says the request itself is wrong (400, 404, 413, 422;
+  also 401/403, a wrong API key, which no other replica of the fleet accepts
+  either).
+- Backoff between attempts: "full jitter" exponential, uniform in
+  ``[0, min(max, initial x 2^(n-1))]`` after the n-th failure of a request.
+- One :class:`AttemptBudget` per request counts every attempt, failovers and
+  probe rounds included, so a fallback can never multiply the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+import httpx
+import openai
+
+try:  # the openai SDK of this project's pin runs on httpx2; older ones on httpx
+    import httpx2
+except ImportError:  # pragma: no cover
+    httpx2 = None  # type: ignore[assignment]
+
+from model_server.config import ClientPolicy
+
+__all__ = [
+    "Attempt",
+    "AttemptBudget",
+    "MalformedResponse",
+    "OutcomeKind",
+    "RETRY_STATUSES",
+    "backoff_s",
+    "classify",
+    "describe",
+    "is_retryable_status",
+    "probe_timeout_s",
+    "request_timeout_s",
+]
+
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+class OutcomeKind(str, Enum):
+    OK = "ok"
+    REJECTED = "rejected"  # the request is wrong: to the caller, no replica blamed
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+    SERVER = "server"  # 5xx, 408, 409, 429
+    MALFORMED = "malformed"
+
+    @property
+    def retryable(self) -> bool:
+        return self not in (OutcomeKind.OK, OutcomeKind.REJECTED)
+
+
+class Attempt(NamedTuple):
+    """One try of a request (or one probe round), kept for the final error."""
+
+    replica: str
+    error: str
+    elapsed_s: float
+
+
+class MalformedResponse(Exception):
+    """A 200 answer whose body is not what the route returns."""
+
+
+def is_retryable_status(status: int) -> bool:
+    return status >= 500 or status in RETRY_STATUSES
+
+
+def _types(name: str) -> tuple[type[BaseException], ...]:
+    found = [getattr(httpx, name)]
+    if httpx2 is not None and hasattr(httpx2, name):
+        found.append(getattr(httpx2, name))
+    return tuple(found)
+
+
+_TIMEOUTS = (openai.APITimeoutError, TimeoutError) + _types("TimeoutException")
+_CONNECTION = (openai.APIConnectionError, ConnectionError) + _types("TransportError") + _types("StreamError")
+_MALFORMED = (MalformedResponse, openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def classify(err: BaseException) -> OutcomeKind | None:
+    """The outcome an exception raised by a request stands for; None if it is not a request failure (a bug)."""
+    if isinstance(err, openai.APIStatusError):
+        return OutcomeKind.SERVER if is_retryable_status(err.status_code) else OutcomeKind.REJECTED
+    if isinstance(err, httpx.HTTPStatusError) or (httpx2 is not None and isinstance(err, httpx2.HTTPStatusError)):
+        status = err.response.status_code
+        return OutcomeKind.SERVER if is_retryable_status(status) else OutcomeKind.REJECTED
+    if isinstance(err, _MALFORMED):
+        return OutcomeKind.MALFORMED
+    if isinstance(err, _TIMEOUTS):
+        return OutcomeKind.TIMEOUT
+    if isinstance(err, _CONNECTION):
+        return OutcomeKind.CONNECTION
+    return None
+
+
+def describe(err: BaseException) -> str:
+    """A one-line description of a failure for logs and the final error (never the API key)."""
+    if isinstance(err, openai.APIStatusError):
+        return f"HTTP {err.status_code}: {str(err.message)[:200]}"
+    kind = classify(err)
+    label = {OutcomeKind.TIMEOUT: "timeout", OutcomeKind.CONNECTION: "connection error"}.get(kind, type(err).__name__)
+    cause = err.__cause__ or err.__context__
+    detail = str(err) or type(err).__name__
+    if cause is not None and str(cause):
+        detail = f"{detail} ({type(cause).__name__}: {cause})"
+    return f"{label}: {detail}"[:300]
+
+
+def backoff_s(failures: int, policy: ClientPolicy, rng: random.Random) -> float:
+    """Full-jitter exponential backoff after the ``failures``-th failure of a request (seconds)."""
+    if failures <= 0:
+        return 0.0
+    cap_ms = min(policy.retry_backoff_max_ms, policy.retry_backoff_initial_ms * (2 ** min(failures - 1, 30)))
+    return rng.uniform(0.0, cap_ms) / 1000.0
+
+
+def request_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
+    """A request may take latency_growing_rate x the bound (the original's rebuild threshold), clamped."""
+    raw = bound_s * policy.latency_growing_rate
+    return min(max(raw, policy.request_timeout_floor_s), policy.request_timeout_ceiling_s)
+
+
+def probe_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
+    """A probe must answer within the bound itself (never beyond the ceiling)."""
+    return min(bound_s, policy.request_timeout_ceiling_s)
+
+
+@dataclass
+class AttemptBudget:
+    """Attempts and time left for one request (mutable, owned by that request only)."""
+
+    max_attempts: int
+    started_s: float
+    deadline_s: float | None = None  # absolute monotonic time, or None
+    used: int = 0
+
+    def spend(self) -> None:
+        self.used += 1
+
+    def exhausted(self, now: float) -> bool:
+        return self.used >= self.max_attempts or (self.deadline_s is not None and now >= self.deadline_s)
+
+    def remaining_s(self, now: float) -> float | None:
+        return None if self.deadline_s is None else max(0.0, self.deadline_s - now)
+
+    def cap(self, timeout_s: float, now: float) -> float:
+        """A timeout no longer than the time the request has left (at least 1 ms)."""
+        left = self.remaining_s(now)
+        return timeout_s if left is None else max(0.001, min(timeout_s, left))

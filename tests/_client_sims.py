@@ -1,0 +1,100 @@
+"""Helpers for the client's real-process tests: simulated replicas and a fleet table naming them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import psutil
+
+from model_server.config import Fleet, parse_fleet
+from model_server.sim.process import SimProcess, free_port
+
+# Millisecond latencies keep hundreds of requests within seconds on a shared 2-core box.
+FAST_ARGS = ("--ttft-ms", "5", "--tpot-ms", "1", "--tpot-growth", "0.01")
+
+# Short timeouts and cooldowns: a hung replica costs request_timeout = 0.5 x 4 = 2 s per attempt.
+TEST_POLICY = {
+    "initial_latency_s": 0.5,
+    "latency_growing_rate": 4,
+    "request_timeout_floor_s": 0.5,
+    "request_timeout_ceiling_s": 4,
+    "connect_timeout_s": 1,
+    "retry_backoff_initial_ms": 5,
+    "retry_backoff_max_ms": 50,
+    "breaker_failures": 3,
+    "breaker_cooldown_s": 60,
+    "max_retry": 10,
+    "build_rounds": 2,
+    "reprobe_interval_s": 1,
+}
+
+MESSAGES = [{"role": "user", "content": "Name a colour."}]
+
+
+def start_sims(n: int, *, embedding: bool = False, args: Sequence[str] = FAST_ARGS) -> list[SimProcess]:
+    """n simulated replicas on free ports, started concurrently."""
+    sims = [
+        SimProcess(model_path="sim/test-model", served_model_name="emb" if embedding else "chat", embedding=embedding,
+                   args=tuple(args))
+        for _ in range(n)
+    ]
+    try:
+        for s in sims:
+            s.start(wait=False)
+        for s in sims:
+            s.wait_ready(30)
+    except BaseException:
+        stop_sims(sims)
+        raise
+    return sims
+
+
+def stop_sims(sims: Sequence[SimProcess]) -> None:
+    pids = [s.pid for s in sims if s.pid]
+    for s in sims:
+        s.stop(grace_s=3)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+@contextmanager
+def sims_running(n: int, **kw) -> Iterator[list[SimProcess]]:
+    sims = start_sims(n, **kw)
+    try:
+        yield sims
+    finally:
+        stop_sims(sims)
+
+
+def fleet_of(
+    groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fastest", **policy: object
+) -> Fleet:
+    """A fleet table: {group: (kind, ports)}; replicas named <group>-<i>; TEST_POLICY with overrides."""
+    fields = dict(TEST_POLICY, **policy)
+    lines = ["[client]", f'routing = "{routing}"']
+    for key, value in fields.items():
+        if value is None:
+            continue
+        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    for group, (kind, ports) in groups.items():
+        model = "emb" if kind == "embedding" else "chat"
+        for i, port in enumerate(ports):
+            lines += [
+                "", "[[servers]]", f'name = "{group}-{i}"', f'group = "{group}"', f'kind = "{kind}"',
+                'host = "127.0.0.1"', f"port = {port}", 'model = "sim/test-model"', f'served_model_name = "{model}"',
+            ]
+    return parse_fleet("\n".join(lines) + "\n", source="<test fleet>")
+
+
+def dead_ports(n: int) -> list[int]:
+    """Free ports nobody listens on: replicas that refuse every connection."""
+    return [free_port() for _ in range(n)]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,49 @@
+"""The package surface: what it exports, and what importing it costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import model_server
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(model_server.__all__) == sorted(
+        ["AsyncModelServer", "ConfigError", "Fleet", "ModelServer", "ModelServerError", "ServerSpec",
+         "__version__", "load_fleet"]
+    )
+
+
+def test_import_pulls_in_no_gpu_stack_and_no_http_client() -> None:
+    code = (
+        "import json, sys, model_server, model_server.config;"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'sglang', 'flashinfer', 'openai', 'pynvml', 'fastapi', 'uvicorn'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_client_is_exported_lazily() -> None:
+    from model_server.client import AsyncModelServer, ModelServer
+
+    assert model_server.ModelServer is ModelServer
+    assert model_server.AsyncModelServer is AsyncModelServer
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    try:
+        model_server.NoSuchThing  # noqa: B018
+    except AttributeError as err:
+        assert "NoSuchThing" in str(err)
+    else:  # pragma: no cover
+        raise AssertionError("expected AttributeError")
+
+
+def test_console_script_shows_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "model_server", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for command in ("check", "serve", "status", "sim", "probe", "bench"):
+        assert command in out.stdout, command
