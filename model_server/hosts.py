@@ -26,7 +26,7 @@ def _norm(host: str) -> str:
 
 
 def local_identities(host_ip: Iterable[str] = ()) -> frozenset[str]:
-    """This machine's names: every interface address (psutil), hostname, FQDN, loopback, ``host_ip``."""
+    """This machine's names: every interface address (psutil), hostname, loopback, ``host_ip``."""
     import psutil  # noqa: PLC0415 - only the launcher needs it
 
     names = set(ALWAYS_LOCAL)
@@ -34,10 +34,10 @@ def local_identities(host_ip: Iterable[str] = ()) -> frozenset[str]:
         for a in addresses:
             if a.family in (socket.AF_INET, socket.AF_INET6) and a.address:
                 names.add(_norm(a.address))
-    for name in (socket.gethostname(), socket.getfqdn()):
-        if name:
-            names.add(_norm(name))
-            names.add(_norm(name).split(".", 1)[0])
+    # Not getfqdn(): it asks DNS with no timeout and can stall `serve` on a host with broken DNS.
+    hostname = _norm(socket.gethostname())
+    if hostname:
+        names.update((hostname, hostname.split(".", 1)[0]))
     names.update(_norm(h) for h in host_ip if h)
     return frozenset(names)
 

@@ -66,6 +66,14 @@ def plan(config: str | os.PathLike[str] | None, host_ip: Sequence[str] = (), onl
     """Load the table and pick this host's servers (LaunchError/ConfigError when none or unknown)."""
     fleet = load_fleet(config)
     servers = _only(fleet, select_local_servers(fleet, host_ip), only)
+    if fleet.launch.engine == "sglang":
+        for i, s in enumerate(fleet.servers):
+            if s in servers and not s.gpus:
+                raise ConfigError(
+                    f"{fleet.source}: server '{s.name}' (servers[{i}]): field 'gpus' is empty, and launch.engine is "
+                    f"'sglang', so the engine would see every GPU of this host and use GPU 0. List the GPU indices "
+                    f"it runs on, as nvidia-smi shows them."
+                )
     return Plan(fleet, servers)
 
 
@@ -186,9 +194,3 @@ class Pipeline:
     def _restore(self, previous: dict[int, object]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
-def serve(config: str | Path | None, host_ip: Sequence[str] = (), only: Sequence[str] = ()) -> int:
-    """Plan and run; the exit status."""
-    return Pipeline(plan(config, host_ip, only)).run()
-

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from model_server.atomic import atomic_write_text
 from model_server.config import LaunchPolicy
 from model_server.errors import LaunchError
 
@@ -46,12 +47,7 @@ def write_key_file(path: Path, key: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(yaml.safe_dump({"api-key": key}))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump({"api-key": key}), mode=0o600)
     except OSError as err:
         raise LaunchError(
             f"cannot write the API-key file {path} ({err.strerror or err}). Make the directory of "

@@ -22,7 +22,6 @@ __all__ = [
     "FailureDecision",
     "RestartHistory",
     "ServerState",
-    "TERMINAL",
     "backoff_s",
     "can_transition",
     "decide_after_failure",
@@ -40,7 +39,6 @@ class ServerState(str, enum.Enum):
 
 
 S = ServerState
-TERMINAL = frozenset({S.FAILED, S.STOPPED})
 
 _ALLOWED: dict[ServerState, frozenset[ServerState]] = {
     S.WAITING_GPU: frozenset({S.STARTING, S.FAILED, S.STOPPED}),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from model_server.atomic import atomic_write_text
 from model_server.errors import LaunchError
 from model_server.server_state import ServerState
 
@@ -61,10 +62,7 @@ def same_process(pid: int | None, create_time: float | None) -> bool:
 
 
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -94,10 +92,6 @@ class StatusBoard:
     def get(self, name: str) -> ServerStatus:
         with self._lock:
             return self._servers[name]
-
-    def all(self) -> list[ServerStatus]:
-        with self._lock:
-            return list(self._servers.values())
 
     def update(self, name: str, **changes: Any) -> ServerStatus:
         with self._lock:

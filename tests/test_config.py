@@ -46,7 +46,11 @@ def _error(text: str) -> str:
 
 
 def _server(**fields: object) -> str:
-    base: dict[str, object] = {"group": "8", "kind": "completion", "host": "h", "port": 9000, "model": "m"}
+    port = fields.get("port", 9000)
+    base: dict[str, object] = {
+        "group": "8", "kind": "completion", "host": "h", "port": port, "model": "m",
+        "gpus": [abs(port) % 64 if isinstance(port, int) else 0],
+    }
     base.update(fields)
     lines = ["[[servers]]"]
     for key, value in base.items():

@@ -164,3 +164,15 @@ def test_bad_selection_exits_2_with_a_clear_message(tmp_path: Path, args: list[s
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "MODEL_SERVER_API_KEY": KEY})
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sglang_server_without_gpus_is_refused_at_launch(tmp_path: Path) -> None:
+    table = tmp_path / "nogpu.toml"
+    table.write_text(
+        '[[servers]]\nname = "bare"\ngroup = "8"\nkind = "completion"\nhost = "192.0.2.11"\nport = 8056\nmodel = "m"\n'
+    )
+    load_fleet(table)  # a valid table: a client-only fleet need not say where the GPUs are
+    cmd = [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(table), "--host-ip", "192.0.2.11", "--dry-run"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "server 'bare' (servers[0]): field 'gpus' is empty" in out.stderr and "Traceback" not in out.stderr

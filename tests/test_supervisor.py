@@ -200,6 +200,7 @@ def test_hung_engine_is_killed_and_restarted_then_stops(tmp_path: Path, caplog: 
     proc = sup.request_stop()
     assert proc is second
     thread.join(5)
+    assert not thread.is_alive(), "the supervisor did not stop within 5 s"
     assert result == [S.STOPPED] and board.get("s1").state == "STOPPED"
     assert "server s1: STARTING -> READY" in caplog.text
 
@@ -215,6 +216,7 @@ def test_failed_probes_in_a_row_after_ready_mean_hung(tmp_path: Path) -> None:
     assert "hung: 2 health probes failed in a row" in board.get("s1").last_error
     sup.request_stop()
     thread.join(5)
+    assert not thread.is_alive(), "the supervisor did not stop within 5 s"
     assert not thread.is_alive()
 
 
@@ -228,6 +230,7 @@ def test_waits_for_busy_gpus_then_starts(tmp_path: Path, caplog: pytest.LogCaptu
     assert "WAITING_GPU -> STARTING" in caplog.text and "waiting for GPUs (GPU 1: 50000 of 81920 MiB used)" in caplog.text
     sup.request_stop()
     thread.join(5)
+    assert not thread.is_alive(), "the supervisor did not stop within 5 s"
 
 
 @pytest.mark.timeout(20)

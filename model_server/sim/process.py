@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import httpx
 
+from model_server.atomic import atomic_write_text
 from model_server.sim.settings import SimError
 
 __all__ = ["SimProcess", "free_port"]
@@ -110,9 +111,8 @@ class SimProcess:
         config_path = None
         if self.api_key is not None:
             config_path = os.path.join(self._tmpdir, "sim.yaml")
-            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(f"api-key: {json.dumps(self.api_key)}\n")  # a JSON string is a YAML string
+            # a JSON string is a YAML string
+            atomic_write_text(config_path, f"api-key: {json.dumps(self.api_key)}\n", mode=0o600)
         if self.log_path is None:
             self.log_path = Path(self._tmpdir) / "sim.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
