@@ -27,22 +27,21 @@ from model_server.client_core import (
     POOL_KEEPALIVE,
     ClientCore,
     chat_answer,
-    chunk_text,
     embedding_answer,
 )
-from model_server.client_errors import GroupUnavailableError, StreamInterruptedError
+from model_server.client_errors import GroupUnavailableError
 from model_server.config import ClientPolicy, Fleet, ServerKind, ServerSpec
 from model_server.endpoint import EndpointSnapshot
 from model_server.probe import aprobe_group
 from model_server.replica_group import Lease, ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, Sleep
-from model_server.retry import OutcomeKind, classify, describe
+from model_server.retry import OutcomeKind
 
 __all__ = ["AsyncModelServer"]
 
 log = logging.getLogger("model_server.client")
 
-AsyncOp = Callable[[openai.AsyncOpenAI, ServerSpec, float], Awaitable[tuple[Any, "int | None"]]]
+AsyncOp = Callable[[openai.AsyncOpenAI, Call], Awaitable[tuple[Any, "int | None"]]]
 
 
 class AsyncModelServer:
@@ -59,8 +58,7 @@ class AsyncModelServer:
         self._http: httpx.AsyncClient | None = None
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._probe_locks: dict[str, asyncio.Lock] = {}
-        self._reprobes: set[asyncio.Task] = set()
-        self._closed = False
+        self._reprobes: set[asyncio.Task] = set()  # one event loop: no lock needed
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -70,17 +68,17 @@ class AsyncModelServer:
 
     async def warmup(self, groups: Sequence[str] | None = None) -> dict[str, bool]:
         """Build every group (or those named) concurrently; raise GroupUnavailableError for a dead one."""
-        names = [str(g) for g in (groups if groups is not None else self.groups)]
-        built = {name: self._core.group(name) for name in names}
+        built = self._core.warmup_groups(groups)
         found = dict(zip(built, await asyncio.gather(*(self._build(g) for g in built.values()))))
         self._core.raise_if_dead(built, found)
         return found
 
     async def chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        self._core.check_chat_params(params)
         g = self._core.group(group, ServerKind.completion)
 
-        async def op(client: openai.AsyncOpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            kwargs = self._core.chat_kwargs(spec, messages, params, timeout_s, stream=False)
+        async def op(client: openai.AsyncOpenAI, call: Call) -> tuple[Any, int | None]:
+            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=False)
             return chat_answer(await client.chat.completions.create(**kwargs))
 
         return (await self._drive(g, op)).value
@@ -89,10 +87,8 @@ class AsyncModelServer:
         g = self._core.group(group, ServerKind.embedding)
         batch = [inputs] if isinstance(inputs, str) else list(inputs)
 
-        async def op(client: openai.AsyncOpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            response = await client.embeddings.create(
-                model=spec.model_name, input=batch, encoding_format="float", timeout=self._core.timeout(timeout_s)
-            )
+        async def op(client: openai.AsyncOpenAI, call: Call) -> tuple[Any, int | None]:
+            response = await client.embeddings.create(**self._core.embed_kwargs(call.lease.spec, batch, call.timeout_s))
             return embedding_answer(response, len(batch)), None
 
         vectors = (await self._drive(g, op)).value
@@ -108,18 +104,20 @@ class AsyncModelServer:
         return reply.choices[0].message.content or ""
 
     def stream_chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[str]:
-        """``async for`` over the text chunks; a wrong group is reported at the call."""
+        """``async for`` over the text chunks; a wrong group or parameter is reported at the call."""
+        self._core.check_chat_params(params)
         g = self._core.group(group, ServerKind.completion)
         return self._stream(g, messages, params)
 
     async def _stream(self, g: ReplicaGroup, messages: list[dict[str, Any]], params: dict[str, Any]) -> AsyncIterator[str]:
 
-        async def op(client: openai.AsyncOpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            stream = await client.chat.completions.create(**self._core.chat_kwargs(spec, messages, params, timeout_s, True))
+        async def op(client: openai.AsyncOpenAI, call: Call) -> tuple[Any, int | None]:
+            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=True)
+            stream = await client.chat.completions.create(**kwargs)
             try:
                 chunks = stream.__aiter__()
-                async for chunk in chunks:
-                    text, _ = chunk_text(chunk)
+                async for chunk in chunks:  # up to the first chunk with text: until then, failing over is free
+                    text = self._core.first_text(chunk, call)
                     if text:
                         return (stream, chunks, text), None
                 return (stream, None, ""), None
@@ -137,7 +135,7 @@ class AsyncModelServer:
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for background re-probes, then close the connection pool."""
-        self._closed = True
+        self._core.closed = True
         if self._reprobes:
             await asyncio.wait(list(self._reprobes), timeout=timeout_s)
         if self._http is not None:
@@ -149,35 +147,30 @@ class AsyncModelServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # ---- the loop --------------------------------------------------------------------------
+    # ---- the loop: each decision is in ClientCore or the plan; only the awaits are here ----------
 
     async def _relay(self, g: ReplicaGroup, lease: Lease, stream: Any, chunks: Any, first: str) -> AsyncIterator[str]:
-        received = [first]
-        tokens: int | None = None
-        outcome: OutcomeKind | None = None
-        error = ""
+        tally = self._core.tally(g, lease, first)
         try:
             if first:
                 yield first
             if chunks is not None:
                 async for chunk in chunks:
-                    text, usage_tokens = chunk_text(chunk)
-                    tokens = usage_tokens if usage_tokens is not None else tokens
+                    text = tally.take(chunk)
                     if text:
-                        received.append(text)
                         yield text
-            outcome = OutcomeKind.OK
+            tally.ended()
         except Exception as err:
-            kind = classify(err)
-            if kind is None:
+            interrupted = tally.interrupted(err)
+            if interrupted is None:
                 raise
-            outcome, error = kind, describe(err)
-            raise StreamInterruptedError(g.name, lease.spec.name, "".join(received), error) from err
+            raise interrupted from err
         finally:
-            count = tokens if tokens is not None else sum(1 for r in received if r)
-            if g.release(lease, outcome, error=error, output_tokens=count) and not self._closed:
-                self._start_reprobe(g)
-            await stream.close()
+            try:
+                await stream.close()
+            finally:
+                if tally.release():
+                    self._start_reprobe(g)
 
     def _pool(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -206,13 +199,13 @@ class AsyncModelServer:
                     await asyncio.sleep(action.delay_s)
                     result = None
                 elif isinstance(action, Probe):
-                    result = await self._probe_round(g, action.seen_rounds)
+                    result = await self._probe_round(g, action)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown action {action!r}")
                 action = plan.send(result)
         except StopIteration as stop:
             done: Done = stop.value
-            if done.reprobe and not self._closed:
+            if self._core.reprobe_after(done):
                 self._start_reprobe(g)
             return done
         except GroupUnavailableError:
@@ -220,18 +213,12 @@ class AsyncModelServer:
             raise
 
     async def _perform(self, g: ReplicaGroup, op: AsyncOp, call: Call) -> CallResult:
-        spec = call.lease.spec
         try:
             # The SDK's timeouts are per read; wait_for bounds the whole attempt as well.
-            value, tokens = await asyncio.wait_for(
-                op(self._openai(spec), spec, call.timeout_s), timeout=call.timeout_s + self.policy.connect_timeout_s
-            )
+            limit_s = self._core.attempt_limit_s(call.timeout_s)
+            value, tokens = await asyncio.wait_for(op(self._openai(call.lease.spec), call), timeout=limit_s)
         except Exception as err:
-            kind = classify(err)
-            if kind is None:
-                g.release(call.lease, None)
-                raise
-            return CallResult(kind, error=err)
+            return self._core.failed(g, call, err)
         except BaseException:  # cancelled
             g.release(call.lease, None)
             raise
@@ -239,20 +226,25 @@ class AsyncModelServer:
 
     async def _build(self, g: ReplicaGroup) -> bool:
         for _ in range(self.policy.build_rounds):
-            if await self._probe_round(g, g.probe_rounds):
+            if await self._probe_round(g, self._core.fresh_probe(g)):
                 return True
         return False
 
-    async def _probe_round(self, g: ReplicaGroup, seen_rounds: int) -> bool:
+    async def _probe_round(self, g: ReplicaGroup, probe: Probe) -> bool:
+        """One probe round of the group; tasks arriving meanwhile wait for it instead of probing again."""
         lock = self._probe_locks.setdefault(g.name, asyncio.Lock())
-        async with lock:
-            if g.probe_rounds > seen_rounds:
-                return g.last_round_found
-            results = await aprobe_group(
-                g.specs, g.probe_timeout_s(), api_key=self._core.api_key, client=self._pool(),
-                connect_timeout_s=self.policy.connect_timeout_s,
-            )
-            return g.apply_probes(results)
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout=probe.wait_s)
+        except asyncio.TimeoutError:
+            return False
+        try:
+            joined = self._core.joined_round(g, probe)
+            if joined is not None:
+                return joined
+            results = await aprobe_group(g.specs, probe.timeout_s, client=self._pool(), **self._core.probe_kwargs())
+            return g.apply_probes(results, probe.timeout_s)
+        finally:
+            lock.release()
 
     def _start_reprobe(self, g: ReplicaGroup) -> None:
         if not g.try_start_reprobe():
@@ -260,8 +252,8 @@ class AsyncModelServer:
 
         async def run() -> None:
             try:
-                await self._probe_round(g, g.probe_rounds)
-            except Exception:
+                await self._probe_round(g, self._core.fresh_probe(g))
+            except Exception:  # never let a background probe kill anything
                 log.exception("background re-probe of group '%s' failed", g.name)
             finally:
                 g.end_reprobe()

@@ -9,6 +9,13 @@ A :class:`Breaker` never mutates: every event returns the next breaker, and
 every transition is made in :meth:`Breaker._on`, so the diagram above is the
 whole behaviour. While HALF_OPEN exactly one trial request is in flight; the
 others see the replica as unavailable until the trial's outcome is known.
+
+Only the trial moves a breaker that is not CLOSED: the outcome of a request
+sent before the breaker opened (``trial=False``) is counted but neither
+closes the breaker (a late success proves nothing about the replica now),
+nor frees the trial slot (a late cancel), nor restarts the cooldown (a late
+failure). The caller remembers whether its acquire took the trial
+(:attr:`Breaker.takes_trial` just before :meth:`Breaker.acquire`).
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ class Breaker:
             return self.opened_at is None or now - self.opened_at >= self.cooldown_s
         return not self.trial_in_flight  # HALF_OPEN: one trial at a time
 
+    @property
+    def takes_trial(self) -> bool:
+        """Whether an acquire now would be the half-open trial (ask before acquire())."""
+        return self.state is not BreakerState.CLOSED
+
     def retry_in_s(self, now: float) -> float:
         """Seconds until an OPEN breaker lets a trial through (0 if it already does)."""
         if self.state is not BreakerState.OPEN or self.opened_at is None:
@@ -69,21 +81,22 @@ class Breaker:
     def acquire(self, now: float) -> Breaker:
         return self._on(BreakerEvent.ACQUIRE, now)
 
-    def success(self, now: float) -> Breaker:
-        return self._on(BreakerEvent.SUCCESS, now)
+    def success(self, now: float, trial: bool = False) -> Breaker:
+        return self._on(BreakerEvent.SUCCESS, now, trial)
 
-    def failure(self, now: float) -> Breaker:
-        return self._on(BreakerEvent.FAILURE, now)
+    def failure(self, now: float, trial: bool = False) -> Breaker:
+        return self._on(BreakerEvent.FAILURE, now, trial)
 
-    def release(self, now: float) -> Breaker:
-        return self._on(BreakerEvent.RELEASE, now)
+    def release(self, now: float, trial: bool = False) -> Breaker:
+        return self._on(BreakerEvent.RELEASE, now, trial)
 
     def reset(self, now: float) -> Breaker:
         return self._on(BreakerEvent.RESET, now)
 
-    def _on(self, event: BreakerEvent, now: float) -> Breaker:
-        """Every transition of the machine, in one place."""
+    def _on(self, event: BreakerEvent, now: float, trial: bool = False) -> Breaker:
+        """Every transition of the machine, in one place (``trial``: the event is the half-open trial's outcome)."""
         s = self.state
+        stale = s is not BreakerState.CLOSED and not trial  # a request sent before the breaker opened
         if event is BreakerEvent.RESET:
             return replace(self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False)
         if event is BreakerEvent.ACQUIRE:
@@ -95,15 +108,17 @@ class Breaker:
                 return replace(self, trial_in_flight=True)
             return self
         if event is BreakerEvent.SUCCESS:
+            if stale:
+                return self  # proves nothing about the replica now: only the trial closes the breaker
             return replace(self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False)
         if event is BreakerEvent.FAILURE:
             failures = self.consecutive_failures + 1
-            if s is BreakerState.HALF_OPEN or (s is BreakerState.CLOSED and failures >= self.failures_to_open):
+            if stale:  # count it, keep the cooldown (and any trial) running
+                return replace(self, consecutive_failures=failures)
+            if s is not BreakerState.CLOSED or failures >= self.failures_to_open:  # the trial failed, or too many
                 return replace(
                     self, state=BreakerState.OPEN, consecutive_failures=failures, opened_at=now, trial_in_flight=False
                 )
-            # CLOSED below the threshold, or OPEN already (a late failure of a request
-            # sent before it opened): count it, keep the cooldown running.
-            return replace(self, consecutive_failures=failures)
+            return replace(self, consecutive_failures=failures)  # CLOSED, below the threshold
         # RELEASE: a half-open trial that told nothing lets the next request be the trial.
-        return replace(self, trial_in_flight=False)
+        return self if stale or s is BreakerState.CLOSED else replace(self, trial_in_flight=False)

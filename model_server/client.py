@@ -42,7 +42,6 @@ from model_server.client_core import (
     POOL_KEEPALIVE,
     ClientCore,
     chat_answer,
-    chunk_text,
     embedding_answer,
 )
 from model_server.client_errors import (
@@ -57,7 +56,7 @@ from model_server.errors import ClientError
 from model_server.probe import probe_group
 from model_server.replica_group import Lease, ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, Sleep
-from model_server.retry import OutcomeKind, classify, describe
+from model_server.retry import OutcomeKind
 
 __all__ = [
     "AsyncModelServer",
@@ -70,6 +69,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+SyncOp = Callable[[openai.OpenAI, Call], tuple[Any, "int | None"]]
+
 
 class ModelServer:
     """A thread-safe client of the fleet's groups, with failover, breakers and re-probes.
@@ -95,8 +97,8 @@ class ModelServer:
         self._clients: dict[str, openai.OpenAI] = {}
         self._clients_lock = threading.Lock()
         self._probe_locks = {g: threading.Lock() for g in self.fleet.groups}
-        self._reprobes: set[threading.Thread] = set()
-        self._closed = False
+        self._reprobes: set[threading.Thread] = set()  # background re-probes, guarded by _reprobes_lock
+        self._reprobes_lock = threading.Lock()
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -106,8 +108,7 @@ class ModelServer:
 
     def warmup(self, groups: Sequence[str] | None = None) -> dict[str, bool]:
         """Build every group (or those named) now, concurrently; raise GroupUnavailableError for a dead one."""
-        names = [str(g) for g in (groups if groups is not None else self.groups)]
-        built = {name: self._core.group(name) for name in names}
+        built = self._core.warmup_groups(groups)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(built))) as pool:
             found = dict(zip(built, pool.map(self._build, built.values())))
         self._core.raise_if_dead(built, found)
@@ -115,10 +116,11 @@ class ModelServer:
 
     def chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
         """An openai ChatCompletion from the group's best replica (``params`` as for the openai SDK)."""
+        self._core.check_chat_params(params)
         g = self._core.group(group, ServerKind.completion)
 
-        def op(client: openai.OpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            kwargs = self._core.chat_kwargs(spec, messages, params, timeout_s, stream=False)
+        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
+            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=False)
             return chat_answer(client.chat.completions.create(**kwargs))
 
         return self._drive(g, op).value
@@ -128,10 +130,8 @@ class ModelServer:
         g = self._core.group(group, ServerKind.embedding)
         batch = [inputs] if isinstance(inputs, str) else list(inputs)
 
-        def op(client: openai.OpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            response = client.embeddings.create(
-                model=spec.model_name, input=batch, encoding_format="float", timeout=self._core.timeout(timeout_s)
-            )
+        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
+            response = client.embeddings.create(**self._core.embed_kwargs(call.lease.spec, batch, call.timeout_s))
             return embedding_answer(response, len(batch)), None
 
         vectors = self._drive(g, op).value
@@ -150,19 +150,21 @@ class ModelServer:
     def stream_chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> Iterator[str]:
         """Text chunks of a streamed reply; failover is invisible before the first chunk.
 
-        A wrong group is reported here, at the call; the request is sent on the first ``next()``.
+        A wrong group or parameter is reported here, at the call; the request is sent on the first ``next()``.
         """
+        self._core.check_chat_params(params)
         g = self._core.group(group, ServerKind.completion)
         return self._stream(g, messages, params)
 
     def _stream(self, g: ReplicaGroup, messages: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[str]:
 
-        def op(client: openai.OpenAI, spec: ServerSpec, timeout_s: float) -> tuple[Any, int | None]:
-            stream = client.chat.completions.create(**self._core.chat_kwargs(spec, messages, params, timeout_s, True))
+        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
+            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=True)
+            stream = client.chat.completions.create(**kwargs)
             try:
                 chunks = iter(stream)
                 for chunk in chunks:  # up to the first chunk with text: until then, failing over is free
-                    text, _ = chunk_text(chunk)
+                    text = self._core.first_text(chunk, call)
                     if text:
                         return (stream, chunks, text), None
                 return (stream, iter(()), ""), None
@@ -180,9 +182,11 @@ class ModelServer:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for background re-probes, then close the connection pool."""
-        self._closed = True
+        self._core.closed = True
         deadline = time.monotonic() + timeout_s
-        for thread in list(self._reprobes):
+        with self._reprobes_lock:
+            running = list(self._reprobes)
+        for thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._http.close()
 
@@ -192,34 +196,29 @@ class ModelServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- the loop --------------------------------------------------------------------------
+    # ---- the loop: each decision is in ClientCore or the plan; only the blocking calls are here ----
 
     def _relay(self, g: ReplicaGroup, lease: Lease, stream: Any, chunks: Iterator[Any], first: str) -> Iterator[str]:
-        received = [first]
-        tokens: int | None = None
-        outcome: OutcomeKind | None = None
-        error = ""
+        tally = self._core.tally(g, lease, first)
         try:
             if first:
                 yield first
             for chunk in chunks:
-                text, usage_tokens = chunk_text(chunk)
-                tokens = usage_tokens if usage_tokens is not None else tokens
+                text = tally.take(chunk)
                 if text:
-                    received.append(text)
                     yield text
-            outcome = OutcomeKind.OK
+            tally.ended()
         except Exception as err:
-            kind = classify(err)
-            if kind is None:
+            interrupted = tally.interrupted(err)
+            if interrupted is None:
                 raise
-            outcome, error = kind, describe(err)
-            raise StreamInterruptedError(g.name, lease.spec.name, "".join(received), error) from err
+            raise interrupted from err
         finally:
-            stream.close()
-            count = tokens if tokens is not None else sum(1 for r in received if r)
-            if g.release(lease, outcome, error=error, output_tokens=count) and not self._closed:
-                self._start_reprobe(g)
+            try:
+                stream.close()
+            finally:
+                if tally.release():
+                    self._start_reprobe(g)
 
     def _openai(self, spec: ServerSpec) -> openai.OpenAI:
         with self._clients_lock:
@@ -230,7 +229,7 @@ class ModelServer:
                 )
             return client
 
-    def _drive(self, g: ReplicaGroup, op: Callable[..., tuple[Any, int | None]], hold_lease: bool = False) -> Done:
+    def _drive(self, g: ReplicaGroup, op: SyncOp, hold_lease: bool = False) -> Done:
         plan = self._core.plan(g, hold_lease)
         try:
             action = next(plan)
@@ -241,29 +240,24 @@ class ModelServer:
                     time.sleep(action.delay_s)
                     result = None
                 elif isinstance(action, Probe):
-                    result = self._probe_round(g, action.seen_rounds)
+                    result = self._probe_round(g, action)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown action {action!r}")
                 action = plan.send(result)
         except StopIteration as stop:
             done: Done = stop.value
-            if done.reprobe and not self._closed:
+            if self._core.reprobe_after(done):
                 self._start_reprobe(g)
             return done
         except GroupUnavailableError:
             self._core.unavailable(g)
             raise
 
-    def _perform(self, g: ReplicaGroup, op: Callable[..., tuple[Any, int | None]], call: Call) -> CallResult:
-        spec = call.lease.spec
+    def _perform(self, g: ReplicaGroup, op: SyncOp, call: Call) -> CallResult:
         try:
-            value, tokens = op(self._openai(spec), spec, call.timeout_s)
+            value, tokens = op(self._openai(call.lease.spec), call)
         except Exception as err:
-            kind = classify(err)
-            if kind is None:  # not the replica's doing: a bug or a bad argument
-                g.release(call.lease, None)
-                raise
-            return CallResult(kind, error=err)
+            return self._core.failed(g, call, err)
         except BaseException:
             g.release(call.lease, None)
             raise
@@ -271,24 +265,21 @@ class ModelServer:
 
     def _build(self, g: ReplicaGroup) -> bool:
         for _ in range(self.policy.build_rounds):
-            if self._probe_round(g, g.probe_rounds):
+            if self._probe_round(g, self._core.fresh_probe(g)):
                 return True
         return False
 
-    def _probe_round(self, g: ReplicaGroup, seen_rounds: int) -> bool:
+    def _probe_round(self, g: ReplicaGroup, probe: Probe) -> bool:
         """One probe round of the group; threads arriving meanwhile wait for it instead of probing again."""
         lock = self._probe_locks[g.name]
-        wait_s = g.probe_timeout_s() + self.policy.connect_timeout_s + 2.0
-        if not lock.acquire(timeout=wait_s):
+        if not lock.acquire(timeout=probe.wait_s):
             return False
         try:
-            if g.probe_rounds > seen_rounds:
-                return g.last_round_found
-            results = probe_group(
-                g.specs, g.probe_timeout_s(), api_key=self._core.api_key, client=self._http,
-                connect_timeout_s=self.policy.connect_timeout_s,
-            )
-            return g.apply_probes(results)
+            joined = self._core.joined_round(g, probe)
+            if joined is not None:
+                return joined
+            results = probe_group(g.specs, probe.timeout_s, client=self._http, **self._core.probe_kwargs())
+            return g.apply_probes(results, probe.timeout_s)
         finally:
             lock.release()
 
@@ -298,15 +289,17 @@ class ModelServer:
 
         def run() -> None:
             try:
-                self._probe_round(g, g.probe_rounds)
+                self._probe_round(g, self._core.fresh_probe(g))
             except Exception:  # never let a background probe kill anything
                 log.exception("background re-probe of group '%s' failed", g.name)
             finally:
                 g.end_reprobe()
-                self._reprobes.discard(threading.current_thread())
+                with self._reprobes_lock:
+                    self._reprobes.discard(threading.current_thread())
 
         thread = threading.Thread(target=run, name=f"model-server-reprobe-{g.name}", daemon=True)
-        self._reprobes.add(thread)
+        with self._reprobes_lock:
+            self._reprobes.add(thread)
         thread.start()
 
 

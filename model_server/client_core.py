@@ -1,8 +1,12 @@
-"""What ModelServer and AsyncModelServer share: the table, the groups, answer checks.
+"""What ModelServer and AsyncModelServer share: every decision that does not wait.
 
 Nothing here waits on the network: :class:`ClientCore` resolves groups and
-policies and marks the run-state file; the ``*_answer`` functions turn an SDK
-answer into a value or a :class:`~model_server.retry.MalformedResponse`.
+policies, builds each operation's SDK arguments, turns an attempt's exception
+into its outcome, bounds a whole attempt, and marks the run-state file;
+:class:`StreamTally` keeps a relayed stream's text, tokens and outcome; the
+``*_answer`` functions turn an SDK answer into a value or a
+:class:`~model_server.retry.MalformedResponse`. The two clients keep only
+their blocking calls or awaits, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -19,21 +23,41 @@ import httpx
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from model_server.client_errors import GroupUnavailableError, RequestRejectedError, UnknownGroupError
+from model_server.client_errors import (
+    GroupUnavailableError,
+    RequestRejectedError,
+    StreamInterruptedError,
+    UnknownGroupError,
+)
 from model_server.client_metrics import ClientMetrics
 from model_server.config import ClientPolicy, Fleet, ServerKind, ServerSpec, load_fleet
 from model_server.endpoint import EndpointSnapshot
-from model_server.replica_group import ReplicaGroup
-from model_server.request_plan import request_plan
-from model_server.retry import Attempt, MalformedResponse
+from model_server.replica_group import Lease, ReplicaGroup
+from model_server.request_plan import Call, CallResult, Done, Probe, request_plan
+from model_server.retry import Attempt, MalformedResponse, OutcomeKind, classify, describe
 from model_server.runstate import mark_not_running
 
-__all__ = ["POOL_CONNECTIONS", "POOL_KEEPALIVE", "ClientCore", "chat_answer", "chunk_text", "embedding_answer"]
+__all__ = [
+    "POOL_CONNECTIONS",
+    "POOL_KEEPALIVE",
+    "AttemptTimeout",
+    "ClientCore",
+    "StreamTally",
+    "chat_answer",
+    "chunk_text",
+    "embedding_answer",
+]
 
 log = logging.getLogger("model_server.client")
 
 POOL_CONNECTIONS = 256  # per ModelServer: room for 64+ threads on several replicas
 POOL_KEEPALIVE = 128
+
+RESERVED_CHAT_PARAMS = ("stream", "model", "timeout")  # the client chooses these
+
+
+class AttemptTimeout(TimeoutError):
+    """A whole attempt outlived its limit (the SDK's own timeouts are per read); classified as a timeout."""
 
 
 class ClientCore:
@@ -53,6 +77,7 @@ class ClientCore:
         self.rng = rng or random.Random()
         self._groups: dict[str, ReplicaGroup] = {}
         self._lock = threading.Lock()
+        self.closed = False  # set by close()/aclose(): no new background re-probes
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -75,6 +100,24 @@ class ClientCore:
                 status=None,
             )
         return group
+
+    def warmup_groups(self, groups: Any) -> dict[str, ReplicaGroup]:
+        """The groups a warmup builds: those named, else every group of the table."""
+        names = [str(g) for g in (groups if groups is not None else self.group_names)]
+        return {name: self.group(name) for name in names}
+
+    @staticmethod
+    def fresh_probe(group: ReplicaGroup) -> Probe:
+        """A probe round outside any request (warmup, re-probe): the group's own limits."""
+        return Probe(group.probe_rounds, group.probe_timeout_s(), group.probe_wait_s())
+
+    @staticmethod
+    def joined_round(group: ReplicaGroup, probe: Probe) -> bool | None:
+        """With the probe lock held: the result of a round another caller finished meanwhile, or None."""
+        return group.last_round_found if group.probe_rounds > probe.seen_rounds else None
+
+    def probe_kwargs(self) -> dict[str, Any]:
+        return {"api_key": self.api_key, "connect_timeout_s": self.policy.connect_timeout_s}
 
     def plan(self, group: ReplicaGroup, hold_lease: bool = False):
         return request_plan(group, self.policy, rng=self.rng, clock=self.clock, metrics=self.metrics, hold_lease=hold_lease)
@@ -99,17 +142,97 @@ class ClientCore:
             groups = list(self._groups.values())
         return {g.name: g.snapshot() for g in groups}
 
+    # ---- one attempt ----------------------------------------------------------------------
+
     def timeout(self, timeout_s: float) -> httpx.Timeout:
         return httpx.Timeout(timeout_s, connect=min(self.policy.connect_timeout_s, timeout_s))
 
+    def attempt_limit_s(self, timeout_s: float) -> float:
+        """A whole attempt's limit: its (per-read) timeout plus the connection's."""
+        return timeout_s + self.policy.connect_timeout_s
+
+    @staticmethod
+    def check_chat_params(params: dict[str, Any]) -> None:
+        """TypeError for parameters the client sets itself: checked at the call, before any attempt."""
+        reserved = [k for k in RESERVED_CHAT_PARAMS if k in params]
+        if reserved:
+            raise TypeError(
+                f"chat parameters may not set {', '.join(reserved)}: the client chooses stream, model and timeout "
+                "(use stream_chat() to stream)"
+            )
+
     def chat_kwargs(self, spec: ServerSpec, messages: Any, params: dict[str, Any], timeout_s: float, stream: bool) -> dict:
-        if "stream" in params or "model" in params or "timeout" in params:
-            raise TypeError("chat parameters may not set stream, model or timeout: the client chooses them")
         kwargs = dict(params, model=spec.model_name, messages=messages, timeout=self.timeout(timeout_s))
         if stream:
             kwargs["stream"] = True
             kwargs.setdefault("stream_options", {"include_usage": True})
         return kwargs
+
+    def embed_kwargs(self, spec: ServerSpec, batch: list[str], timeout_s: float) -> dict:
+        return {"model": spec.model_name, "input": batch, "encoding_format": "float", "timeout": self.timeout(timeout_s)}
+
+    def first_text(self, chunk: Any, call: Call) -> str:
+        """A stream chunk's text before the first text arrived; AttemptTimeout once the attempt outlived its limit.
+
+        A replica sending endless empty (or role-only) chunks never trips a per-read timeout: this does.
+        """
+        text, _ = chunk_text(chunk)
+        limit_s = self.attempt_limit_s(call.timeout_s)
+        if not text and self.clock() - call.lease.started_s > limit_s:
+            raise AttemptTimeout(f"no text from {call.lease.spec.name} within {limit_s:.2f}s (whole attempt)")
+        return text
+
+    @staticmethod
+    def failed(group: ReplicaGroup, call: Call, err: Exception) -> CallResult:
+        """The outcome of an attempt that raised; an error that is not the replica's doing (a bug) is re-raised."""
+        kind = classify(err)
+        if kind is None:
+            group.release(call.lease, None)
+            raise err
+        return CallResult(kind, error=err)
+
+    def reprobe_after(self, done: Done) -> bool:
+        """Whether the finished request asks for a background re-probe."""
+        return done.reprobe and not self.closed
+
+    def tally(self, group: ReplicaGroup, lease: Lease, first: str) -> StreamTally:
+        return StreamTally(self, group, lease, first)
+
+
+class StreamTally:
+    """A relayed stream's bookkeeping: text received, output tokens, outcome; the lease's release at the end."""
+
+    def __init__(self, core: ClientCore, group: ReplicaGroup, lease: Lease, first: str) -> None:
+        self.core, self.group, self.lease = core, group, lease
+        self.received = [first] if first else []
+        self.tokens: int | None = None  # from the usage chunk, when the server sends one
+        self.outcome: OutcomeKind | None = None  # None until the end: a stream dropped early is a cancel
+        self.error = ""
+
+    def take(self, chunk: Any) -> str:
+        text, tokens = chunk_text(chunk)
+        if tokens is not None:
+            self.tokens = tokens
+        if text:
+            self.received.append(text)
+        return text
+
+    def ended(self) -> None:
+        self.outcome = OutcomeKind.OK
+
+    def interrupted(self, err: Exception) -> StreamInterruptedError | None:
+        """The error to raise for a stream broken after its first chunk; None if ``err`` is not the replica's doing."""
+        kind = classify(err)
+        if kind is None:
+            return None
+        self.outcome, self.error = kind, describe(err)
+        return StreamInterruptedError(self.group.name, self.lease.spec.name, "".join(self.received), self.error)
+
+    def release(self) -> bool:
+        """Report the outcome; True if a background re-probe should start."""
+        count = self.tokens if self.tokens is not None else len(self.received)
+        reprobe = self.group.release(self.lease, self.outcome, error=self.error, output_tokens=count)
+        return reprobe and not self.core.closed
 
 
 def chat_answer(response: Any) -> tuple[ChatCompletion, int | None]:

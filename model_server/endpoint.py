@@ -105,10 +105,10 @@ class Endpoint:
         self.attempts += 1
         return old
 
-    def succeed(self, now: float, elapsed_s: float, output_tokens: int | None) -> bool:
-        """The replica answered. Returns True if this reply made it newly degraded."""
+    def succeed(self, now: float, elapsed_s: float, output_tokens: int | None, *, trial: bool = False) -> bool:
+        """The replica answered (``trial``: as the half-open trial). Returns True if this reply made it newly degraded."""
         self._finish()
-        self.breaker = self.breaker.success(now)
+        self.breaker = self.breaker.success(now, trial)
         self.successes += 1
         sample = elapsed_s / max(1, output_tokens) if output_tokens is not None else elapsed_s
         if self.latency_s is None or self.from_probe:
@@ -122,23 +122,23 @@ class Endpoint:
         self.degraded = self.latency_s > self.degraded_factor * self.baseline_s
         return self.degraded and not was
 
-    def reject(self, now: float) -> None:
+    def reject(self, now: float, *, trial: bool = False) -> None:
         """The replica answered that the request itself is wrong: not its fault."""
         self._finish()
-        self.breaker = self.breaker.success(now)
+        self.breaker = self.breaker.success(now, trial)
         self.rejected += 1
 
-    def fail(self, now: float, error: str) -> None:
+    def fail(self, now: float, error: str, *, trial: bool = False) -> None:
         """Connection error, timeout, 5xx, 429 or malformed answer: held against the replica."""
         self._finish()
-        self.breaker = self.breaker.failure(now)
+        self.breaker = self.breaker.failure(now, trial)
         self.failures += 1
         self.last_error = error
 
-    def cancel(self, now: float) -> None:
+    def cancel(self, now: float, *, trial: bool = False) -> None:
         """The request ended without an outcome (the caller went away)."""
         self._finish()
-        self.breaker = self.breaker.release(now)
+        self.breaker = self.breaker.release(now, trial)
 
     def _finish(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
@@ -159,7 +159,8 @@ class Endpoint:
         self.last_error = error
         if self.breaker.state is BreakerState.HALF_OPEN and self.breaker.trial_in_flight:
             return  # a trial request is deciding already
-        self.breaker = self.breaker.failure(now)
+        # Half-open with no trial in flight: the probe is the trial, and it failed.
+        self.breaker = self.breaker.failure(now, trial=self.breaker.state is BreakerState.HALF_OPEN)
 
     def snapshot(self) -> EndpointSnapshot:
         return EndpointSnapshot(

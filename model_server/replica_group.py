@@ -27,6 +27,9 @@ __all__ = ["Lease", "ProbeResult", "ReplicaGroup"]
 
 log = logging.getLogger("model_server.client")
 
+PROBE_WAIT_SLACK_S = 2.0  # a probe round's bookkeeping beyond its timeouts
+BOUND_HEADROOM = 2.0  # after a round that found replicas: bound = this x the fastest probe (at least the initial bound)
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -35,6 +38,7 @@ class Lease:
     group: str
     spec: ServerSpec
     started_s: float
+    trial: bool = False  # this request is the replica's half-open trial: only its outcome moves the breaker
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,13 @@ class ReplicaGroup:
             if index is None:
                 return None
             chosen = endpoints[index]
+            trial = chosen.breaker.takes_trial
             old = chosen.start(now)
             if old is not chosen.breaker.state:
                 notes.append(f"breaker of {chosen.name} (group '{self.name}'): {old.value} -> {chosen.breaker.state.value} (trial request)")
         for note in notes:
             log.info(note)
-        return Lease(self.name, chosen.spec, now)
+        return Lease(self.name, chosen.spec, now, trial)
 
     def release(
         self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None
@@ -125,18 +130,23 @@ class ReplicaGroup:
         now = self._clock()
         elapsed_s = now - lease.started_s
         reprobe = False
+        degraded: list[str] = []
         with self._lock:
             e = self._endpoints[lease.spec.name]
             old = e.breaker.state
+            trial = lease.trial
             if kind is OutcomeKind.OK:
-                newly_degraded = e.succeed(now, elapsed_s, output_tokens if self.per_token else None)
-                reprobe = newly_degraded and self._reprobe_due(now)
+                e.succeed(now, elapsed_s, output_tokens if self.per_token else None, trial=trial)
+                # Asked on every answer, not only when a replica turns degraded: a re-probe refused
+                # then (one running, or one too recent) must still come once the interval has passed.
+                degraded = [x.name for x in self._endpoints.values() if x.degraded]
+                reprobe = bool(degraded) and self._reprobe_due(now)
             elif kind is OutcomeKind.REJECTED:
-                e.reject(now)
+                e.reject(now, trial=trial)
             elif kind is None:
-                e.cancel(now)
+                e.cancel(now, trial=trial)
             else:
-                e.fail(now, error)
+                e.fail(now, error, trial=trial)
             new = e.breaker.state
             latency, baseline = e.latency_s, e.baseline_s
         if old is not new:
@@ -144,8 +154,9 @@ class ReplicaGroup:
                         f" after {error}" if error else "")
         if reprobe:
             log.warning(
-                "replica %s (group '%s') is degraded: %.4f s%s smoothed vs a baseline of %.4f s; re-probing the group",
-                lease.spec.name, self.name, latency or 0.0, "/token" if self.per_token else "", baseline or 0.0,
+                "group '%s': degraded replica(s) %s (last answer from %s: %.4f s%s smoothed vs a baseline of %.4f s); "
+                "re-probing the group", self.name, ", ".join(degraded), lease.spec.name, latency or 0.0,
+                "/token" if self.per_token else "", baseline or 0.0,
             )
         return reprobe
 
@@ -170,8 +181,12 @@ class ReplicaGroup:
 
     # ---- probes -------------------------------------------------------------------------
 
-    def apply_probes(self, results: Sequence[ProbeResult]) -> bool:
-        """Fold one probe round into the state. Returns True if some replica answered."""
+    def apply_probes(self, results: Sequence[ProbeResult], timeout_s: float | None = None) -> bool:
+        """Fold one probe round into the state. Returns True if some replica answered.
+
+        ``timeout_s``: the probes' timeout, if a request's deadline cut it below the bound's
+        (such a round's silence does not grow the bound).
+        """
         now = self._clock()
         changes: list[tuple[str, BreakerState, BreakerState]] = []
         with self._lock:
@@ -188,9 +203,15 @@ class ReplicaGroup:
                 if old is not e.breaker.state:
                     changes.append((e.name, old, e.breaker.state))
             # A longer bound helps only replicas that were too slow, not ones that refused or erred.
-            grow = not found and any(r.timed_out for r in results)
+            cut_short = timeout_s is not None and timeout_s < probe_timeout_s(self.bound_s, self.policy)
+            grow = not found and not cut_short and any(r.timed_out for r in results)
+            usable = [r.latency_s for r in results if r.usable and r.latency_s is not None]
             if found:
                 self.built = True
+            if usable:
+                # Back down after a recovery: the bound follows the fastest answer, never below the initial one
+                # (else one slow spell would pin every timeout at the ceiling for good).
+                self.bound_s = max(self.policy.initial_latency_s, min(self.bound_s, BOUND_HEADROOM * min(usable)))
             elif grow:
                 self.bound_s *= self.policy.latency_growing_rate
             self.probe_rounds += 1
@@ -213,6 +234,10 @@ class ReplicaGroup:
     def probe_timeout_s(self) -> float:
         with self._lock:
             return probe_timeout_s(self.bound_s, self.policy)
+
+    def probe_wait_s(self) -> float:
+        """How long a caller waits for another caller's probe round before giving up on it."""
+        return self.probe_timeout_s() + self.policy.connect_timeout_s + PROBE_WAIT_SLACK_S
 
     def snapshot(self) -> dict[str, EndpointSnapshot]:
         with self._lock:

@@ -45,9 +45,15 @@ class Sleep:
 
 @dataclass(frozen=True)
 class Probe:
-    """Run (or wait for) one probe round of the group; answer True if some replica answered."""
+    """Run (or wait for) one probe round of the group; answer True if some replica answered.
+
+    Both limits are cut to the request's deadline: ``timeout_s`` for the probes, ``wait_s`` for
+    waiting on the round another caller is running.
+    """
 
     seen_rounds: int  # the group's probe_rounds when the plan asked: a round finished since then counts
+    timeout_s: float
+    wait_s: float
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,9 @@ def request_plan(
         if lease is None:
             rounds_before = group.probe_rounds
             bound = group.bound_s
-            found = yield Probe(rounds_before)
+            found = yield Probe(
+                rounds_before, budget.cap(group.probe_timeout_s(), now), budget.cap(group.probe_wait_s(), now)
+            )
             budget.spend()
             if found:
                 empty_rounds = 0

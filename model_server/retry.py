@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ def _types(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-_TIMEOUTS = (openai.APITimeoutError, TimeoutError) + _types("TimeoutException")
+# asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on (asyncio.wait_for raises it).
+_TIMEOUTS = (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError) + _types("TimeoutException")
 _CONNECTION = (openai.APIConnectionError, ConnectionError) + _types("TransportError") + _types("StreamError")
 _MALFORMED = (MalformedResponse, openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError)
 

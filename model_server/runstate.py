@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from model_server.atomic import atomic_write_text
 
 __all__ = ["mark_not_running", "update_run_state"]
 
@@ -45,18 +46,7 @@ def update_run_state(path: str | os.PathLike[str], **changes: Any) -> bool:
         data = loaded
     data.update(changes)
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=2)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(file, json.dumps(data, indent=2) + "\n")
     except OSError as err:
         log.error("cannot write run-state file %s (%s); is_running not updated", file, err)
         return False

@@ -11,7 +11,8 @@ from model_server.breaker import Breaker, BreakerState
 
 def _fail(b: Breaker, n: int, now: float) -> Breaker:
     for _ in range(n):
-        b = b.acquire(now).failure(now)
+        trial = b.takes_trial
+        b = b.acquire(now).failure(now, trial)
     return b
 
 
@@ -40,16 +41,17 @@ def test_half_open_lets_exactly_one_trial_through_after_the_cooldown() -> None:
 
 def test_trial_success_closes_and_trial_failure_reopens_with_a_new_cooldown() -> None:
     b = _fail(Breaker(failures_to_open=2, cooldown_s=5), 2, now=0)
-    closed = b.acquire(5).success(6)
+    assert b.takes_trial
+    closed = b.acquire(5).success(6, trial=True)
     assert closed.state is BreakerState.CLOSED and closed.consecutive_failures == 0 and closed.allows(6)
-    reopened = b.acquire(5).failure(6)
+    reopened = b.acquire(5).failure(6, trial=True)
     assert reopened.state is BreakerState.OPEN and reopened.opened_at == 6
     assert not reopened.allows(10.9) and reopened.allows(11)
 
 
 def test_a_cancelled_trial_frees_the_slot_and_reset_closes() -> None:
     trial = _fail(Breaker(failures_to_open=1, cooldown_s=1), 1, now=0).acquire(1)
-    freed = trial.release(1.5)
+    freed = trial.release(1.5, trial=True)
     assert freed.state is BreakerState.HALF_OPEN and freed.allows(1.5)
     assert trial.reset(2).state is BreakerState.CLOSED
 
@@ -58,6 +60,28 @@ def test_a_late_failure_while_open_keeps_the_cooldown_running() -> None:
     b = _fail(Breaker(failures_to_open=1, cooldown_s=5), 1, now=0)
     late = b.failure(3)  # a request sent before it opened fails now
     assert late.state is BreakerState.OPEN and late.opened_at == 0
+
+
+def test_a_late_success_of_a_request_sent_before_the_breaker_opened_does_not_close_it() -> None:
+    b = _fail(Breaker(failures_to_open=1, cooldown_s=5), 1, now=0)
+    late = b.success(1)  # sent while CLOSED, answers after the breaker opened
+    assert late.state is BreakerState.OPEN and late.opened_at == 0
+    trial = late.acquire(5)
+    assert trial.success(5.5).state is BreakerState.HALF_OPEN  # another stale success during the trial
+    assert trial.success(5.5, trial=True).state is BreakerState.CLOSED  # only the trial closes it
+
+
+def test_a_late_cancel_does_not_free_the_trial_slot() -> None:
+    trial = _fail(Breaker(failures_to_open=1, cooldown_s=5), 1, now=0).acquire(5)
+    late = trial.release(5.5)  # a request sent before the breaker opened was cancelled
+    assert late.trial_in_flight and not late.allows(5.5)  # still one trial at a time
+
+
+def test_a_late_failure_during_the_trial_neither_reopens_nor_restarts_the_cooldown() -> None:
+    trial = _fail(Breaker(failures_to_open=1, cooldown_s=5), 1, now=0).acquire(5)
+    late = trial.failure(5.5)
+    assert late.state is BreakerState.HALF_OPEN and late.trial_in_flight and late.opened_at == 0
+    assert late.success(6, trial=True).state is BreakerState.CLOSED
 
 
 def test_bad_parameters_are_refused() -> None:
@@ -76,8 +100,9 @@ def test_invariants_hold_for_any_sequence(events: list[str]) -> None:
             continue
         if not b.allows(now):
             continue
+        trial = b.takes_trial
         b = b.acquire(now)
-        b = b.success(now) if e == "ok" else b.failure(now)
+        b = b.success(now, trial) if e == "ok" else b.failure(now, trial)
         run = 0 if e == "ok" else run + 1
         # open exactly when the run of failures reached the threshold (a failed trial re-opens)
         assert (b.state is BreakerState.OPEN) == (run >= 3)

@@ -170,6 +170,9 @@ def test_prometheus_metrics_count_requests_failures_and_failovers(ms, sims) -> N
 
 
 def test_a_replica_back_from_the_dead_is_used_again(sims) -> None:
+    for s in sims:  # this test uses the shared replicas without the `ms` fixture, which resets them
+        s.resume()
+        s.reset_faults()
     fleet = fleet_of({"8": ("completion", [sims[0].port])}, breaker_failures=1, breaker_cooldown_s=0.3)
     sims[0].set_faults(error_rate=1.0)
     with ModelServer(fleet) as ms:

@@ -24,7 +24,8 @@ def test_kill_9_and_500s_lose_no_request(routing: str) -> None:
                 await ms.warmup()
                 stats = ms.stats()["8"]
                 victim = min(stats, key=lambda n: stats[n].latency_s)  # fastest's choice
-                flaky = next(n for n in stats if n != victim)
+                # The flaky one is fastest's next choice once the victim dies, so both policies send it traffic.
+                flaky = min((n for n in stats if n != victim), key=lambda n: stats[n].latency_s)
                 sims[int(flaky[-1])].set_faults(error_rate=0.5)
                 gate = asyncio.Semaphore(16)
                 done = 0
@@ -47,7 +48,7 @@ def test_kill_9_and_500s_lose_no_request(routing: str) -> None:
         assert errors == [] and len(replies) == 400 and all(replies)
         stats = info["stats"]
         assert not sims[int(info["victim"][-1])].is_alive()
-        assert stats[info["flaky"]].failures > 0 or routing == "fastest"
+        assert stats[info["flaky"]].failures > 0  # its 500s were seen and held against it
         assert all(s.in_flight == 0 for s in stats.values())
 
 

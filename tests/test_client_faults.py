@@ -56,19 +56,26 @@ def test_kill_9_of_a_replica_under_16_threads_loses_no_request(routing: str) -> 
         with ms:
             replies, errors = _hammer(ms, 400, 16, kill_busiest)
             stats = ms.stats()["8"]
+            victim = killed[0]
+            assert stats[victim].breaker is BreakerState.OPEN and stats[victim].failures >= 1
+            # Once its death is known (breaker open), the victim gets no attempt at all.
+            replies2, errors2 = _hammer(ms, 60, 8)
+            after = ms.stats()["8"]
         assert errors == [] and len(replies) == 400 and all(replies)
-        victim = killed[0]
+        assert errors2 == [] and len(replies2) == 60
         assert not by_name[victim].is_alive()
-        assert stats[victim].breaker is BreakerState.OPEN
-        survivors_answers = sum(s.successes for n, s in stats.items() if n != victim)
-        assert survivors_answers >= 400 - stats[victim].successes
+        assert after[victim].attempts == stats[victim].attempts
+        assert sum(s.successes for n, s in after.items() if n != victim) - sum(
+            s.successes for n, s in stats.items() if n != victim) == 60
 
 
 @pytest.mark.timeout(90)
 def test_a_hung_replica_and_a_flaky_one_lose_no_request_and_the_hung_one_is_cut_off() -> None:
     with sims_running(3) as sims:
         hung, flaky, good = sims
-        ms = ModelServer(fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c"))
+        # A cooldown no test run outlives: the hung replica's breaker must stay open for the whole test.
+        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_cooldown_s=1e9)
+        ms = ModelServer(fleet)
         try:
             ms.warmup()
             hung.suspend()
@@ -147,7 +154,7 @@ def test_hung_replicas_give_up_within_the_deadline_and_retry_budget(tmp_path) ->
             with pytest.raises(GroupUnavailableError) as info:
                 ms.chat("8", MESSAGES, max_tokens=4)
             elapsed = time.monotonic() - started
-            assert elapsed < 3.0 + 2.0, elapsed  # the deadline, plus scheduling slack
+            assert elapsed < 3.0 + 7.0, elapsed  # the deadline, plus generous slack for a loaded 2-core box
             assert any("timeout" in a.error for a in info.value.attempts)
             assert json.loads(state.read_text()) == {"is_running": False}
         finally:

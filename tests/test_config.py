@@ -67,7 +67,7 @@ def test_good_table_parses_with_defaults() -> None:
     fleet = parse_fleet(GOOD, source="fleet.toml")
     assert [s.name for s in fleet.group("8")] == ["a", "b"]
     assert fleet.servers[1].tp_size == 2
-    assert fleet.client.routing is RoutingPolicy.fastest
+    assert fleet.client.routing is RoutingPolicy.p2c
     assert fleet.launch.gpu_free_threshold_mib == 10000  # the original's threshold
     rules = [(r.min_free_ratio, r.mem_fraction_static) for r in fleet.launch.mem_fraction_policy]
     assert rules == [(0.95, 0.80), (0.85, 0.70)]

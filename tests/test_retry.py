@@ -11,7 +11,7 @@ import pytest
 
 from model_server.client_errors import GroupUnavailableError, RequestRejectedError
 from model_server.client_metrics import ClientMetrics
-from model_server.config import ClientPolicy, ServerKind, ServerSpec
+from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
 from model_server.replica_group import ProbeResult, ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, Sleep, request_plan
 from model_server.retry import (
@@ -94,6 +94,7 @@ class FakeClock:
 
 
 def _group(n: int = 3, **policy_fields) -> tuple[ReplicaGroup, ClientPolicy, FakeClock]:
+    policy_fields.setdefault("routing", RoutingPolicy.fastest)  # the tests follow fastest's order r0, r1, r2
     policy = ClientPolicy(breaker_failures=2, breaker_cooldown_s=10, max_retry=6, build_rounds=2, **policy_fields)
     specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
              for i in range(n)]
@@ -199,3 +200,92 @@ def test_a_held_lease_stays_in_flight_until_released() -> None:
     assert group.snapshot()[call.lease.spec.name].in_flight == 1
     group.release(stop.value.value.lease, None)
     assert group.snapshot()[call.lease.spec.name].in_flight == 0
+
+
+# ---- review findings: each failed before its fix ---------------------------------------------
+
+
+def test_asyncio_timeouts_are_timeouts() -> None:
+    import asyncio
+
+    assert classify(asyncio.TimeoutError()) is OutcomeKind.TIMEOUT  # not builtin TimeoutError before Python 3.11
+
+
+def test_the_latency_bound_comes_back_down_once_probes_find_replicas_again() -> None:
+    policy = ClientPolicy(initial_latency_s=3, latency_growing_rate=20, request_timeout_ceiling_s=600)
+    specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+             for i in range(2)]
+    group = ReplicaGroup("8", specs, policy, clock=FakeClock())
+    silent = [ProbeResult(s, None, error="timeout", timed_out=True) for s in specs]
+    group.apply_probes(silent)
+    group.apply_probes(silent)
+    assert group.bound_s == pytest.approx(1200) and group.request_timeout_s() == 600
+    group.apply_probes([ProbeResult(specs[0], 0.2, output_tokens=1), silent[1]])
+    assert group.bound_s == pytest.approx(3.0)  # back to the initial bound: a hung replica costs 60 s, not 600 s
+    assert group.request_timeout_s() == pytest.approx(60) and group.probe_timeout_s() == pytest.approx(3.0)
+    group.apply_probes(silent)
+    group.apply_probes([ProbeResult(specs[0], 25.0, output_tokens=1), ProbeResult(specs[1], 40.0, output_tokens=1)])
+    assert group.bound_s == pytest.approx(50.0)  # a slow fleet: twice the fastest answer, not the grown 60 s
+
+
+def test_a_degraded_replica_gets_its_reprobe_even_if_one_was_running_when_it_degraded() -> None:
+    group, policy, clock = _group(n=2, latency_ewma_alpha=1.0, latency_growing_rate=4, reprobe_interval_s=10)
+    rng = random.Random(0)
+
+    def answer(name: str, elapsed_s: float) -> bool:
+        lease = group.acquire(rng, tried={"r0", "r1"} - {name})
+        assert lease is not None and lease.spec.name == name
+        clock.now += elapsed_s
+        return group.release(lease, OutcomeKind.OK, output_tokens=1)
+
+    assert not answer("r0", 0.01)  # its baseline
+    assert group.try_start_reprobe()  # a re-probe is running (for another reason)...
+    assert not answer("r0", 1.0)  # ...when r0 turns degraded: none can start now
+    assert group.snapshot()["r0"].degraded
+    group.end_reprobe()
+    assert not answer("r1", 0.02)  # within reprobe_interval_s of the last one
+    clock.now = 20.0
+    assert answer("r1", 0.02)  # the interval passed and r0 is still degraded: re-probe now
+
+
+def test_stale_outcomes_do_not_drive_a_half_open_breaker() -> None:
+    group, policy, clock = _group(n=2)  # breaker_failures 2, cooldown 10
+    rng = random.Random(0)
+    only_r0 = {"r1"}
+    stale = [group.acquire(rng, tried=only_r0) for _ in range(3)]  # sent while the breaker was closed
+    for _ in range(2):
+        group.release(group.acquire(rng, tried=only_r0), OutcomeKind.TIMEOUT, error="timeout")
+    assert group.snapshot()["r0"].breaker.value == "open"
+    clock.now = 1.0
+    group.release(stale[0], OutcomeKind.OK, output_tokens=1)  # a late success proves nothing about r0 now
+    assert group.snapshot()["r0"].breaker.value == "open"
+    clock.now = 10.0
+    trial = group.acquire(rng, tried=only_r0)
+    assert trial is not None and trial.spec.name == "r0" and trial.trial
+    group.release(stale[1], None)  # a late cancel must not free the trial slot
+    assert group.acquire(rng, tried=only_r0).spec.name == "r1"  # r0 is taken by its trial
+    group.release(stale[2], OutcomeKind.TIMEOUT, error="timeout")  # a late failure: no reopening
+    assert group.snapshot()["r0"].breaker.value == "half_open"
+    group.release(trial, OutcomeKind.OK, output_tokens=1)
+    assert group.snapshot()["r0"].breaker.value == "closed"
+
+
+def test_a_probe_round_is_cut_to_the_request_deadline() -> None:
+    policy = ClientPolicy(initial_latency_s=100, request_timeout_ceiling_s=600, request_deadline_s=1.0)
+    specs = [ServerSpec(name="r0", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")]
+    clock = FakeClock()
+    group = ReplicaGroup("8", specs, policy, clock=clock)  # not built: the plan must probe first
+    probe = next(_plan(group, policy, clock))
+    assert isinstance(probe, Probe)
+    assert probe.timeout_s <= 1.0 and probe.wait_s <= 1.0
+
+
+def test_a_probe_round_cut_short_by_a_deadline_does_not_grow_the_bound() -> None:
+    policy = ClientPolicy(initial_latency_s=3, latency_growing_rate=20, request_timeout_ceiling_s=600)
+    specs = [ServerSpec(name="r0", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")]
+    group = ReplicaGroup("8", specs, policy, clock=FakeClock())
+    silent = [ProbeResult(specs[0], None, error="timeout", timed_out=True)]
+    group.apply_probes(silent, timeout_s=0.5)  # the request had 0.5 s left: this says nothing about the bound
+    assert group.bound_s == 3
+    group.apply_probes(silent, timeout_s=3.0)
+    assert group.bound_s == 60
