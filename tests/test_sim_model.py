@@ -308,3 +308,18 @@ def test_random_bodies_never_cause_a_server_error(route: str, body: object) -> N
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     elif route != "/sim/faults" and not (isinstance(body, dict) and body.get("stream")):
         response.json()  # a 200 is valid JSON (no faults are on)
+
+
+def test_listening_socket_is_tcp_so_asyncio_disables_nagle() -> None:
+    # asyncio sets TCP_NODELAY only on accepted sockets whose proto is IPPROTO_TCP; with
+    # proto 0 every two-part response waits ~40 ms for the client's delayed ACK.
+    import socket
+
+    from model_server.sim.process import free_port
+    from model_server.sim.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", free_port())
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

@@ -1,0 +1,86 @@
+"""Benchmark 1: what ModelServer costs over the plain openai SDK.
+
+One zero-latency simulated server, closed loop at a fixed concurrency,
+streaming chat: AsyncModelServer.stream_chat (routing, leases, retry plan,
+metrics) against openai.AsyncOpenAI chat.completions.create on the same kind
+of shared connection pool. Runs alternate (SDK, ModelServer, SDK, ...) so a
+change of machine load hits both; the figures are medians over the rounds.
+
+    python benchmarks/client_overhead.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+import _common
+from model_server.async_client import AsyncModelServer
+from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, OpenAITarget, RequestSource, build_result, run_load
+from model_server.bench.runner import warm_up
+from model_server.config import load_fleet
+
+CONCURRENCY = 8
+REQUESTS = 600
+ROUNDS = 3
+
+
+async def one_run(make_target) -> dict:
+    target = make_target()
+    source = RequestSource(prompt_len=LengthRange(32, 32), output_len=LengthRange(16, 16))
+    await warm_up(target, source, 8, 10.0)
+    me = psutil.Process()
+    cpu0 = sum(me.cpu_times()[:2])
+    outcome = await run_load(target, source, LoadPlan(concurrency=CONCURRENCY, requests=REQUESTS, request_timeout_s=30.0))
+    cpu = sum(me.cpu_times()[:2]) - cpu0
+    await target.aclose()
+    result = build_result(outcome, asked_rate=None)
+    result["client_cpu_ms_per_request"] = cpu / REQUESTS * 1000
+    return result
+
+
+def main() -> None:
+    _common.quiet_logs()
+    with ExitStack() as stack:
+        (sim,) = _common.start_sims(stack, 1, _common.ZERO_LATENCY)
+        fleet_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "fleet.toml"
+        fleet_path.write_text(_common.sim_fleet([sim]), encoding="utf-8")
+        fleet = load_fleet(fleet_path)
+        makers = {
+            "openai SDK": lambda: OpenAITarget(sim.base_url, sim.model_name, timeout_s=30.0, typed=True),
+            "ModelServer": lambda: ModelServerTarget(AsyncModelServer(fleet), "8"),
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in makers}
+        started = time.monotonic()
+        for _ in range(ROUNDS):
+            for name, make in makers.items():
+                runs[name].append(asyncio.run(one_run(make)))
+    rows, summary = [], {}
+    for name, results in runs.items():
+        med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
+        summary[name] = {
+            "e2e_p50_ms": med(lambda r: r["e2e_s"]["p50"] * 1000), "e2e_p99_ms": med(lambda r: r["e2e_s"]["p99"] * 1000),
+            "ttft_p50_ms": med(lambda r: r["ttft_s"]["p50"] * 1000), "requests_per_s": med(lambda r: r["requests_per_s"]),
+            "client_cpu_ms_per_request": med(lambda r: r["client_cpu_ms_per_request"]),
+            "failed": sum(r["failed"] for r in results),
+        }
+    base, ms = summary["openai SDK"], summary["ModelServer"]
+    ratios = {"p50": ms["e2e_p50_ms"] / base["e2e_p50_ms"], "p99": ms["e2e_p99_ms"] / base["e2e_p99_ms"],
+              "throughput": ms["requests_per_s"] / base["requests_per_s"]}
+    for name, s in summary.items():
+        rows.append([name, s["e2e_p50_ms"], s["e2e_p99_ms"], s["ttft_p50_ms"], s["requests_per_s"], s["client_cpu_ms_per_request"], s["failed"]])
+    rows.append(["ratio ModelServer / SDK", ratios["p50"], ratios["p99"], None, ratios["throughput"], ms["client_cpu_ms_per_request"] / base["client_cpu_ms_per_request"], None])
+    _common.table(f"client overhead: 1 zero-latency sim, concurrency {CONCURRENCY}, {REQUESTS} streamed requests x {ROUNDS} rounds (medians)",
+                  ["client", "E2E p50 ms", "E2E p99 ms", "TTFT p50 ms", "req/s", "client CPU ms/req", "failed"], rows)
+    _common.save("client_overhead", {"concurrency": CONCURRENCY, "requests_per_run": REQUESTS, "rounds": ROUNDS,
+                                     "wall_s": time.monotonic() - started, "summary": summary, "ratios": ratios, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Applies a fault schedule during a run: signals to processes, or the simulator's control route.
+
+Each server a fault can name is a :class:`FaultTarget`: its control URL (the
+simulator's ``POST /sim/faults``) and a way to find its pid *at the moment of
+the fault* (the launch pipeline restarts a killed server under a new pid).
+Pids come from the launch pipeline's status file, from the process listening
+on the server's port, or from the caller (a benchmark's own ``SimProcess``).
+What happened to every event, and when, is returned for the result file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping, Sequence
+
+import httpx
+import psutil
+
+from model_server.bench.faults import FaultEvent
+
+__all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "pid_from_status_file", "pid_listening_on"]
+
+log = logging.getLogger(__name__)
+
+
+def pid_from_status_file(path: str | Path, server: str) -> int | None:
+    """The pid the launch pipeline's status file gives ``server`` (None if absent or unreadable).
+
+    Accepts ``{"servers": [{"name", "pid", ...}]}`` or ``{"servers": {name: {"pid", ...}}}``.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    servers = data.get("servers", data) if isinstance(data, dict) else data
+    entries = servers.items() if isinstance(servers, dict) else ((s.get("name"), s) for s in servers if isinstance(s, dict))
+    for name, entry in entries:
+        if name == server and isinstance(entry, dict):
+            pid = entry.get("pid")
+            return pid if isinstance(pid, int) and pid > 0 else None
+    return None
+
+
+def pid_listening_on(host: str, port: int) -> int | None:
+    """The pid of a process of this user listening on host:port (or on a wildcard address)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for c in connections:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.laddr.ip in (host, "0.0.0.0", "::") and c.pid:
+            return c.pid
+    return None
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    """A server faults can act on."""
+
+    name: str
+    control_url: str | None  # "http://host:port" of a simulator, for sim-route faults
+    pid: Callable[[], int | None]  # looked up when the fault happens
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class AppliedFault:
+    event: FaultEvent
+    applied_s: float | None  # seconds from the run start when it was applied
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {**self.event.as_dict(), "spec": self.event.describe(), "applied_s": self.applied_s, "ok": self.ok, "detail": self.detail}
+
+
+class FaultInjector:
+    """Applies events at their times; never raises for a fault that cannot be applied (it is recorded)."""
+
+    def __init__(self, events: Sequence[FaultEvent], targets: Mapping[str, FaultTarget], *, timeout_s: float = 3.0,
+                 send_signal: Callable[[int, int], None] = os.kill) -> None:
+        self.events = tuple(sorted(events, key=lambda e: e.at_s))
+        self.targets = dict(targets)
+        self.timeout_s = timeout_s
+        self._send_signal = send_signal
+        self._http: httpx.AsyncClient | None = None
+        self.applied: list[AppliedFault] = []
+
+    async def _control(self, target: FaultTarget, body: dict) -> str:
+        if not target.control_url:
+            raise RuntimeError(f"server {target.name} has no simulator control URL")
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        http = self._http_client()
+        if body:
+            response = await http.post(f"{target.control_url}/sim/faults", json=body, headers=headers)
+        else:
+            response = await http.post(f"{target.control_url}/sim/reset", headers=headers)
+        response.raise_for_status()
+        return f"sim faults now {response.text[:200]}"
+
+    async def apply(self, event: FaultEvent, now_s: float) -> AppliedFault:
+        """Apply one event now; the outcome (never an exception) says whether it took effect."""
+        target = self.targets.get(event.server)
+        try:
+            if target is None:
+                raise RuntimeError(f"no server named {event.server}")
+            if event.signal is not None:
+                pid = target.pid()
+                if pid is None:
+                    raise RuntimeError(f"no pid known for {event.server}")
+                self._send_signal(pid, event.signal)
+                detail = f"signal {event.signal} to pid {pid}"
+            else:
+                body = event.sim_faults()
+                assert body is not None
+                detail = await self._control(target, body)
+            outcome = AppliedFault(event, now_s, True, detail)
+        except (OSError, RuntimeError, httpx.HTTPError) as err:
+            outcome = AppliedFault(event, now_s, False, f"{type(err).__name__}: {err}")
+        log.info("fault %s at %.2fs: %s", event.describe(), now_s, outcome.detail)
+        self.applied.append(outcome)
+        return outcome
+
+    def _http_client(self) -> httpx.AsyncClient:
+        # Made once, before the first fault is due: building a client (its TLS
+        # context) takes tens of milliseconds, which would make faults late.
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.timeout_s)
+        return self._http
+
+    async def run(self, start: float, *, clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[AppliedFault]:
+        """Apply every event at ``start + at_s``; cancel it to drop the events not yet due."""
+        if any(e.sim_faults() is not None for e in self.events):
+            self._http_client()
+        try:
+            for event in self.events:
+                delay = start + event.at_s - clock()
+                if delay > 0:
+                    await sleep(delay)
+                await self.apply(event, clock() - start)
+        finally:
+            if self._http is not None:
+                await asyncio.shield(self._http.aclose())
+                self._http = None
+        return self.applied
+
+    def not_applied(self) -> list[FaultEvent]:
+        done = {id(a.event) for a in self.applied}
+        return [e for e in self.events if id(e) not in done]

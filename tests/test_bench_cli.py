@@ -1,0 +1,88 @@
+"""`model-server bench` end to end: real CLI processes against simulated servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_server.sim.process import SimProcess
+
+FAST = ("--ttft-ms", "2", "--tpot-ms", "0.5", "--ttft-per-prompt-token-ms", "0")
+
+
+def _bench(*args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_server", "bench", *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "10", "--requests", "5"], "give the target: --group NAME"),
+        (["--url", "http://127.0.0.1:9/v1", "--rate", "10", "--requests", "5"], "--url needs --model NAME"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--requests", "5"], "give the load: --rate R"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--concurrency", "2", "--requests", "5"], "not both"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--prompt-len", "0"], "--prompt-len is '0'"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--fault", "soon kill x"], "not a duration"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--fault", "1s kill other"], "The servers are: 127.0.0.1:9"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--arrival", "trace"], "needs --trace FILE"),
+        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--api-key-env", "MS_BENCH_UNSET_KEY"], "MS_BENCH_UNSET_KEY, which is unset"),
+    ],
+)
+def test_bad_options_exit_2_with_one_clear_paragraph(args, message):
+    done = _bench(*args, timeout_s=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_url_run_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    with SimProcess(args=FAST) as sim:
+        done = _bench(
+            "--url", sim.base_url, "--model", sim.model_name, "--transport", "raw", "--rate", "40", "--requests", "60",
+            "--prompt-len", "8:16", "--output-len", "4:8", "--slo-ttft", "5", "--seed", "3",
+            "--fault", f"0.5s 500s 127.0.0.1:{sim.port} 1 for 0.8s", "--output", str(out), "--plot", str(png),
+        )
+        assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["sent"] == 60 and result["ok"] + result["failed"] == 60
+    assert result["failed"] >= 1 and any("500" in e for e in result["errors"])
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        assert {"p50", "p90", "p99", "max"} <= set(result[key]) and result[key]["p50"] > 0
+    assert result["achieved_rate"] == pytest.approx(40, rel=0.25)
+    assert [f["action"] for f in result["faults"]] == ["errors", "errors"] and all(f["ok"] for f in result["faults"])
+    assert result["run"]["mode"] == "open" and result["run"]["transport"] == "raw"
+    assert result["slo"]["attained"] == result["ok"]  # a 5 s TTFT objective every answer meets
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "TTFT" in done.stdout and "requests: ok" in done.stdout
+
+
+def _fleet(path: Path, sims: list[SimProcess]) -> Path:
+    entries = "".join(
+        f'\n[[servers]]\nname = "r{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {s.port}\n'
+        f'model = "{s.model_path}"\nserved_model_name = "{s.model_name}"\n'
+        for i, s in enumerate(sims)
+    )
+    path.write_text('[client]\ninitial_latency_s = 2.0\nrequest_timeout_floor_s = 5\n' + entries, encoding="utf-8")
+    return path
+
+
+@pytest.mark.timeout(90)
+def test_group_run_through_model_server(tmp_path):
+    out = tmp_path / "g.json"
+    with SimProcess(served_model_name="chat", args=FAST) as a, SimProcess(served_model_name="chat", args=FAST) as b:
+        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
+        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--requests", "40", "--output-len", "6",
+                      "--output", str(out))
+        assert done.returncode == 0, done.stderr
+        served = a.stats()["by_route"].get("/v1/chat/completions", 0) + b.stats()["by_route"].get("/v1/chat/completions", 0)
+    result = json.loads(out.read_text())
+    assert (result["ok"], result["failed"]) == (40, 0), result["errors"]
+    assert result["run"]["mode"] == "closed" and result["run"]["concurrency"] == 4
+    assert result["tpot_s"]["count"] == 40 and result["e2e_s"]["p50"] > 0
+    assert served >= 40
