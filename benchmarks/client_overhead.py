@@ -7,6 +7,9 @@ of shared connection pool. Runs alternate (SDK, ModelServer, SDK, ...) so a
 change of machine load hits both; the figures are medians over the rounds.
 
     python benchmarks/client_overhead.py
+
+At concurrency 1 the latency ratios are the client's own cost; at 8 the two
+processes saturate both cores, and throughput and CPU ratios are what count.
 """
 
 from __future__ import annotations
@@ -26,18 +29,21 @@ from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, OpenAIT
 from model_server.bench.runner import warm_up
 from model_server.config import load_fleet
 
-CONCURRENCY = 8
+# 1: the machine is idle between requests, so latency ratios show the client's own cost.
+# 8: client and sim saturate both cores; throughput and CPU ratios matter there, and
+# latency is mostly queueing (its p50 depends on which coroutine the loop wakes first).
+CONCURRENCIES = (1, 8)
 REQUESTS = 600
 ROUNDS = 3
 
 
-async def one_run(make_target) -> dict:
+async def one_run(make_target, concurrency: int) -> dict:
     target = make_target()
     source = RequestSource(prompt_len=LengthRange(32, 32), output_len=LengthRange(16, 16))
     await warm_up(target, source, 8, 10.0)
     me = psutil.Process()
     cpu0 = sum(me.cpu_times()[:2])
-    outcome = await run_load(target, source, LoadPlan(concurrency=CONCURRENCY, requests=REQUESTS, request_timeout_s=30.0))
+    outcome = await run_load(target, source, LoadPlan(concurrency=concurrency, requests=REQUESTS, request_timeout_s=30.0))
     cpu = sum(me.cpu_times()[:2]) - cpu0
     await target.aclose()
     result = build_result(outcome, asked_rate=None)
@@ -56,29 +62,37 @@ def main() -> None:
             "openai SDK": lambda: OpenAITarget(sim.base_url, sim.model_name, timeout_s=30.0, typed=True),
             "ModelServer": lambda: ModelServerTarget(AsyncModelServer(fleet), "8"),
         }
-        runs: dict[str, list[dict]] = {name: [] for name in makers}
+        runs: dict[str, dict[str, list[dict]]] = {str(c): {name: [] for name in makers} for c in CONCURRENCIES}
         started = time.monotonic()
-        for _ in range(ROUNDS):
-            for name, make in makers.items():
-                runs[name].append(asyncio.run(one_run(make)))
-    rows, summary = [], {}
-    for name, results in runs.items():
-        med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
-        summary[name] = {
-            "e2e_p50_ms": med(lambda r: r["e2e_s"]["p50"] * 1000), "e2e_p99_ms": med(lambda r: r["e2e_s"]["p99"] * 1000),
-            "ttft_p50_ms": med(lambda r: r["ttft_s"]["p50"] * 1000), "requests_per_s": med(lambda r: r["requests_per_s"]),
-            "client_cpu_ms_per_request": med(lambda r: r["client_cpu_ms_per_request"]),
-            "failed": sum(r["failed"] for r in results),
+        for concurrency in CONCURRENCIES:
+            for _ in range(ROUNDS):
+                for name, make in makers.items():
+                    runs[str(concurrency)][name].append(asyncio.run(one_run(make, concurrency)))
+    rows, summary, ratios = [], {}, {}
+    for concurrency, by_client in runs.items():
+        summary[concurrency] = {}
+        for name, results in by_client.items():
+            med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
+            summary[concurrency][name] = {
+                "e2e_p50_ms": med(lambda r: r["e2e_s"]["p50"] * 1000), "e2e_p99_ms": med(lambda r: r["e2e_s"]["p99"] * 1000),
+                "ttft_p50_ms": med(lambda r: r["ttft_s"]["p50"] * 1000), "requests_per_s": med(lambda r: r["requests_per_s"]),
+                "client_cpu_ms_per_request": med(lambda r: r["client_cpu_ms_per_request"]),
+                "failed": sum(r["failed"] for r in results),
+            }
+        base, ms = summary[concurrency]["openai SDK"], summary[concurrency]["ModelServer"]
+        ratios[concurrency] = {
+            "p50": ms["e2e_p50_ms"] / base["e2e_p50_ms"], "p99": ms["e2e_p99_ms"] / base["e2e_p99_ms"],
+            "throughput": ms["requests_per_s"] / base["requests_per_s"],
+            "client_cpu": ms["client_cpu_ms_per_request"] / base["client_cpu_ms_per_request"],
         }
-    base, ms = summary["openai SDK"], summary["ModelServer"]
-    ratios = {"p50": ms["e2e_p50_ms"] / base["e2e_p50_ms"], "p99": ms["e2e_p99_ms"] / base["e2e_p99_ms"],
-              "throughput": ms["requests_per_s"] / base["requests_per_s"]}
-    for name, s in summary.items():
-        rows.append([name, s["e2e_p50_ms"], s["e2e_p99_ms"], s["ttft_p50_ms"], s["requests_per_s"], s["client_cpu_ms_per_request"], s["failed"]])
-    rows.append(["ratio ModelServer / SDK", ratios["p50"], ratios["p99"], None, ratios["throughput"], ms["client_cpu_ms_per_request"] / base["client_cpu_ms_per_request"], None])
-    _common.table(f"client overhead: 1 zero-latency sim, concurrency {CONCURRENCY}, {REQUESTS} streamed requests x {ROUNDS} rounds (medians)",
-                  ["client", "E2E p50 ms", "E2E p99 ms", "TTFT p50 ms", "req/s", "client CPU ms/req", "failed"], rows)
-    _common.save("client_overhead", {"concurrency": CONCURRENCY, "requests_per_run": REQUESTS, "rounds": ROUNDS,
+        for name, s in summary[concurrency].items():
+            rows.append([concurrency, name, s["e2e_p50_ms"], s["e2e_p99_ms"], s["ttft_p50_ms"], s["requests_per_s"],
+                         s["client_cpu_ms_per_request"], s["failed"]])
+        r = ratios[concurrency]
+        rows.append([concurrency, "ratio ModelServer / SDK", r["p50"], r["p99"], None, r["throughput"], r["client_cpu"], None])
+    _common.table(f"client overhead: 1 zero-latency sim, {REQUESTS} streamed requests x {ROUNDS} rounds per concurrency (medians)",
+                  ["concurrency", "client", "E2E p50 ms", "E2E p99 ms", "TTFT p50 ms", "req/s", "client CPU ms/req", "failed"], rows)
+    _common.save("client_overhead", {"concurrencies": list(CONCURRENCIES), "requests_per_run": REQUESTS, "rounds": ROUNDS,
                                      "wall_s": time.monotonic() - started, "summary": summary, "ratios": ratios, "runs": runs})
 
 
