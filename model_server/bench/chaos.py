@@ -48,7 +48,7 @@ def chaos_schedule(seed: int, replicas: int, *, duration_s: float, start_s: floa
     rng.shuffle(order)  # each kind once first (in a random order), then random kinds
     t = start_s
     while True:
-        t += rng.uniform(*gap_s)
+        t = round(t + rng.uniform(*gap_s), 3)  # rounded before any comparison, so the gaps hold as stored
         if t >= duration_s:
             return faults
         free = [i for i in range(replicas) if busy_until[i] <= t]
@@ -57,10 +57,10 @@ def chaos_schedule(seed: int, replicas: int, *, duration_s: float, start_s: floa
             continue
         kind = order.pop(0) if order else rng.choice(kinds)
         replica = rng.choice(free)
-        heal = min(t + rng.uniform(*lasting_s), duration_s)
+        heal = round(min(t + rng.uniform(*lasting_s), duration_s), 3)
         # room to come back before the next fault on it: a killed replica restarts (a new process)
         busy_until[replica] = heal + (recovery_s if kind == "kill" else 0.5)
-        faults.append(ChaosFault(round(t, 3), round(heal, 3), kind, replica))
+        faults.append(ChaosFault(t, heal, kind, replica))
 
 
 def healthy_at(faults: list[ChaosFault], replicas: int, t: float, recovery_s: float = 0.0) -> set[int]:
