@@ -11,6 +11,7 @@ the event loop that first used it: use one AsyncModelServer per loop, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -129,8 +130,11 @@ class AsyncModelServer:
 
         done = await self._drive(g, op, hold_lease=True)
         stream, chunks, first = done.value
-        async for piece in self._relay(g, done.lease, stream, chunks, first):
-            yield piece
+        # aclosing: when the caller stops early, the relay's finally (close the stream, release the
+        # lease, free a half-open trial) runs when this generator closes, not whenever GC gets to it.
+        async with contextlib.aclosing(self._relay(g, done.lease, stream, chunks, first)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     def stats(self) -> dict[str, dict[str, EndpointSnapshot]]:
         return self._core.stats()

@@ -182,9 +182,9 @@ class ModelServer:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for background re-probes, then close the connection pool."""
-        self._core.closed = True
         deadline = time.monotonic() + timeout_s
-        with self._reprobes_lock:
+        with self._reprobes_lock:  # with _start_reprobe's check: no re-probe starts after this
+            self._core.closed = True
             running = list(self._reprobes)
         for thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -284,9 +284,6 @@ class ModelServer:
             lock.release()
 
     def _start_reprobe(self, g: ReplicaGroup) -> None:
-        if not g.try_start_reprobe():
-            return
-
         def run() -> None:
             try:
                 self._probe_round(g, self._core.fresh_probe(g))
@@ -297,10 +294,12 @@ class ModelServer:
                 with self._reprobes_lock:
                     self._reprobes.discard(threading.current_thread())
 
-        thread = threading.Thread(target=run, name=f"model-server-reprobe-{g.name}", daemon=True)
-        with self._reprobes_lock:
+        with self._reprobes_lock:  # closed is checked, and the thread started, under close()'s lock
+            if self._core.closed or not g.try_start_reprobe():
+                return
+            thread = threading.Thread(target=run, name=f"model-server-reprobe-{g.name}", daemon=True)
             self._reprobes.add(thread)
-        thread.start()
+            thread.start()
 
 
 def __getattr__(name: str) -> Any:

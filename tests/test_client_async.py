@@ -125,3 +125,21 @@ def test_async_hung_replica_is_cut_off_by_its_breaker() -> None:
         finally:
             sims[0].resume()
         assert stats["8-0"].breaker is BreakerState.OPEN and stats["8-1"].successes == 150
+
+
+def test_an_async_stream_the_caller_abandons_frees_its_replica_at_once() -> None:
+    with sims_running(1) as sims:
+        fleet = fleet_of({"8": ("completion", [s.port for s in sims])})
+
+        async def main() -> list[int]:
+            ms = AsyncModelServer(fleet)
+            try:
+                stream = ms.stream_chat("8", MESSAGES, max_tokens=50)
+                async for _ in stream:
+                    break
+                await stream.aclose()  # no await in between: the lease must already be back
+                return [s.in_flight for s in ms.stats()["8"].values()]
+            finally:
+                await ms.aclose()
+
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == [0]
