@@ -113,7 +113,8 @@ async def one_run(fleet_path: Path, status_path: Path, watcher: StatusWatcher, p
         chosen.append(name)
         return pid_from_status_file(status_path, name)
 
-    targets = {"busiest": FaultTarget("busiest", None, busiest_pid)}
+    # looked up on the event loop: it reads the client's live counters (a small status file, no port scan)
+    targets = {"busiest": FaultTarget("busiest", None, busiest_pid, lookup_in_thread=False)}
     injector = FaultInjector(parse_faults([f"{KILL_AT_S}s kill busiest", f"{STOP_AT_S}s stop busiest"]), targets)
     pids_before = {n: pid_from_status_file(status_path, n) for n in names}
     source = RequestSource(prompt_len=LengthRange(64, 64), output_len=LengthRange(32, 32), seed=seed)

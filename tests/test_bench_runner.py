@@ -151,3 +151,80 @@ def test_pid_from_status_file_reads_both_shapes(tmp_path):
     status.write_text(json.dumps({"servers": [{"name": "x", "pid": 7}]}))
     assert pid_from_status_file(status, "x") == 7
     assert pid_from_status_file(tmp_path / "missing.json", "x") is None
+
+
+def test_a_target_that_does_not_stream_has_no_ttft_or_tpot():
+    """One-piece answers: E2E only; TTFT/TPOT are None (not 0), and a TTFT/TPOT objective is never met by them."""
+    from model_server.bench.stats import SloPolicy, summarize
+
+    target = FakeTarget()
+    target.streams = False
+    plan = LoadPlan(concurrency=2, requests=10, request_timeout_s=5.0)
+    outcome = asyncio.run(run_load(target, RequestSource(output_len=LengthRange(5, 5)), plan))
+    assert all(r.ok and r.output_tokens == 5 and r.e2e_s is not None for r in outcome.records)
+    assert all(r.ttft_s is None and r.tpot_s is None for r in outcome.records)
+    result = summarize(outcome.records, slo=SloPolicy(tpot_s=10.0))
+    assert result["tpot_s"]["count"] == 0 and result["tpot_s"]["p50"] is None
+    assert result["ttft_s"]["count"] == 0 and result["e2e_s"]["count"] == 10
+    assert result["slo"]["attained"] == 0 and result["slo"]["untimed"] == 10
+    # streamed answers keep their token times and meet the same objective
+    streamed = asyncio.run(run_load(FakeTarget(), RequestSource(output_len=LengthRange(5, 5)), plan))
+    assert summarize(streamed.records, slo=SloPolicy(tpot_s=10.0))["slo"]["attained"] == 10
+
+
+def test_pending_undos_are_applied_when_the_run_ends():
+    """'25s stop a for 10s' in a 1 s run: the SIGCONT is still sent (at the end), the later kill is dropped."""
+    sent: list[tuple[int, int]] = []
+    targets = {"a": FaultTarget("a", None, lambda: 4242)}
+    events = parse_faults(["0.01s stop a for 10s", "20s kill a"])
+    injector = FaultInjector(events, targets, send_signal=lambda pid, sig: sent.append((pid, sig)))
+
+    async def main():
+        schedule = build_schedule("constant", rate=100.0, requests=20)
+        return await run_load(FakeTarget(), RequestSource(output_len=LengthRange(1, 1)), LoadPlan(schedule=schedule, request_timeout_s=5.0),
+                              injector=injector)
+
+    outcome = asyncio.run(main())
+    assert sent == [(4242, signal.SIGSTOP), (4242, signal.SIGCONT)]
+    assert [(a.event.action.value, a.ok) for a in outcome.faults] == [("stop", True), ("resume", True)]
+    resume = outcome.faults[1]
+    assert resume.applied_s < 5.0  # recorded when it was really sent: at the end, not at its scheduled 10 s
+    assert [e.describe() for e in outcome.faults_not_applied] == ["20s kill a"]
+
+
+def test_a_status_file_pid_is_signalled_only_if_it_is_still_that_process(tmp_path):
+    import os
+
+    import psutil
+
+    from model_server.bench.injector import StalePid
+
+    me = psutil.Process()
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"servers": {"same": {"pid": os.getpid(), "create_time": me.create_time()},
+                                              "reused": {"pid": os.getpid(), "create_time": me.create_time() - 1000.0}}}))
+    assert pid_from_status_file(status, "same") == os.getpid()
+    with pytest.raises(StalePid):
+        pid_from_status_file(status, "reused")
+    sent: list[tuple[int, int]] = []
+    targets = {n: FaultTarget(n, None, (lambda n=n: pid_from_status_file(status, n))) for n in ("same", "reused")}
+    injector = FaultInjector(parse_faults(["0s resume same", "0s resume reused"]), targets, send_signal=lambda pid, sig: sent.append((pid, sig)))
+    applied = asyncio.run(injector.apply(injector.events[0], 0.0)), asyncio.run(injector.apply(injector.events[1], 0.0))
+    assert sent == [(os.getpid(), signal.SIGCONT)]
+    assert applied[0].ok and not applied[1].ok and "StalePid" in applied[1].detail
+
+
+@pytest.mark.parametrize("without_asyncio_timeout", [False, True])
+def test_warm_up_has_a_deadline_on_every_python(monkeypatch, without_asyncio_timeout):
+    """A hung warm-up request ends at its timeout, with asyncio.timeout (3.11+) or wait_for (3.10)."""
+    from model_server.bench import runner
+
+    if without_asyncio_timeout:
+        monkeypatch.setattr(runner, "_timeout", None)
+    target = FakeTarget(hang={-1, -2})
+
+    async def main():
+        return await asyncio.wait_for(runner.warm_up(target, RequestSource(output_len=LengthRange(1, 1)), 2, 0.05), 5.0)
+
+    assert asyncio.run(main()) == 0
+    assert target.in_flight == 0

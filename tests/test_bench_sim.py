@@ -46,6 +46,9 @@ def _rate_check(sim, target, rate, requests):
     # The plain figure (sent / time of the last send) is looser: the last send alone sets it.
     assert result["achieved_rate"] == pytest.approx(rate, rel=0.10), lag
     assert lag["p50"] < 0.25, lag  # loose: a 2-core machine shared with other test runs
+    # No mid-run stall: 99% of sends within 50 ms of their schedule (measured p99 2-5 ms on an idle 2-core machine: ~10x headroom).
+    assert lag["p99"] < 0.05, lag
+    print(f"rate {rate}/s: send lag p50 {lag['p50'] * 1000:.2f} ms, p99 {lag['p99'] * 1000:.2f} ms, max {lag['max'] * 1000:.2f} ms")
     assert result["ok"] >= requests * 0.99, result["errors"]
     # the server saw them all (plus the warm-up requests)
     assert sim.stats()["by_route"]["/v1/chat/completions"] >= requests
@@ -107,7 +110,7 @@ def test_faults_on_a_schedule_show_in_the_records(transport):
     if transport is RawTarget:
         # The raw client writes the request as soon as it is sent: each record's
         # send time places it in its window, so the failures line up with them.
-        margin = 0.1
+        margin = 0.25
         for record in outcome.records:
             inside = [w for w in windows if w[0] + margin <= record.sent_s <= w[1] - margin]
             if not inside:
@@ -139,3 +142,13 @@ async def _closed(target, plan):
         return await run_load(target, RequestSource(prompt_len=LengthRange(4, 4), output_len=LengthRange(2, 2)), plan)
     finally:
         await target.aclose()
+
+
+@pytest.mark.timeout(60)
+def test_raw_target_reuses_its_connection(zero_sim):
+    """Sequential requests go over one kept-alive connection (the body is read to its end)."""
+    target = RawTarget(zero_sim.base_url, zero_sim.model_name, timeout_s=10.0)
+    plan = LoadPlan(concurrency=1, requests=10, request_timeout_s=10.0)
+    outcome = asyncio.run(_closed(target, plan))
+    assert all(r.ok for r in outcome.records), [r.error for r in outcome.records]
+    assert target._pool.opened <= 2, target._pool.opened

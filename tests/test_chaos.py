@@ -89,33 +89,49 @@ class Fleet:
             sim.stop()
 
 
-async def _control(sim: SimProcess, path: str, body: dict | None) -> None:
+REVIVAL_WAIT_S = 30.0  # a loaded 2-core machine can take far longer than the schedule's recovery_s to start a sim
+
+
+async def _control(sim: SimProcess, path: str, body: dict | None, deadline_s: float = 20.0) -> str | None:
+    """POST a control route, retrying connection failures until the deadline; the error text if it never worked."""
+    until = time.monotonic() + deadline_s
     async with httpx.AsyncClient(timeout=3.0) as http:
-        response = await http.post(sim.url + path, json=body)
-        response.raise_for_status()
+        while True:
+            try:
+                response = await http.post(sim.url + path, json=body)
+                response.raise_for_status()
+                return None
+            except httpx.HTTPError as err:
+                if time.monotonic() >= until:
+                    return f"{type(err).__name__}: {err}"
+                await asyncio.sleep(0.1)
 
 
 async def _run_chaos(fleet: Fleet, faults: list[ChaosFault], start: float) -> list[tuple[float, str]]:
-    """Start and heal each fault at its time; returns what was done, when."""
+    """Start and heal each fault at its time; returns what was done, when (and any control failure)."""
     events = sorted([(f.at_s, "start", f) for f in faults] + [(f.heal_s, "heal", f) for f in faults], key=lambda e: (e[0], e[1] == "start"))
     done: list[tuple[float, str]] = []
-    revivals: list[asyncio.Task] = []
+    revivals: dict[int, asyncio.Task] = {}
     for at_s, what, fault in events:
         delay = start + at_s - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        revival = revivals.pop(fault.replica, None)
+        if revival is not None:  # a fault on a replica that is still starting again waits for it (bounded)
+            await asyncio.wait_for(asyncio.shield(revival), REVIVAL_WAIT_S)
         sim = fleet.sims[fault.replica]
+        problem = None
         if fault.kind == "kill":
             if what == "start":
                 sim.kill()
             else:
-                revivals.append(asyncio.create_task(asyncio.to_thread(fleet.revive, fault.replica)))
+                revivals[fault.replica] = asyncio.create_task(asyncio.to_thread(fleet.revive, fault.replica))
         elif what == "start":
-            await _control(sim, "/sim/faults", fault.sim_faults())
+            problem = await _control(sim, "/sim/faults", fault.sim_faults())
         else:
-            await _control(sim, "/sim/reset", None)
-        done.append((round(time.monotonic() - start, 2), f"{what} {fault.kind} r{fault.replica}"))
-    await asyncio.gather(*revivals)
+            problem = await _control(sim, "/sim/reset", None)
+        done.append((round(time.monotonic() - start, 2), f"{what} {fault.kind} r{fault.replica}" + (f" FAILED {problem}" if problem else "")))
+    await asyncio.wait_for(asyncio.gather(*revivals.values()), REVIVAL_WAIT_S)
     return done
 
 
@@ -156,6 +172,7 @@ def test_chaos_zero_failures_and_no_orphans(tmp_path):
         fleet.stop_all()
     # every fault was started and healed
     assert len(done) == 2 * len(faults), done
+    assert not [d for d in done if "FAILED" in d[1]], done
     # the original application's call shape never fails while one replica is healthy
     chat_failed = [r for r in chat_out.records if not r.ok]
     assert len(chat_out.records) == int(12 * LOAD_S)

@@ -81,6 +81,7 @@ class FaultEvent:
     server: str
     value: float | None = None  # a rate or a slow factor
     status: int | None = None  # for errors: the HTTP status the sim answers
+    undo: bool = False  # the undoing event of a 'for D' fault: applied at the end of a run if not yet due
 
     @property
     def signal(self) -> int | None:
@@ -155,7 +156,7 @@ def parse_fault(spec: str) -> list[FaultEvent]:
             undo = _UNDO.get(action)
             if undo is None:
                 raise ValueError(f"'{action.value}' cannot be given a duration ('for ...'): nothing undoes it")
-            events.append(FaultEvent(at_s + lasting_s, undo, server, _UNDO_VALUE.get(action), status))
+            events.append(FaultEvent(at_s + lasting_s, undo, server, _UNDO_VALUE.get(action), status, undo=True))
     except ValueError as err:
         problem = str(err)
     if problem:

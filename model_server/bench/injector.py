@@ -23,16 +23,23 @@ import httpx
 import psutil
 
 from model_server.bench.faults import FaultEvent
+from model_server.status import same_process
 
-__all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "pid_from_status_file", "pid_listening_on"]
+__all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "StalePid", "pid_from_status_file", "pid_listening_on"]
 
 log = logging.getLogger(__name__)
+
+
+class StalePid(RuntimeError):
+    """The status file's pid is no longer the process it names (its create time differs)."""
 
 
 def pid_from_status_file(path: str | Path, server: str) -> int | None:
     """The pid the launch pipeline's status file gives ``server`` (None if absent or unreadable).
 
     Accepts ``{"servers": [{"name", "pid", ...}]}`` or ``{"servers": {name: {"pid", ...}}}``.
+    When the entry has a ``create_time``, the pid must still be that process
+    (a reused pid must never get a signal): raises :class:`StalePid` otherwise.
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -43,7 +50,12 @@ def pid_from_status_file(path: str | Path, server: str) -> int | None:
     for name, entry in entries:
         if name == server and isinstance(entry, dict):
             pid = entry.get("pid")
-            return pid if isinstance(pid, int) and pid > 0 else None
+            if not (isinstance(pid, int) and pid > 0):
+                return None
+            create_time = entry.get("create_time")
+            if isinstance(create_time, (int, float)) and not same_process(pid, float(create_time)):
+                raise StalePid(f"pid {pid} of {server} in {path} is not that process any more (it ended or the pid was reused)")
+            return pid
     return None
 
 
@@ -67,6 +79,7 @@ class FaultTarget:
     control_url: str | None  # "http://host:port" of a simulator, for sim-route faults
     pid: Callable[[], int | None]  # looked up when the fault happens
     api_key: str | None = None
+    lookup_in_thread: bool = True  # the lookup may block (psutil.net_connections): off the event loop
 
 
 @dataclass(frozen=True)
@@ -104,14 +117,18 @@ class FaultInjector:
         response.raise_for_status()
         return f"sim faults now {response.text[:200]}"
 
-    async def apply(self, event: FaultEvent, now_s: float) -> AppliedFault:
-        """Apply one event now; the outcome (never an exception) says whether it took effect."""
+    async def apply(self, event: FaultEvent, now_s: float | Callable[[], float]) -> AppliedFault:
+        """Apply one event now; the outcome (never an exception) says whether it took effect.
+
+        ``now_s`` is the time to record, or a function giving it, called once the
+        fault has taken effect (so a slow pid lookup or control call is not hidden).
+        """
         target = self.targets.get(event.server)
         try:
             if target is None:
                 raise RuntimeError(f"no server named {event.server}")
             if event.signal is not None:
-                pid = target.pid()
+                pid = await asyncio.to_thread(target.pid) if target.lookup_in_thread else target.pid()
                 if pid is None:
                     raise RuntimeError(f"no pid known for {event.server}")
                 self._send_signal(pid, event.signal)
@@ -120,10 +137,12 @@ class FaultInjector:
                 body = event.sim_faults()
                 assert body is not None
                 detail = await self._control(target, body)
-            outcome = AppliedFault(event, now_s, True, detail)
+            ok = True
         except (OSError, RuntimeError, httpx.HTTPError) as err:
-            outcome = AppliedFault(event, now_s, False, f"{type(err).__name__}: {err}")
-        log.info("fault %s at %.2fs: %s", event.describe(), now_s, outcome.detail)
+            ok, detail = False, f"{type(err).__name__}: {err}"
+        at_s = now_s() if callable(now_s) else now_s
+        outcome = AppliedFault(event, at_s, ok, detail)
+        log.info("fault %s at %.2fs: %s", event.describe(), at_s, outcome.detail)
         self.applied.append(outcome)
         return outcome
 
@@ -136,20 +155,33 @@ class FaultInjector:
 
     async def run(self, start: float, *, clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[AppliedFault]:
-        """Apply every event at ``start + at_s``; cancel it to drop the events not yet due."""
+        """Apply every event at ``start + at_s``; cancel it to end the run.
+
+        On cancel, the faults not yet due are dropped, but every pending undo
+        (resume, unhang, a rate back to 0, slow back to 1) is applied at once and
+        recorded at that time: a run never leaves a server stopped or faulted.
+        """
         if any(e.sim_faults() is not None for e in self.events):
             self._http_client()
+        since_start = lambda: clock() - start  # noqa: E731
         try:
             for event in self.events:
                 delay = start + event.at_s - clock()
                 if delay > 0:
                     await sleep(delay)
-                await self.apply(event, clock() - start)
+                await self.apply(event, since_start)
         finally:
+            pending_undos = [e for e in self.not_applied() if e.undo]
+            if pending_undos:
+                await self._undo_all(pending_undos, since_start)
             if self._http is not None:
                 await asyncio.shield(self._http.aclose())
                 self._http = None
         return self.applied
+
+    async def _undo_all(self, events: list[FaultEvent], since_start: Callable[[], float]) -> None:
+        for event in events:
+            await self.apply(event, since_start)  # each bounded by timeout_s; failures are recorded
 
     def not_applied(self) -> list[FaultEvent]:
         done = {id(a.event) for a in self.applied}

@@ -62,6 +62,7 @@ class RawPool:
         self.max_idle = max_idle
         self._idle: list[_Conn] = []
         self._host_header = f"{self.host}:{self.port}".encode()
+        self.opened = 0  # connections made so far (keep-alive reuse shows as opened << requests)
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         while self._idle:
@@ -118,6 +119,7 @@ class RawPool:
 
     async def _fresh(self) -> _Conn:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.connect_timeout_s)
+        self.opened += 1
         return _Conn(reader, writer)
 
     async def aclose(self) -> None:

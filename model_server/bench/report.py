@@ -5,7 +5,7 @@ Shape (every latency in seconds)::
     {"ok", "failed", "sent", "asked_rate", "achieved_rate", "wall_s",
      "ttft_s": {"p50", "p90", "p99", "max", "mean", "count"}, "tpot_s": {...}, "e2e_s": {...},
      "dispatch_lag_s": {...}, "output_tokens", "output_tokens_per_s", "requests_per_s",
-     "slo": {"ttft_s", "tpot_s", "attained", "attainment", "goodput_rps"},
+     "slo": {"ttft_s", "tpot_s", "attained", "attainment", "goodput_rps", "untimed"},
      "errors": {message: count}, "faults": [{"at_s", "action", "server", "applied_s", "ok", "detail"}],
      "run": {"mode", "target", "arrival", "concurrency", "requests", "prompt_len", "output_len", "seed", ...}}
 """

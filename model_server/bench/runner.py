@@ -20,7 +20,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from model_server.bench.arrivals import ArrivalSchedule
 from model_server.bench.errors import BenchError
@@ -109,9 +109,10 @@ class _Run:
         clock, start = self.clock, self.start
         tokens = 0
         reported = None
+        record.timed = timed = getattr(self.target, "streams", True)
         async for piece in self.target.stream(request):
             if piece.text:
-                if record.first_token_s is None:
+                if timed and record.first_token_s is None:
                     record.first_token_s = clock() - start
                 tokens += 1
             if piece.completion_tokens is not None:
@@ -233,18 +234,22 @@ async def warm_up(target: Target, source: RequestSource, count: int, timeout_s: 
     for i in range(count):
         request = source.make(-1 - i)
         try:
-            async with asyncio.timeout(timeout_s) if _timeout is not None else _nullcontext():
-                async for _ in target.stream(request):
-                    pass
+            await _bounded(_drain(target, request), timeout_s)
             succeeded += 1
         except Exception:  # noqa: BLE001 - a warm-up failure is not a result
             pass
     return succeeded
 
 
-class _nullcontext:
-    async def __aenter__(self) -> None:
-        return None
+async def _drain(target: Target, request: BenchRequest) -> None:
+    async for _ in target.stream(request):
+        pass
 
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+
+async def _bounded(work: Awaitable[None], timeout_s: float) -> None:
+    """``work`` with a deadline: asyncio.timeout on 3.11+, asyncio.wait_for on 3.10."""
+    if _timeout is not None:
+        async with _timeout(timeout_s):
+            await work
+    else:
+        await asyncio.wait_for(work, timeout_s)

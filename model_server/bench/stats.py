@@ -3,7 +3,9 @@
 Pure: a record holds times in seconds from the start of the run, taken with
 ``time.monotonic()`` by the runner. TTFT is first content token - send, E2E is
 done - send, TPOT is (E2E - TTFT) / (output tokens - 1) and exists only for
-requests with at least two output tokens. Percentiles interpolate linearly
+requests with at least two output tokens. A request whose answer came in one
+piece (a non-streaming target: ``timed=False``) has no TTFT and no TPOT (None,
+never 0), and cannot meet a TTFT or TPOT objective. Percentiles interpolate linearly
 between order statistics (numpy's default), so p50 of [1, 2] is 1.5.
 """
 
@@ -30,6 +32,7 @@ class RequestRecord:
     ok: bool = False
     error: str | None = None
     server: str | None = None  # the replica that answered, when the target knows it
+    timed: bool = True  # False: the target does not stream, so token times were not measured
 
     @property
     def ttft_s(self) -> float | None:
@@ -61,6 +64,8 @@ class SloPolicy:
     def met_by(self, record: RequestRecord) -> bool:
         if not record.ok:
             return False
+        if not record.timed and (self.ttft_s is not None or self.tpot_s is not None):
+            return False  # no token timing (a non-streamed answer): an objective on it cannot be shown met
         ttft, tpot = record.ttft_s, record.tpot_s
         if self.ttft_s is not None and (ttft is None or ttft > self.ttft_s):
             return False
@@ -143,6 +148,7 @@ class _Totals:
     failed: int = 0
     output_tokens: int = 0
     attained: int = 0
+    untimed: int = 0
     errors: Counter = field(default_factory=Counter)
 
 
@@ -173,6 +179,8 @@ def summarize(
             totals.errors[r.error or "unknown error"] += 1
         if slo.met_by(r):
             totals.attained += 1
+        if r.ok and not r.timed:
+            totals.untimed += 1
     last_sent = max((r.sent_s for r in sent), default=0.0)
     if wall_s is None:
         wall_s = max((r.done_s for r in sent if r.done_s is not None), default=last_sent)
@@ -198,6 +206,7 @@ def summarize(
             "attained": totals.attained,
             "attainment": totals.attained / totals.sent if totals.sent else None,
             "goodput_rps": per_s(totals.attained),
+            "untimed": totals.untimed,  # ok answers without token timing (non-streamed): never counted as meeting a TTFT/TPOT objective
         },
         "errors": dict(totals.errors.most_common(top_errors)),
     }

@@ -20,6 +20,7 @@ server-sent events) is an error, not a short answer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class IncompleteStream(Exception):
 
 @runtime_checkable
 class Target(Protocol):
+    """``streams = False`` on a target whose answers come in one piece: the runner then
+    records no first-token time, so TTFT and TPOT are None for its requests (not 0)."""
+
     name: str
 
     def stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
@@ -170,8 +174,10 @@ class RawTarget:
 
     async def _stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
         lines = self._pool.stream_lines("/chat/completions", _chat_body(self.model, request), self._headers)
-        async for piece in _sse_pieces(lines, self.name):
-            yield piece
+        # aclosing: the body generator ends here, not later in GC (which would close the connection)
+        async with contextlib.aclosing(lines):
+            async for piece in _sse_pieces(lines, self.name):
+                yield piece
 
     def stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
         return self._stream(request)
@@ -202,7 +208,7 @@ async def _sse_pieces(lines: AsyncIterator[Any], server: str) -> AsyncIterator[S
             continue
         data = line[5:].strip()
         if data in (b"[DONE]", "[DONE]"):
-            break
+            continue  # read the body to its end, so the connection goes back to the pool
         chunk = json.loads(data)
         if isinstance(chunk, dict) and "error" in chunk:
             raise StreamErrorEvent(chunk["error"])
@@ -243,8 +249,8 @@ class ModelServerTarget:
     uses ``stream_chat``, whose text pieces are timed as they come (the
     client guarantees a complete answer or an exception, so the end is the
     finish); with ``stream=False`` it uses ``chat`` (the original
-    application's call shape) and the whole answer is one piece, so TTFT
-    equals E2E.
+    application's call shape) and the whole answer is one piece: it then
+    says ``streams = False``, and its requests have E2E but no TTFT or TPOT.
     """
 
     def __init__(self, client: Any, group: str, *, name: str | None = None, close_client: bool = True, stream: bool = True) -> None:
@@ -253,6 +259,7 @@ class ModelServerTarget:
         self._client = client
         self._close_client = close_client
         self._streaming = stream
+        self.streams = stream  # the runner times tokens only of streamed answers
 
     async def _stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
         messages = [{"role": "user", "content": request.prompt}]

@@ -57,7 +57,7 @@ def bench(
     cv: float = typer.Option(1.0, "--cv", help="--arrival gamma: coefficient of variation of the gaps (>1 bursty)."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="--arrival trace: file of arrival times in seconds, one per line."),
     slo_ttft: Optional[float] = typer.Option(None, "--slo-ttft", help="SLO: time to first token, seconds."),
-    slo_tpot: Optional[float] = typer.Option(None, "--slo-tpot", help="SLO: time per output token, seconds."),
+    slo_tpot: Optional[float] = typer.Option(None, "--slo-tpot", help="SLO: time per output token, seconds. Attainment = requests that succeeded within every objective / requests sent; a one-token answer has no TPOT and cannot miss it."),
     fault: Optional[List[str]] = typer.Option(None, "--fault", help="'<time> <action> <server> (value) (for D)', e.g. '10s kill chat-1', '5s 500s chat-2 0.5 for 3s'. Repeatable."),
     status_file: Optional[Path] = typer.Option(None, "--status-file", help="Launch pipeline status file for pids (default: the fleet's)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout, seconds (the whole stream)."),
