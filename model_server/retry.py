@@ -30,6 +30,7 @@ try:  # the openai SDK of this project's pin runs on httpx2; older ones on httpx
 except ImportError:  # pragma: no cover
     httpx2 = None  # type: ignore[assignment]
 
+from model_server.backoff import jittered_backoff_s
 from model_server.config import ClientPolicy
 
 __all__ = [
@@ -122,10 +123,9 @@ def describe(err: BaseException) -> str:
 
 def backoff_s(failures: int, policy: ClientPolicy, rng: random.Random) -> float:
     """Full-jitter exponential backoff after the ``failures``-th failure of a request (seconds)."""
-    if failures <= 0:
-        return 0.0
-    cap_ms = min(policy.retry_backoff_max_ms, policy.retry_backoff_initial_ms * (2 ** min(failures - 1, 30)))
-    return rng.uniform(0.0, cap_ms) / 1000.0
+    return jittered_backoff_s(
+        failures, policy.retry_backoff_initial_ms / 1000.0, policy.retry_backoff_max_ms / 1000.0, rng.random
+    )
 
 
 def request_timeout_s(bound_s: float, policy: ClientPolicy) -> float:

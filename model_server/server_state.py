@@ -18,11 +18,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
+from model_server.backoff import jittered_backoff_s
+
 __all__ = [
     "FailureDecision",
     "RestartHistory",
     "ServerState",
-    "backoff_s",
     "can_transition",
     "decide_after_failure",
     "transition",
@@ -62,16 +63,6 @@ def transition(current: ServerState | None, new: ServerState) -> ServerState:
     if not can_transition(current, new):
         raise ValueError(f"illegal server state transition {current} -> {new}")
     return new
-
-
-def backoff_s(attempt: int, initial_s: float, max_s: float, rand: Callable[[], float]) -> float:
-    """Delay before restart number ``attempt`` (1-based): initial x 2^(attempt-1), capped, with jitter.
-
-    The jitter keeps the delay in [half, all] of the capped value, so replicas
-    that crashed together do not come back in lockstep. ``rand`` returns [0, 1).
-    """
-    base = min(max_s, initial_s * (2.0 ** max(0, attempt - 1)))
-    return base * (0.5 + 0.5 * rand())
 
 
 @dataclass(frozen=True)
@@ -129,5 +120,5 @@ def decide_after_failure(
             ),
         )
     attempt = len(recent) + 1
-    delay = backoff_s(attempt, backoff_initial_s, backoff_max_s, rand)
+    delay = jittered_backoff_s(attempt, backoff_initial_s, backoff_max_s, rand, floor_share=0.5)
     return FailureDecision(restart=True, history=history.record(now), delay_s=delay, attempt=attempt)

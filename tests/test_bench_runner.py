@@ -142,14 +142,16 @@ def test_injector_applies_each_event_at_its_time_and_records_failures():
     assert injector.not_applied() == []
 
 
-def test_pid_from_status_file_reads_both_shapes(tmp_path):
+def test_pid_from_status_file(tmp_path):
     status = tmp_path / "status.json"
     status.write_text(json.dumps({"pipeline": {}, "servers": {"chat-1": {"pid": 123, "state": "READY"}, "chat-2": {"pid": None}}}))
     assert pid_from_status_file(status, "chat-1") == 123
     assert pid_from_status_file(status, "chat-2") is None
     assert pid_from_status_file(status, "chat-9") is None
-    status.write_text(json.dumps({"servers": [{"name": "x", "pid": 7}]}))
-    assert pid_from_status_file(status, "x") == 7
+    status.write_text(json.dumps({"servers": [{"name": "x", "pid": 7}]}))  # not the pipeline's format
+    assert pid_from_status_file(status, "x") is None
+    status.write_text("{not json")
+    assert pid_from_status_file(status, "x") is None
     assert pid_from_status_file(tmp_path / "missing.json", "x") is None
 
 

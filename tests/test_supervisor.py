@@ -9,15 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.gpu import GpuReading
 from model_server.server_state import (
     RestartHistory,
     ServerState,
-    backoff_s,
     can_transition,
     decide_after_failure,
     transition,
@@ -51,18 +48,6 @@ def test_terminal_states_have_no_way_out() -> None:
     for new in S:
         assert not can_transition(S.FAILED, new)
         assert not can_transition(S.STOPPED, new)
-
-
-def test_backoff_doubles_caps_and_jitters() -> None:
-    assert [backoff_s(n, 2.0, 120.0, lambda: 1.0) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 16.0]
-    assert backoff_s(10, 2.0, 120.0, lambda: 1.0) == 120.0
-    assert backoff_s(1, 2.0, 120.0, lambda: 0.0) == 1.0  # jitter keeps at least half
-
-
-@given(st.integers(1, 60), st.floats(0, 100), st.floats(0, 1000), st.floats(0, 0.999999))
-def test_backoff_stays_within_half_and_cap(attempt: int, initial: float, cap: float, r: float) -> None:
-    base = min(cap, initial * 2 ** (attempt - 1))
-    assert base / 2 - 1e-9 <= backoff_s(attempt, initial, cap, lambda: r) <= base + 1e-9
 
 
 def decide(history: RestartHistory, now: float, max_restarts: int = 2, window_s: float = 100.0):

@@ -11,7 +11,6 @@ What happened to every event, and when, is returned for the result file.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -23,7 +22,8 @@ import httpx
 import psutil
 
 from model_server.bench.faults import FaultEvent
-from model_server.status import same_process
+from model_server.errors import LaunchError
+from model_server.status import read_status, same_process
 
 __all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "StalePid", "pid_from_status_file", "pid_listening_on"]
 
@@ -37,26 +37,21 @@ class StalePid(RuntimeError):
 def pid_from_status_file(path: str | Path, server: str) -> int | None:
     """The pid the launch pipeline's status file gives ``server`` (None if absent or unreadable).
 
-    Accepts ``{"servers": [{"name", "pid", ...}]}`` or ``{"servers": {name: {"pid", ...}}}``.
     When the entry has a ``create_time``, the pid must still be that process
     (a reused pid must never get a signal): raises :class:`StalePid` otherwise.
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_status(path)
+    except LaunchError:
         return None
-    servers = data.get("servers", data) if isinstance(data, dict) else data
-    entries = servers.items() if isinstance(servers, dict) else ((s.get("name"), s) for s in servers if isinstance(s, dict))
-    for name, entry in entries:
-        if name == server and isinstance(entry, dict):
-            pid = entry.get("pid")
-            if not (isinstance(pid, int) and pid > 0):
-                return None
-            create_time = entry.get("create_time")
-            if isinstance(create_time, (int, float)) and not same_process(pid, float(create_time)):
-                raise StalePid(f"pid {pid} of {server} in {path} is not that process any more (it ended or the pid was reused)")
-            return pid
-    return None
+    entry = (data or {}).get("servers", {}).get(server)
+    pid = entry.get("pid") if isinstance(entry, dict) else None
+    if not (isinstance(pid, int) and pid > 0):
+        return None
+    create_time = entry.get("create_time")
+    if isinstance(create_time, (int, float)) and not same_process(pid, float(create_time)):
+        raise StalePid(f"pid {pid} of {server} in {path} is not that process any more (it ended or the pid was reused)")
+    return pid
 
 
 def pid_listening_on(host: str, port: int) -> int | None:

@@ -22,7 +22,7 @@ def plot_run(records: Sequence[RequestRecord], faults: Sequence[dict], path: str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise BenchError("--plot needs matplotlib, which is not installed. Fix: pip install 'model-server[bench]' (or matplotlib).") from err
+        raise BenchError("--plot needs matplotlib, which is not installed. Fix: pip install -e '.[bench]' in the checkout (or pip install matplotlib).") from err
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     fig, (cdf, over_time) = plt.subplots(1, 2, figsize=(12, 4.5))

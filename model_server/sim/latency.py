@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
+
+if TYPE_CHECKING:
+    from model_server.sim.settings import SimSettings
 
 __all__ = ["LatencyModel", "RunningBatch", "tokens_per_slice"]
 
@@ -23,19 +26,16 @@ MIN_SLICE_S = 0.005
 
 @dataclass(frozen=True)
 class LatencyModel:
-    ttft_ms: float = 20.0
-    ttft_per_prompt_token_ms: float = 0.02
-    tpot_ms: float = 2.0
-    tpot_growth: float = 0.05
+    """The timing half of the settings (their defaults live in SimSettings, once)."""
+
+    ttft_ms: float
+    ttft_per_prompt_token_ms: float
+    tpot_ms: float
+    tpot_growth: float
 
     @classmethod
-    def from_settings(cls, settings: object) -> LatencyModel:
-        return cls(
-            ttft_ms=settings.ttft_ms,  # type: ignore[attr-defined]
-            ttft_per_prompt_token_ms=settings.ttft_per_prompt_token_ms,  # type: ignore[attr-defined]
-            tpot_ms=settings.tpot_ms,  # type: ignore[attr-defined]
-            tpot_growth=settings.tpot_growth,  # type: ignore[attr-defined]
-        )
+    def from_settings(cls, settings: SimSettings) -> LatencyModel:
+        return cls(settings.ttft_ms, settings.ttft_per_prompt_token_ms, settings.tpot_ms, settings.tpot_growth)
 
     def ttft_s(self, prompt_tokens: int, slow_factor: float = 1.0) -> float:
         """Seconds from the start of running to the first output token."""
