@@ -8,10 +8,12 @@ and stays stopped until the pipeline's health checks restart it. Reported per
 routing policy: failed requests (must be 0), p99 before / during / after, and
 the time until each faulted replica is READY again (from the status file).
 
-The main load is non-streamed chat (the original application's call shape),
-where failover can be complete. A smaller streamed load runs alongside: a
-stream cut after its first token cannot move to another replica (the client
-raises StreamInterruptedError by design), so those are counted apart.
+The main load is non-streamed chat (the original application's call shape;
+the client streams it under the hood). A smaller streamed load runs
+alongside: a stream cut after its first token is resumed on another replica
+(counted apart: a stream the client could not resume would fail). Also
+counted: the first-token and stall deadlines that fired on replicas that
+were never faulted (each one a wasted attempt; the goal is 0).
 
     python benchmarks/failover.py
 """
@@ -143,6 +145,9 @@ async def one_run(fleet_path: Path, status_path: Path, watcher: StatusWatcher, p
     streamed = build_result(stream_outcome, asked_rate=STREAM_RATE)
     result["streams"] = {"sent": streamed["sent"], "failed": streamed["failed"], "errors": streamed["errors"],
                          "cut_after_first_token": sum(n for e, n in streamed["errors"].items() if "StreamInterruptedError" in e)}
+    stats = client.stats()["8"]
+    result["deadlines_fired_on_healthy"] = sum(s.timeouts for n, s in stats.items() if n not in (killed, stopped))
+    result["deadlines_fired_on_stopped"] = stats[stopped].timeouts
     result["killed_ready_again_s"] = killed_ready
     result["stopped_ready_again_s"] = stopped_ready
     result["policy"] = policy
@@ -192,10 +197,11 @@ def main() -> None:
         rows.append([policy, r["sent"], r["failed"], _common.ms(w["before"]["e2e_p99_s"]), _common.ms(w["during"]["e2e_p99_s"]),
                      _common.ms(w["during"]["e2e_max_s"]), w["during"]["slower_than_1s"], _common.ms(w["after"]["e2e_p99_s"]), f'{r["killed"]}: {_common.fmt(r["killed_ready_again_s"])}',
                      f'{r["stopped"]}: {_common.fmt(r["stopped_ready_again_s"])}',
-                     f"{r['streams']['cut_after_first_token']}/{r['streams']['sent']}", r["streams"]["failed"] - r["streams"]["cut_after_first_token"]])
+                     f"{r['streams']['cut_after_first_token']}/{r['streams']['sent']}", r["streams"]["failed"] - r["streams"]["cut_after_first_token"],
+                     r["deadlines_fired_on_healthy"]])
     _common.table(f"failover: 3 sims under the launch pipeline, chat {RATE:g} req/s + streams {STREAM_RATE:g} req/s for {LOAD_S:g} s; kill -9 the busiest replica at {KILL_AT_S:g} s, SIGSTOP the next busiest at {STOP_AT_S:g} s",
                   ["policy", "chat requests", "chat failed", "p99 before ms", "p99 during ms", "max during ms", "during >1 s", "p99 after ms", "killed: READY again s",
-                   "stopped: READY again s", "streams cut mid-answer", "streams failed otherwise"], rows)
+                   "stopped: READY again s", "streams cut mid-answer", "streams failed otherwise", "deadlines fired on healthy"], rows)
     _common.save("failover", {"rate": RATE, "stream_rate": STREAM_RATE, "load_s": LOAD_S, "kill_at_s": KILL_AT_S, "stop_at_s": STOP_AT_S, "launch": LAUNCH, "client": CLIENT,
                               "wall_s": time.monotonic() - started, "pipeline_exit": pipeline.returncode if pipeline else None,
                               "results": {p: {k: v for k, v in r.items() if k != "run"} for p, r in results.items()}})

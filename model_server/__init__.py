@@ -10,28 +10,56 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from model_server.config import Fleet, ServerSpec, load_fleet
-from model_server.errors import ConfigError, ModelServerError
+from model_server.errors import ClientError, ConfigError, LaunchError, ModelServerError
 
 __version__ = "0.1.0"
 
+_CLIENT_NAMES = (
+    "AsyncModelServer",
+    "GroupUnavailableError",
+    "InvalidRequestError",
+    "ModelServer",
+    "RequestRejectedError",
+    "StreamInterruptedError",
+    "UnexpectedAnswerError",
+    "UnknownGroupError",
+)
+
 __all__ = [
     "AsyncModelServer",
+    "ClientError",
     "ConfigError",
     "Fleet",
+    "GroupUnavailableError",
+    "InvalidRequestError",
+    "LaunchError",
     "ModelServer",
     "ModelServerError",
+    "RequestRejectedError",
     "ServerSpec",
+    "StreamInterruptedError",
+    "UnexpectedAnswerError",
+    "UnknownGroupError",
     "__version__",
     "load_fleet",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from model_server.client import AsyncModelServer, ModelServer
+    from model_server.client import (
+        AsyncModelServer,
+        GroupUnavailableError,
+        InvalidRequestError,
+        ModelServer,
+        RequestRejectedError,
+        StreamInterruptedError,
+        UnexpectedAnswerError,
+        UnknownGroupError,
+    )
 
 
 def __getattr__(name: str) -> Any:
     # The client pulls in the openai SDK; load it only when asked for.
-    if name in ("ModelServer", "AsyncModelServer"):
+    if name in _CLIENT_NAMES:
         from model_server import client
 
         return getattr(client, name)

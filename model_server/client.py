@@ -2,24 +2,33 @@
 
 Application code names a *group* of the fleet table ("8" for the 8B chat
 replicas, "7" for embeddings, ...); the client picks a replica by the routing
-policy, times the request out from the group's latency bound, fails over to
-the next replica on a connection error, timeout, 5xx, 429 or malformed answer
-(with jittered backoff, inside one retry budget per request), keeps a circuit
-breaker per replica and re-probes a group whose replica got much slower. One
-``ModelServer`` is meant to be shared by every thread of a process.
+policy, holds every attempt to a first-token deadline and a stall deadline
+(:mod:`model_server.deadlines`), fails over to the next replica on a
+connection error, a missed deadline, a 5xx, 429 or malformed answer (with
+jittered backoff, inside one budget per call: :mod:`model_server.request_plan`),
+keeps a circuit breaker per replica, re-probes replicas that are degraded or
+out of rotation, and resumes a stream that breaks after text arrived on
+another replica (:mod:`model_server.resume`). A chat answer is streamed under
+the hood even when the caller wants it whole, so that the same deadlines and
+resumes protect it. One ``ModelServer`` is meant to be shared by every thread
+of a process.
 
 Exceptions (all under :class:`model_server.errors.ModelServerError`)::
 
     ClientError                      anything the client raises on purpose
     ├── UnknownGroupError            no such group in the table (also a KeyError); lists the groups
+    ├── InvalidRequestError          the arguments cannot make a request (also TypeError, ValueError):
+    │                                no attempt spent; .argument
     ├── RequestRejectedError         the server says the request is wrong (400/404/413/422, 401/403):
     │                                never retried, never held against a replica; .status, .body
-    ├── GroupUnavailableError        the budget is spent and no replica answered;
+    ├── UnexpectedAnswerError        a well-formed answer that does not fit the request: not retried
+    ├── GroupUnavailableError        the call's bounds are spent and no replica answered;
     │                                .attempts = ((replica, error, elapsed_s), ...)
-    └── StreamInterruptedError       a stream broke after its first chunk; .text = what arrived
+    └── StreamInterruptedError       a stream broke after text arrived and was not resumed;
+                                     .text = what arrived, .why_not_resumed
 
 :class:`AsyncModelServer` (in :mod:`model_server.async_client`) has the same
-methods for asyncio code. The retry loop itself is :mod:`model_server.request_plan`.
+methods for asyncio code.
 """
 
 from __future__ import annotations
@@ -30,72 +39,141 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import openai
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
+from model_server.answer import StreamAssembly, embedding_vectors
 from model_server.client_core import (
     POOL_CONNECTIONS,
     POOL_KEEPALIVE,
+    ChatRequest,
     ClientCore,
-    chat_answer,
-    embedding_answer,
+    SegmentTally,
+    parse_event,
 )
 from model_server.client_errors import (
     GroupUnavailableError,
+    InvalidRequestError,
     RequestRejectedError,
     StreamInterruptedError,
+    UnexpectedAnswerError,
     UnknownGroupError,
 )
-from model_server.config import ClientPolicy, Fleet, ServerKind, ServerSpec
+from model_server.config import ClientPolicy, Fleet, ServerKind
+from model_server.deadline_transport import deadline_transport, set_deadline
 from model_server.endpoint import EndpointSnapshot
 from model_server.errors import ClientError
 from model_server.probe import probe_group
-from model_server.replica_group import Lease, ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, Sleep
-from model_server.retry import OutcomeKind
+from model_server.replica_group import ReplicaGroup
+from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
+from model_server.retry import DeadlineExceeded, MalformedResponse, OutcomeKind
+from model_server.wire import sse_data
 
 __all__ = [
     "AsyncModelServer",
+    "ChatStream",
     "ClientError",
     "GroupUnavailableError",
+    "InvalidRequestError",
     "ModelServer",
     "RequestRejectedError",
     "StreamInterruptedError",
+    "UnexpectedAnswerError",
     "UnknownGroupError",
 ]
 
 log = logging.getLogger(__name__)
 
-SyncOp = Callable[[openai.OpenAI, Call], tuple[Any, "int | None"]]
+SyncOp = Callable[[Call], tuple[Any, "int | None"]]
+
+
+@dataclass
+class _Opened:
+    """A stream that has sent its first token (or ended without one)."""
+
+    response: httpx.Response
+    lines: Iterator[str] | None
+    first: str
+    first_at: float
+    stall_s: float
+    ended: bool = False
+
+
+class ChatStream:
+    """The text of a streamed chat answer, chunk by chunk (an iterator of str).
+
+    After the iteration: ``text`` (the whole answer), ``usage`` (prompt tokens once, completion
+    tokens of every segment summed; None if the server sent none), ``resumes`` (how often the
+    stream continued on another replica). ``close()`` (or leaving a ``with`` block) frees the
+    replica at once when the caller stops early.
+    """
+
+    def __init__(self, pieces: Iterator[str], assembly: StreamAssembly, state: RequestState) -> None:
+        self._pieces = pieces
+        self._assembly = assembly
+        self._state = state
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        return self._assembly.text
+
+    @property
+    def usage(self) -> CompletionUsage | None:
+        usage = self._assembly.usage()
+        return CompletionUsage(**usage) if usage is not None else None
+
+    @property
+    def resumes(self) -> int:
+        return self._state.resumes
 
 
 class ModelServer:
-    """A thread-safe client of the fleet's groups, with failover, breakers and re-probes.
+    """A thread-safe client of the fleet's groups, with deadlines, failover, resumes, breakers and re-probes.
 
     ``config``: a fleet table path or a :class:`Fleet`; default ``$MODEL_SERVER_CONFIG``,
     else ``configs/servers.toml``. ``state_path`` overrides ``client.run_state_file``;
     ``policy`` overrides the table's ``[client]`` section; ``metrics_registry`` turns on
-    Prometheus metrics (see :mod:`model_server.client_metrics`).
+    Prometheus metrics (see :mod:`model_server.client_metrics`). ``clock``, ``rng``,
+    ``sleep`` and ``transport`` (an httpx transport, e.g. ``httpx.MockTransport``) are seams for tests.
     """
 
     def __init__(
         self, config: str | os.PathLike[str] | Fleet | None = None, *, state_path: str | os.PathLike[str] | None = None,
         policy: ClientPolicy | None = None, metrics_registry: Any = None,
         clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep, transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._core = ClientCore(config, state_path, policy, metrics_registry, clock, rng)
         self.policy = self._core.policy
         self.fleet = self._core.fleet
+        self._sleep = sleep
+        limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_KEEPALIVE)
         self._http = httpx.Client(
-            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_KEEPALIVE),
+            transport=transport or deadline_transport(limits),
             timeout=httpx.Timeout(self.policy.request_timeout_ceiling_s, connect=self.policy.connect_timeout_s),
         )
-        self._clients: dict[str, openai.OpenAI] = {}
-        self._clients_lock = threading.Lock()
         self._probe_locks = {g: threading.Lock() for g in self.fleet.groups}
         self._reprobes: set[threading.Thread] = set()  # background re-probes, guarded by _reprobes_lock
         self._reprobes_lock = threading.Lock()
@@ -115,27 +193,45 @@ class ModelServer:
         return found
 
     def chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
-        """An openai ChatCompletion from the group's best replica (``params`` as for the openai SDK)."""
-        self._core.check_chat_params(params)
+        """An openai ChatCompletion from the group's best replica (``params`` as for the openai SDK).
+
+        Streamed under the hood, so a hung replica costs at most the first-token deadline and a
+        broken answer is resumed elsewhere; the ChatCompletion (usage included) is the same.
+        """
+        req = self._core.chat_request("chat", messages, params)
         g = self._core.group(group, ServerKind.completion)
+        assembly = StreamAssembly(req.kind, req.rich)
+        for _ in self._segments(g, req, assembly, self._core.new_state()):
+            pass
+        return assembly.chat_completion()
 
-        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
-            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=False)
-            return chat_answer(client.chat.completions.create(**kwargs))
-
-        return self._drive(g, op).value
-
-    def embed(self, group: str | int, inputs: str | list[str]) -> list[float] | list[list[float]]:
-        """One vector for a string, a list of vectors for a list of strings."""
+    def embed(self, group: str | int, inputs: Any, **params: Any) -> list[float] | list[list[float]]:
+        """One vector for one input (a string, or a list of token ids); a list of vectors for a batch."""
+        req = self._core.embed_request(inputs, params)
         g = self._core.group(group, ServerKind.embedding)
-        batch = [inputs] if isinstance(inputs, str) else list(inputs)
 
-        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
-            response = client.embeddings.create(**self._core.embed_kwargs(call.lease.spec, batch, call.timeout_s))
-            return embedding_answer(response, len(batch)), None
+        def op(call: Call) -> tuple[Any, int | None]:
+            spec = call.lease.spec
+            limit = time.monotonic() + call.timeout_s
+            set_deadline(limit)
+            try:
+                response = self._http.post(
+                    spec.base_url + "/embeddings", content=req.encoded(spec), headers=self._core.headers(req.headers),
+                    params=req.query or None,
+                )
+                if response.status_code >= 400:
+                    raise self._core.http_error(response.status_code, response.content)
+                data = parse_event(response.text)
+            except httpx.TimeoutException as err:
+                if time.monotonic() >= limit:
+                    raise DeadlineExceeded("answer", call.timeout_s, spec.name) from err
+                raise
+            finally:
+                set_deadline(None)
+            return embedding_vectors(data, req.count), None
 
-        vectors = self._drive(g, op).value
-        return vectors[0] if isinstance(inputs, str) else vectors
+        vectors = self._drive(g, self._core.new_state(), op, prompt_tokens=req.prompt_tokens).value
+        return vectors[0] if req.single else vectors
 
     def get_completion_or_embedding(
         self, model_size: str | int, message: Any, temperature: float = 0.0, max_tokens: int = 256,
@@ -147,34 +243,16 @@ class ModelServer:
         reply = self.chat(model_size, message, temperature=temperature, max_tokens=max_tokens)
         return reply.choices[0].message.content or ""
 
-    def stream_chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> Iterator[str]:
-        """Text chunks of a streamed reply; failover is invisible before the first chunk.
+    def stream_chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> ChatStream:
+        """The text chunks of a streamed reply (a :class:`ChatStream`); failover and resume are invisible.
 
         A wrong group or parameter is reported here, at the call; the request is sent on the first ``next()``.
         """
-        self._core.check_chat_params(params)
+        req = self._core.chat_request("stream_chat", messages, params)
         g = self._core.group(group, ServerKind.completion)
-        return self._stream(g, messages, params)
-
-    def _stream(self, g: ReplicaGroup, messages: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[str]:
-
-        def op(client: openai.OpenAI, call: Call) -> tuple[Any, int | None]:
-            kwargs = self._core.chat_kwargs(call.lease.spec, messages, params, call.timeout_s, stream=True)
-            stream = client.chat.completions.create(**kwargs)
-            try:
-                chunks = iter(stream)
-                for chunk in chunks:  # up to the first chunk with text: until then, failing over is free
-                    text = self._core.first_text(chunk, call)
-                    if text:
-                        return (stream, chunks, text), None
-                return (stream, iter(()), ""), None
-            except BaseException:
-                stream.close()
-                raise
-
-        done = self._drive(g, op, hold_lease=True)
-        stream, chunks, first = done.value
-        yield from self._relay(g, done.lease, stream, chunks, first)
+        assembly = StreamAssembly(req.kind, req.rich)
+        state = self._core.new_state()
+        return ChatStream(self._segments(g, req, assembly, state), assembly, state)
 
     def stats(self) -> dict[str, dict[str, EndpointSnapshot]]:
         """Each built group's replicas: breaker, latency, in flight, attempts, failures."""
@@ -196,48 +274,139 @@ class ModelServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- the loop: each decision is in ClientCore or the plan; only the blocking calls are here ----
+    # ---- streams: segments on replicas, resumed where one breaks ---------------------------------
 
-    def _relay(self, g: ReplicaGroup, lease: Lease, stream: Any, chunks: Iterator[Any], first: str) -> Iterator[str]:
-        tally = self._core.tally(g, lease, first)
+    def _segments(
+        self, g: ReplicaGroup, req: ChatRequest, assembly: StreamAssembly, state: RequestState
+    ) -> Iterator[str]:
+        body = req.body
+        previous: str | None = None
+        while True:
+            try:
+                done = self._drive(
+                    g, state, lambda call: (self._open(req, body, call, assembly), None), hold_lease=True,
+                    prompt_tokens=req.prompt_tokens,
+                )
+            except GroupUnavailableError as err:
+                self._core.raise_unresumed(g, err, assembly, state, previous)
+                raise
+            opened: _Opened = done.value
+            if previous is not None:
+                self._core.note_resumed(g, previous, done.lease, assembly)
+            tally = self._core.segment(g, done.lease, opened.stall_s)
+            broken = yield from self._relay(g, opened, tally, assembly, state)
+            if broken is None:
+                return
+            previous = done.lease.spec.name if assembly.text else None
+            body = self._core.after_break(g, req, state, assembly, body, tally)
+
+    def _open(self, req: ChatRequest, body: dict[str, Any], call: Call, assembly: StreamAssembly) -> _Opened:
+        """Send one segment's request and read up to its first token, all within the first-token deadline."""
+        spec = call.lease.spec
+        limit = time.monotonic() + call.deadlines.first_token_s
+        set_deadline(limit)
+        response: httpx.Response | None = None
         try:
-            if first:
-                yield first
-            for chunk in chunks:
-                text = tally.take(chunk)
-                if text:
-                    yield text
+            request = self._http.build_request(
+                "POST", spec.base_url + req.path, content=req.encoded(spec, body),
+                headers=self._core.headers(req.headers), params=req.query or None,
+            )
+            response = self._http.send(request, stream=True)
+            if response.status_code >= 400:
+                raise self._core.http_error(response.status_code, response.read())
+            assembly.begin_segment()
+            lines = response.iter_lines()
+            for line in lines:
+                data = sse_data(line)
+                if data is None:
+                    continue
+                if data == "[DONE]":
+                    return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
+                text = assembly.take(parse_event(data))
+                if assembly.progressed:
+                    return _Opened(response, lines, text, self._core.clock(), call.deadlines.stall_s)
+                self._core.check_first_token(call)  # chunks without a token (role only, empty) do not count
+            if assembly.finished:
+                return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
+            raise MalformedResponse("the stream ended before its first token and without [DONE]")
+        except BaseException as err:
+            if response is not None:
+                response.close()
+            if isinstance(err, httpx.TimeoutException) and time.monotonic() >= limit:
+                raise DeadlineExceeded("first token", call.deadlines.first_token_s, spec.name) from err
+            raise
+        finally:
+            set_deadline(None)
+
+    def _relay(
+        self, g: ReplicaGroup, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly, state: RequestState
+    ) -> Generator[str, None, BaseException | None]:
+        """Yield one segment's text to the caller; return None when it ended, else the error that broke it."""
+        tally.started(opened.first_at)
+        broken: BaseException | None = None
+        try:
+            if opened.first:
+                yield opened.first
+            if not opened.ended and opened.lines is not None:
+                yield from self._rest(opened, tally, assembly)
             tally.ended()
         except Exception as err:
-            interrupted = tally.interrupted(err)
-            if interrupted is None:
+            broken = tally.broke(err)
+            if broken is None:
                 raise
-            raise interrupted from err
         finally:
+            set_deadline(None)
             try:
-                stream.close()
+                opened.response.close()
             finally:
-                if tally.release():
+                if tally.release(state, assembly.segment_tokens_so_far):
                     self._start_reprobe(g)
+        return broken
 
-    def _openai(self, spec: ServerSpec) -> openai.OpenAI:
-        with self._clients_lock:
-            client = self._clients.get(spec.name)
-            if client is None:
-                client = self._clients[spec.name] = openai.OpenAI(
-                    base_url=spec.base_url, api_key=self._core.api_key or "EMPTY", max_retries=0, http_client=self._http,
-                )
-            return client
+    def _rest(self, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly) -> Iterator[str]:
+        lines = opened.lines
+        assert lines is not None
+        # The stall deadline runs from when this thread starts waiting for the next token, never while
+        # the caller holds the text; chunks that carry no token (keep-alives, empty deltas) do not reset it.
+        waiting = self._core.stall_clock(opened.stall_s)
+        while True:
+            set_deadline(waiting.deadline)
+            try:
+                line = next(lines)
+            except StopIteration:
+                if assembly.finished:
+                    return
+                raise MalformedResponse("the stream ended without [DONE]") from None
+            finally:
+                set_deadline(None)
+            data = sse_data(line)
+            if data is None:
+                continue
+            if data == "[DONE]":
+                return
+            assembly.progressed = False
+            text = assembly.take(parse_event(data))
+            if not assembly.progressed:
+                waiting.check(tally.lease.spec.name)
+                continue
+            tally.chunk(self._core.clock())
+            if text:
+                yield text
+            waiting = self._core.stall_clock(opened.stall_s)
 
-    def _drive(self, g: ReplicaGroup, op: SyncOp, hold_lease: bool = False) -> Done:
-        plan = self._core.plan(g, hold_lease)
+    # ---- the plan's driver: each decision is in ClientCore or the plan; only the blocking calls are here ----
+
+    def _drive(
+        self, g: ReplicaGroup, state: RequestState, op: SyncOp, hold_lease: bool = False, prompt_tokens: int = 0
+    ) -> Done:
+        plan = self._core.plan(g, state, hold_lease, prompt_tokens)
         try:
             action = next(plan)
             while True:
                 if isinstance(action, Call):
                     result: Any = self._perform(g, op, action)
                 elif isinstance(action, Sleep):
-                    time.sleep(action.delay_s)
+                    self._sleep(action.delay_s)
                     result = None
                 elif isinstance(action, Probe):
                     result = self._probe_round(g, action)
@@ -255,7 +424,7 @@ class ModelServer:
 
     def _perform(self, g: ReplicaGroup, op: SyncOp, call: Call) -> CallResult:
         try:
-            value, tokens = op(self._openai(call.lease.spec), call)
+            value, tokens = op(call)
         except Exception as err:
             return self._core.failed(g, call, err)
         except BaseException:
@@ -269,8 +438,11 @@ class ModelServer:
                 return True
         return False
 
-    def _probe_round(self, g: ReplicaGroup, probe: Probe) -> bool:
-        """One probe round of the group; threads arriving meanwhile wait for it instead of probing again."""
+    def _probe_round(self, g: ReplicaGroup, probe: Probe, patient: bool = False) -> bool:
+        """One probe round of the group; threads arriving meanwhile wait for it instead of probing again.
+
+        ``patient``: a background round, which waits for every replica (see probe_group).
+        """
         lock = self._probe_locks[g.name]
         if not lock.acquire(timeout=probe.wait_s):
             return False
@@ -278,15 +450,23 @@ class ModelServer:
             joined = self._core.joined_round(g, probe)
             if joined is not None:
                 return joined
-            results = probe_group(g.specs, probe.timeout_s, client=self._http, **self._core.probe_kwargs())
+            results = probe_group(
+                g.specs, probe.timeout_s, client=self._http, suspects=g.suspects(), patient=patient,
+                **self._core.probe_kwargs(),
+            )
             return g.apply_probes(results, probe.timeout_s)
         finally:
             lock.release()
 
+    def _reprobe(self, g: ReplicaGroup) -> None:
+        """The background re-probe of a group with a degraded replica or one out of rotation."""
+        if g.wants_reprobe():
+            self._probe_round(g, self._core.fresh_probe(g), patient=True)
+
     def _start_reprobe(self, g: ReplicaGroup) -> None:
         def run() -> None:
             try:
-                self._probe_round(g, self._core.fresh_probe(g))
+                self._reprobe(g)
             except Exception:  # never let a background probe kill anything
                 log.exception("background re-probe of group '%s' failed", g.name)
             finally:

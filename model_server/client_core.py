@@ -1,72 +1,131 @@
 """What ModelServer and AsyncModelServer share: every decision that does not wait.
 
 Nothing here waits on the network: :class:`ClientCore` resolves groups and
-policies, builds each operation's SDK arguments, turns an attempt's exception
-into its outcome, bounds a whole attempt, and marks the run-state file;
-:class:`StreamTally` keeps a relayed stream's text, tokens and outcome; the
-``*_answer`` functions turn an SDK answer into a value or a
-:class:`~model_server.retry.MalformedResponse`. The two clients keep only
-their blocking calls or awaits, so they cannot drift apart.
+policies, turns the caller's arguments into a checked request
+(:class:`ChatRequest`, :class:`EmbedRequest`), starts a call's
+:class:`~model_server.request_plan.RequestState` and plan, turns an
+attempt's exception into its outcome, decides whether a broken stream is
+resumed, and marks the run-state file. :class:`SegmentTally` keeps one
+replica's part of a stream (first token, gaps, outcome). The two clients
+keep only their blocking calls or awaits, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from openai.types import CreateEmbeddingResponse
-from openai.types.chat import ChatCompletion
-
+from model_server.answer import StreamAssembly, needs_rich_assembly
 from model_server.client_errors import (
     GroupUnavailableError,
+    InvalidRequestError,
     RequestRejectedError,
     StreamInterruptedError,
     UnknownGroupError,
 )
 from model_server.client_metrics import ClientMetrics
 from model_server.config import ClientPolicy, Fleet, ServerKind, ServerSpec, load_fleet
+from model_server.deadlines import estimate_tokens
 from model_server.endpoint import EndpointSnapshot
 from model_server.replica_group import Lease, ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, request_plan
+from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, note_failure, request_plan
+from model_server.resume import continuation_body, why_no_resume, why_not_resumable
 from model_server.retry import Attempt, MalformedResponse, OutcomeKind, classify, describe
 from model_server.runstate import mark_not_running
+from model_server.wire import (
+    CHAT_PARAMS,
+    EMBED_PARAMS,
+    DeadlineExceeded,
+    ReplicaHTTPError,
+    check_params,
+    encode_body,
+    error_message,
+    normalize_embedding_input,
+)
 
 __all__ = [
     "POOL_CONNECTIONS",
     "POOL_KEEPALIVE",
-    "AttemptTimeout",
+    "ChatRequest",
     "ClientCore",
-    "StreamTally",
-    "chat_answer",
-    "chunk_text",
-    "embedding_answer",
+    "EmbedRequest",
+    "SegmentTally",
+    "parse_event",
 ]
 
 log = logging.getLogger("model_server.client")
 
 POOL_CONNECTIONS = 256  # per ModelServer: room for 64+ threads on several replicas
 POOL_KEEPALIVE = 128
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
-RESERVED_CHAT_PARAMS = ("stream", "model", "timeout")  # the client chooses these
+
+@dataclass
+class ChatRequest:
+    """A checked chat (or completions) request: the body every segment starts from, and what it allows."""
+
+    call: str  # the public method, for messages: "chat", "stream_chat"
+    kind: str  # "chat" or "completion"
+    path: str  # under the replica's /v1
+    body: dict[str, Any]  # without "model" (each replica has its own name)
+    headers: dict[str, str]
+    query: dict[str, Any]
+    prompt_tokens: int  # an estimate, for the first-token deadline
+    not_resumable: str | None  # why a broken stream of it is not resumed (None: it is)
+    rich: bool  # several choices, tools or logprobs: assembled by the SDK's accumulator
+
+    def encoded(self, spec: ServerSpec, body: Mapping[str, Any] | None = None) -> bytes:
+        return encode_body(dict(body if body is not None else self.body, model=spec.model_name), self.call)
 
 
-class AttemptTimeout(TimeoutError):
-    """A whole attempt outlived its limit (the SDK's own timeouts are per read); classified as a timeout."""
+@dataclass
+class EmbedRequest:
+    body: dict[str, Any]
+    headers: dict[str, str]
+    query: dict[str, Any]
+    count: int
+    single: bool
+    prompt_tokens: int
+
+    def encoded(self, spec: ServerSpec) -> bytes:
+        return encode_body(dict(self.body, model=spec.model_name), "embed")
+
+
+def _split_extras(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """(body fields, extra headers, extra query) as the openai SDK spreads extra_body/headers/query."""
+    body = {k: v for k, v in params.items() if k not in ("extra_body", "extra_headers", "extra_query")}
+    body.update(params.get("extra_body") or {})
+    headers = {str(k): str(v) for k, v in (params.get("extra_headers") or {}).items()}
+    return body, headers, dict(params.get("extra_query") or {})
+
+
+def parse_event(data: str) -> Any:
+    """One server-sent event's JSON; MalformedResponse if it is not JSON."""
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise MalformedResponse(f"a stream event is not JSON: {data[:80]!r}") from err
 
 
 class ClientCore:
-    """What the sync and async clients share: the table, the groups, the policy, answers checking."""
+    """What the sync and async clients share: the table, the groups, the policy, the decisions."""
 
     def __init__(
         self, config: str | os.PathLike[str] | Fleet | None, state_path: str | os.PathLike[str] | None,
         policy: ClientPolicy | None, metrics_registry: Any, clock: Callable[[], float], rng: random.Random | None,
     ) -> None:
+        if config is None:
+            from model_server.fleet_choice import default_fleet_path
+
+            config = default_fleet_path()  # $MODEL_SERVER_CONFIG, servers.toml on its hosts, else (no GPU) local.toml
         self.fleet = config if isinstance(config, Fleet) else load_fleet(config)
         self.policy = policy or self.fleet.client
         state = state_path if state_path is not None else self.policy.run_state_file
@@ -84,6 +143,10 @@ class ClientCore:
         return tuple(self.fleet.groups)
 
     def group(self, name: str | int, kind: ServerKind | None = None) -> ReplicaGroup:
+        if not isinstance(name, (str, int)) or isinstance(name, bool):
+            raise InvalidRequestError(
+                f"the group must be a string such as '8' (or an int), got {type(name).__name__}.", argument="group"
+            )
         key = str(name)
         with self._lock:
             group = self._groups.get(key)
@@ -119,13 +182,58 @@ class ClientCore:
     def probe_kwargs(self) -> dict[str, Any]:
         return {"api_key": self.api_key, "connect_timeout_s": self.policy.connect_timeout_s}
 
-    def plan(self, group: ReplicaGroup, hold_lease: bool = False):
-        return request_plan(group, self.policy, rng=self.rng, clock=self.clock, metrics=self.metrics, hold_lease=hold_lease)
+    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(extra or {})
+        return headers
+
+    # ---- requests at the edge -------------------------------------------------------------
+
+    def chat_request(self, call: str, messages: Any, params: dict[str, Any]) -> ChatRequest:
+        """The checked request for chat()/stream_chat(): InvalidRequestError before any attempt."""
+        check_params(params, CHAT_PARAMS, call)
+        if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, Mapping) for m in messages):
+            raise InvalidRequestError(
+                f"{call}(): messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
+                f"got {type(messages).__name__}.",
+                argument="messages",
+            )
+        body, headers, query = _split_extras(params)
+        body["messages"] = [dict(m) for m in messages]
+        body["stream"] = True
+        body["stream_options"] = dict(STREAM_OPTIONS)
+        encode_body(body, call)  # every problem of the caller's arguments shows here, before any attempt
+        return ChatRequest(
+            call=call, kind="chat", path="/chat/completions", body=body, headers=headers, query=query,
+            prompt_tokens=estimate_tokens(body["messages"]),
+            not_resumable=why_not_resumable("chat", body, self.policy), rich=needs_rich_assembly(body),
+        )
+
+    def embed_request(self, inputs: Any, params: dict[str, Any]) -> EmbedRequest:
+        check_params(params, EMBED_PARAMS, "embed")
+        batch, single = normalize_embedding_input(inputs)
+        body, headers, query = _split_extras(params)
+        body.update(input=batch[0] if single and not isinstance(inputs, str) else batch, encoding_format="float")
+        encode_body(body, "embed")
+        return EmbedRequest(body, headers, query, len(batch), single, estimate_tokens(batch))
+
+    # ---- one call -------------------------------------------------------------------------
+
+    def new_state(self) -> RequestState:
+        return RequestState(self.policy, self.clock())
+
+    def plan(self, group: ReplicaGroup, state: RequestState, hold_lease: bool = False, prompt_tokens: int = 0):
+        return request_plan(
+            group, self.policy, state, rng=self.rng, clock=self.clock, metrics=self.metrics, hold_lease=hold_lease,
+            prompt_tokens=prompt_tokens,
+        )
 
     def unavailable(self, group: ReplicaGroup) -> None:
         if self.state_path is not None:
             mark_not_running(self.state_path)
-        log.error("group '%s' is unavailable: no replica answered within the retry budget", group.name)
+        log.error("group '%s' is unavailable: no replica answered within the call's bounds", group.name)
 
     def raise_if_dead(self, groups: dict[str, ReplicaGroup], found: dict[str, bool]) -> None:
         """After a warmup: GroupUnavailableError (listing each replica's last error) for a group nobody answered in."""
@@ -142,49 +250,18 @@ class ClientCore:
             groups = list(self._groups.values())
         return {g.name: g.snapshot() for g in groups}
 
-    # ---- one attempt ----------------------------------------------------------------------
-
-    def timeout(self, timeout_s: float) -> httpx.Timeout:
-        return httpx.Timeout(timeout_s, connect=min(self.policy.connect_timeout_s, timeout_s))
-
-    def attempt_limit_s(self, timeout_s: float) -> float:
-        """A whole attempt's limit: its (per-read) timeout plus the connection's."""
-        return timeout_s + self.policy.connect_timeout_s
-
     @staticmethod
-    def check_chat_params(params: dict[str, Any]) -> None:
-        """TypeError for parameters the client sets itself: checked at the call, before any attempt."""
-        reserved = [k for k in RESERVED_CHAT_PARAMS if k in params]
-        if reserved:
-            raise TypeError(
-                f"chat parameters may not set {', '.join(reserved)}: the client chooses stream, model and timeout "
-                "(use stream_chat() to stream)"
-            )
-
-    def chat_kwargs(self, spec: ServerSpec, messages: Any, params: dict[str, Any], timeout_s: float, stream: bool) -> dict:
-        kwargs = dict(params, model=spec.model_name, messages=messages, timeout=self.timeout(timeout_s))
-        if stream:
-            kwargs["stream"] = True
-            kwargs.setdefault("stream_options", {"include_usage": True})
-        return kwargs
-
-    def embed_kwargs(self, spec: ServerSpec, batch: list[str], timeout_s: float) -> dict:
-        return {"model": spec.model_name, "input": batch, "encoding_format": "float", "timeout": self.timeout(timeout_s)}
-
-    def first_text(self, chunk: Any, call: Call) -> str:
-        """A stream chunk's text before the first text arrived; AttemptTimeout once the attempt outlived its limit.
-
-        A replica sending endless empty (or role-only) chunks never trips a per-read timeout: this does.
-        """
-        text, _ = chunk_text(chunk)
-        limit_s = self.attempt_limit_s(call.timeout_s)
-        if not text and self.clock() - call.lease.started_s > limit_s:
-            raise AttemptTimeout(f"no text from {call.lease.spec.name} within {limit_s:.2f}s (whole attempt)")
-        return text
+    def http_error(status: int, raw: bytes) -> ReplicaHTTPError:
+        text = raw[:2000].decode("utf-8", "replace")
+        try:
+            body: Any = json.loads(text)
+        except ValueError:
+            body = text
+        return ReplicaHTTPError(status, body, error_message(body, text or f"HTTP {status}"))
 
     @staticmethod
     def failed(group: ReplicaGroup, call: Call, err: Exception) -> CallResult:
-        """The outcome of an attempt that raised; an error that is not the replica's doing (a bug) is re-raised."""
+        """The outcome of an attempt that raised; an error that is not the replica's doing is re-raised."""
         kind = classify(err)
         if kind is None:
             group.release(call.lease, None)
@@ -195,70 +272,133 @@ class ClientCore:
         """Whether the finished request asks for a background re-probe."""
         return done.reprobe and not self.closed
 
-    def tally(self, group: ReplicaGroup, lease: Lease, first: str) -> StreamTally:
-        return StreamTally(self, group, lease, first)
+    # ---- streams: deadlines, segments and resumes -------------------------------------------
+
+    def check_first_token(self, call: Call) -> None:
+        """DeadlineExceeded once an attempt has had its first-token time without a token (checked per chunk)."""
+        if self.clock() - call.lease.started_s > call.deadlines.first_token_s:
+            raise DeadlineExceeded("first token", call.deadlines.first_token_s, call.lease.spec.name)
+
+    def stall_clock(self, stall_s: float) -> StallClock:
+        return StallClock(self.clock, stall_s)
+
+    def segment(self, group: ReplicaGroup, lease: Lease, stall_s: float) -> SegmentTally:
+        return SegmentTally(self, group, lease, stall_s)
+
+    def after_break(
+        self, group: ReplicaGroup, req: ChatRequest, state: RequestState, assembly: StreamAssembly, body: dict[str, Any],
+        tally: SegmentTally,
+    ) -> dict[str, Any]:
+        """A stream broke after it began: the body that continues it, or StreamInterruptedError (raised)."""
+        err = tally.error_obj
+        received = assembly.text
+        if not received:  # nothing reached the caller: start over, as a plain failover
+            assembly.restart()
+            return req.body
+        why = why_no_resume(req.not_resumable, state.resumes, self.policy, state.spent(self.clock()) is None)
+        if why is not None:
+            raise StreamInterruptedError(
+                group.name, tally.lease.spec.name, received, tally.error, why_not_resumed=why, resumes=state.resumes
+            ) from err
+        state.resumes += 1
+        self.metrics.resume(group.name, tally.lease.spec.name)
+        log.warning(
+            "resuming a stream of group '%s': %s broke after %d token(s) (%s); continuing on another replica "
+            "(resume %d/%d)", group.name, tally.lease.spec.name, assembly.tokens, tally.error, state.resumes,
+            self.policy.max_resumes,
+        )
+        return continuation_body(req.kind, req.body, received, assembly.tokens)
+
+    @staticmethod
+    def raise_unresumed(
+        group: ReplicaGroup, err: GroupUnavailableError, assembly: StreamAssembly, state: RequestState,
+        previous: str | None,
+    ) -> None:
+        """No replica could continue a stream that had text: StreamInterruptedError (raised); else return."""
+        if previous is None or not assembly.text:
+            return
+        raise StreamInterruptedError(
+            group.name, previous, assembly.text, str(state.last_error or "broken"),
+            why_not_resumed=f"no replica could continue it ({err})", resumes=state.resumes,
+        ) from err
+
+    def note_resumed(self, group: ReplicaGroup, previous: str, lease: Lease, assembly: StreamAssembly) -> None:
+        log.warning(
+            "stream of group '%s' resumed on %s after %s broke (%d token(s) carried over)",
+            group.name, lease.spec.name, previous, assembly.tokens_before,
+        )
 
 
-class StreamTally:
-    """A relayed stream's bookkeeping: text received, output tokens, outcome; the lease's release at the end."""
+class StallClock:
+    """The wait for a stream's next token: a socket deadline (monotonic) and a check on the client's clock."""
 
-    def __init__(self, core: ClientCore, group: ReplicaGroup, lease: Lease, first: str) -> None:
-        self.core, self.group, self.lease = core, group, lease
-        self.received = [first] if first else []
-        self.tokens: int | None = None  # from the usage chunk, when the server sends one
-        self.outcome: OutcomeKind | None = None  # None until the end: a stream dropped early is a cancel
-        self.error = ""
+    def __init__(self, clock: Callable[[], float], stall_s: float) -> None:
+        self.clock, self.stall_s = clock, stall_s
+        self.since = clock()
+        self.deadline = time.monotonic() + stall_s
 
-    def take(self, chunk: Any) -> str:
-        text, tokens = chunk_text(chunk)
-        if tokens is not None:
-            self.tokens = tokens
-        if text:
-            self.received.append(text)
-        return text
+    def left_s(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+    def check(self, replica: str) -> None:
+        if self.clock() - self.since > self.stall_s or time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("chunk after a stall", self.stall_s, replica)
+
+
+@dataclass
+class SegmentTally:
+    """One replica's part of a stream, from its first text to its end: timing, outcome, the lease's release."""
+
+    core: ClientCore
+    group: ReplicaGroup
+    lease: Lease
+    stall_s: float
+    first_at: float | None = None
+    last_at: float | None = None
+    chunks: int = 0
+    outcome: OutcomeKind | None = None  # None until the end: a stream the caller dropped is a cancel
+    error: str = ""
+    error_obj: BaseException | None = field(default=None, repr=False)
+
+    def started(self, now: float) -> None:
+        self.first_at = self.last_at = now
+        self.group.first_token(self.lease, now - self.lease.started_s)
+
+    def chunk(self, now: float) -> None:
+        self.chunks += 1
+        self.last_at = now
 
     def ended(self) -> None:
         self.outcome = OutcomeKind.OK
 
-    def interrupted(self, err: Exception) -> StreamInterruptedError | None:
-        """The error to raise for a stream broken after its first chunk; None if ``err`` is not the replica's doing."""
+    def broke(self, err: BaseException) -> BaseException | None:
+        """Book a stream broken by ``err`` (the error to report); None if it is not the replica's doing (a bug)."""
         kind = classify(err)
         if kind is None:
             return None
-        self.outcome, self.error = kind, describe(err)
-        return StreamInterruptedError(self.group.name, self.lease.spec.name, "".join(self.received), self.error)
+        if kind is OutcomeKind.TIMEOUT and not isinstance(err, DeadlineExceeded):
+            stalled = DeadlineExceeded("chunk after a stall", self.stall_s, self.lease.spec.name)
+            stalled.__cause__ = err
+            err = stalled
+        if isinstance(err, DeadlineExceeded):
+            self.core.metrics.stall(self.group.name, self.lease.spec.name, err.phase)
+        self.outcome = OutcomeKind.SERVER if kind is OutcomeKind.REJECTED else kind  # mid-stream: the replica's fault
+        self.error, self.error_obj = describe(err), err
+        return err
 
-    def release(self) -> bool:
-        """Report the outcome; True if a background re-probe should start."""
-        count = self.tokens if self.tokens is not None else len(self.received)
-        reprobe = self.group.release(self.lease, self.outcome, error=self.error, output_tokens=count)
+    def receiving_s(self) -> float:
+        return 0.0 if self.first_at is None or self.last_at is None else self.last_at - self.first_at
+
+    def release(self, state: RequestState, tokens: int) -> bool:
+        """Report the outcome (and book a break in the call's state); True if a background re-probe should start."""
+        state.receiving_s += self.receiving_s()
+        gap = self.receiving_s() / (self.chunks - 1) if self.chunks > 1 else None
+        if self.outcome is not None and self.outcome is not OutcomeKind.OK:
+            elapsed = (self.last_at or self.core.clock()) - self.lease.started_s
+            note_failure(self.group, state, self.lease, self.outcome, self.error, elapsed, self.core.metrics)
+            state.last_error = self.error_obj
+        reprobe = self.group.release(
+            self.lease, self.outcome, error=self.error, output_tokens=max(1, tokens),
+            gap_s=gap if self.outcome is OutcomeKind.OK else None,
+        )
         return reprobe and not self.core.closed
-
-
-def chat_answer(response: Any) -> tuple[ChatCompletion, int | None]:
-    """The completion and its output tokens, or MalformedResponse."""
-    if not isinstance(response, ChatCompletion) or not response.choices or response.choices[0].message is None:
-        raise MalformedResponse(f"not a chat completion: {str(response)[:120]!r}")
-    tokens = response.usage.completion_tokens if response.usage is not None else None
-    return response, tokens
-
-
-def embedding_answer(response: Any, count: int) -> list[list[float]]:
-    """The vectors in input order, or MalformedResponse."""
-    if not isinstance(response, CreateEmbeddingResponse) or len(response.data) != count:
-        raise MalformedResponse(f"not {count} embedding(s): {str(response)[:120]!r}")
-    vectors = [d.embedding for d in sorted(response.data, key=lambda d: d.index)]
-    if not all(isinstance(v, list) and v for v in vectors):
-        raise MalformedResponse("an embedding is empty or not a list of floats")
-    return vectors
-
-
-def chunk_text(chunk: Any) -> tuple[str, int | None]:
-    """(text, completion tokens if this chunk carries usage) of a stream chunk; MalformedResponse if it is not one."""
-    choices = getattr(chunk, "choices", None)
-    if choices is None:
-        raise MalformedResponse(f"not a chat completion chunk: {str(chunk)[:120]!r}")
-    usage = getattr(chunk, "usage", None)
-    tokens = usage.completion_tokens if usage is not None else None
-    text = "".join((c.delta.content or "") for c in choices if c.delta is not None)
-    return text, tokens

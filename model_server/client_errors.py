@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import openai
-
 from model_server.errors import ClientError
 from model_server.retry import Attempt
 
 __all__ = [
     "ClientError",
     "GroupUnavailableError",
+    "InvalidRequestError",
     "RequestRejectedError",
     "StreamInterruptedError",
+    "UnexpectedAnswerError",
     "UnknownGroupError",
     "rejected_from",
 ]
@@ -36,6 +36,24 @@ class UnknownGroupError(ClientError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class InvalidRequestError(ClientError, TypeError, ValueError):
+    """The caller's arguments cannot make a request (unknown keyword, NaN, not JSON, ...): no attempt was spent.
+
+    Also a TypeError and a ValueError, the errors Python itself raises for bad arguments.
+    """
+
+    def __init__(self, message: str, *, argument: str | None = None) -> None:
+        self.argument = argument
+        super().__init__(message)
+
+
+class UnexpectedAnswerError(ClientError):
+    """A replica gave a well-formed answer that does not fit the request (e.g. the wrong number of vectors).
+
+    Not held against the replica, not retried: the mismatch is between the request and the answer.
+    """
 
 
 class RequestRejectedError(ClientError):
@@ -63,14 +81,20 @@ class GroupUnavailableError(ClientError):
 
 
 class StreamInterruptedError(ClientError):
-    """A stream broke after its first chunk; ``text`` holds what was received."""
+    """A stream broke after text arrived and was not resumed; ``text`` holds what was received.
 
-    def __init__(self, group: str, replica: str, text: str, cause: str) -> None:
+    ``why_not_resumed`` says why no (further) resume was tried; ``resumes`` counts those done before.
+    """
+
+    def __init__(self, group: str, replica: str, text: str, cause: str, why_not_resumed: str = "", resumes: int = 0) -> None:
         self.group = group
         self.replica = replica
         self.text = text
+        self.why_not_resumed = why_not_resumed
+        self.resumes = resumes
+        why = f" It was not resumed: {why_not_resumed}." if why_not_resumed else ""
         super().__init__(
-            f"the stream from replica {replica} of group '{group}' broke after {len(text)} characters ({cause}). "
+            f"the stream from replica {replica} of group '{group}' broke after {len(text)} characters ({cause}).{why} "
             f"The text received so far is in .text; send the request again to get a whole answer."
         )
 
@@ -82,7 +106,7 @@ def rejected_from(err: BaseException, replica: str) -> RequestRejectedError:
         response = getattr(err, "response", None)
         status = getattr(response, "status_code", None)
     body = getattr(err, "body", None)
-    detail = err.message if isinstance(err, openai.APIStatusError) else str(err)
+    detail = getattr(err, "message", None) or str(err)
     hint = "Fix the request (its parameters, model name or size)."
     if status in (401, 403):
         hint = "The API key is wrong or missing: export the variable named by api_key_env in the fleet table."

@@ -14,7 +14,10 @@ Names (labels ``group``, ``replica``): ``model_server_client_requests_total``
 (attempts sent), ``model_server_client_failures_total`` (also labelled
 ``kind``: connection, timeout, server, malformed),
 ``model_server_client_failovers_total`` (a request left this replica for
-another) and ``model_server_client_latency_seconds`` (histogram of answered
+another), ``model_server_client_resumes_total`` (a stream broken on this
+replica was continued on another), ``model_server_client_stalls_total``
+(also labelled ``phase``: an attempt's first-token or stall deadline fired
+here) and ``model_server_client_latency_seconds`` (histogram of answered
 attempts). A registry takes these names once: give each ModelServer its own
 registry, or share one ModelServer.
 """
@@ -47,6 +50,14 @@ class ClientMetrics:
         self._failovers = Counter(
             "model_server_client_failovers", "Requests that left this replica for another", labels, registry=registry
         )
+        self._resumes = Counter(
+            "model_server_client_resumes", "Streams broken on this replica and resumed on another", labels,
+            registry=registry,
+        )
+        self._stalls = Counter(
+            "model_server_client_stalls", "Deadlines that fired on this replica, by phase", (*labels, "phase"),
+            registry=registry,
+        )
         self._latency = Histogram(
             "model_server_client_latency_seconds", "Latency of answered attempts", labels,
             buckets=_BUCKETS_S, registry=registry,
@@ -63,6 +74,14 @@ class ClientMetrics:
     def failover(self, group: str, replica: str) -> None:
         if self.enabled:
             self._failovers.labels(group, replica).inc()
+
+    def resume(self, group: str, replica: str) -> None:
+        if self.enabled:
+            self._resumes.labels(group, replica).inc()
+
+    def stall(self, group: str, replica: str, phase: str) -> None:
+        if self.enabled:
+            self._stalls.labels(group, replica, phase).inc()
 
     def latency(self, group: str, replica: str, seconds: float) -> None:
         if self.enabled:

@@ -10,6 +10,8 @@ names the file, the server and the field.
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 import sys
 from collections import defaultdict
 from enum import Enum
@@ -46,6 +48,30 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("configs") / "servers.toml"
 
 
+# Upper bounds: every setting stays one a timer, a sleep and the engine's argv can hold.
+_HOUR_S = 3600.0
+_DAY_S = 86400.0
+_MONTH_S = 30 * 86400.0
+_MAX_MIB = 1 << 24  # 16 TiB per GPU
+_MAX_TOKENS = (1 << 31) - 1  # SGLang's ints
+_MAX_GPU_INDEX = 1023
+SGLANG_MIN_HEALTH_TIMEOUT_S = 2.0
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_ENGINE_FLAGS = ("--api-key", "--admin-api-key")
+
+
+def _no_nul_char(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("contains a NUL character, which no path, host or argument can hold: remove it")
+    return value
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME.match(name):
+        raise ValueError(f"holds {_short(name)}, which is not an environment variable name (letters, digits and _, not starting with a digit)")
+    return name
+
+
 class _Strict(BaseModel):
     """Frozen, and unknown keys are an error (a typo must not be ignored)."""
 
@@ -80,6 +106,24 @@ class ServerSpec(_Strict):
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
 
+    @field_validator("name", "group", "host", "model", "served_model_name")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        return value if value is None else _no_nul_char(value)
+
+    @field_validator("args")
+    @classmethod
+    def _args_hold_no_secret(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in args:
+            _no_nul_char(arg)
+            flag = arg.split("=", 1)[0]
+            if flag in SECRET_ENGINE_FLAGS:
+                raise ValueError(
+                    f"has {flag}: a key on the command line is visible to every user in `ps` and lands in logs. "
+                    f"Remove it, and name the variable that holds the key with api_key_env at the top of the table"
+                )
+        return args
+
     @field_validator("group", mode="before")
     @classmethod
     def _group_as_text(cls, value: Any) -> Any:
@@ -99,6 +143,9 @@ class ServerSpec(_Strict):
         negative = [g for g in value if g < 0]
         if negative:
             raise ValueError(f"has negative GPU index {negative[0]}: indices are as nvidia-smi shows them (0, 1, ...)")
+        huge = [g for g in value if g > _MAX_GPU_INDEX]
+        if huge:
+            raise ValueError(f"has GPU index {huge[0]}, above {_MAX_GPU_INDEX}: indices are as nvidia-smi shows them (0, 1, ...)")
         repeated = sorted({g for g in value if value.count(g) > 1})
         if repeated:
             raise ValueError(f"repeats GPU index {repeated[0]}: list each GPU once")
@@ -137,33 +184,60 @@ class MemFractionRule(_Strict):
 
 
 class LaunchPolicy(_Strict):
-    """How every host starts, watches and stops its servers."""
+    """How every host starts, watches and stops its servers.
+
+    Every duration has an upper bound a person would still call a setting
+    (an hour between GPU polls, a day to start, 30 days of waiting), so no
+    value reaches a timer that cannot hold it. The health settings are
+    chosen against SGLang's ``/health_generate``, which answers in about 1 s
+    at best (it polls its scheduler once a second).
+    """
 
     engine: Literal["sglang", "sim"] = "sglang"
-    bind_host: str = "0.0.0.0"
-    gpu_free_threshold_mib: int = Field(default=10000, ge=0)
-    gpu_poll_interval_s: float = Field(default=10.0, gt=0)
-    gpu_wait_timeout_s: float | None = Field(default=None, gt=0)  # None: wait as long as it takes
+    bind_host: str = Field(default="0.0.0.0", min_length=1)
+    gpu_free_threshold_mib: int = Field(default=10000, ge=0, le=_MAX_MIB)
+    gpu_poll_interval_s: float = Field(default=10.0, gt=0, le=_HOUR_S)
+    gpu_wait_timeout_s: float | None = Field(default=None, gt=0, le=_MONTH_S)  # None: wait as long as it takes
     mem_fraction_policy: tuple[MemFractionRule, ...] = (
         MemFractionRule(min_free_ratio=0.95, mem_fraction_static=0.80),
         MemFractionRule(min_free_ratio=0.85, mem_fraction_static=0.70),
     )
-    context_length: int | None = Field(default=131072, gt=0)
-    chunked_prefill_size: int | None = Field(default=16384, gt=0)
-    embedding_context_length: int | None = Field(default=32768, gt=0)
-    embedding_chunked_prefill_size: int | None = Field(default=4096, gt=0)
+    context_length: int | None = Field(default=131072, gt=0, le=_MAX_TOKENS)
+    chunked_prefill_size: int | None = Field(default=16384, gt=0, le=_MAX_TOKENS)
+    embedding_context_length: int | None = Field(default=32768, gt=0, le=_MAX_TOKENS)
+    embedding_chunked_prefill_size: int | None = Field(default=4096, gt=0, le=_MAX_TOKENS)
     enable_metrics: bool = True
-    startup_timeout_s: float = Field(default=1800.0, gt=0)
-    health_interval_s: float = Field(default=10.0, gt=0)
-    health_timeout_s: float = Field(default=25.0, gt=0)
-    health_failures_to_restart: int = Field(default=3, ge=1)
-    restart_backoff_initial_s: float = Field(default=2.0, ge=0)
-    restart_backoff_max_s: float = Field(default=120.0, ge=0)
-    max_restarts: int = Field(default=5, ge=0)  # in restart_window_s; more ends the server FAILED
-    restart_window_s: float = Field(default=1800.0, gt=0)
-    stop_grace_s: float = Field(default=30.0, ge=0)
-    log_dir: str = "logs"
-    status_file: str = "run/status.json"
+    startup_timeout_s: float = Field(default=1800.0, gt=0, le=_DAY_S)
+    health_interval_s: float = Field(default=10.0, gt=0, le=_HOUR_S)
+    health_timeout_s: float = Field(default=25.0, gt=0, le=_HOUR_S)
+    health_failures_to_restart: int = Field(default=3, ge=1, le=1000)
+    restart_backoff_initial_s: float = Field(default=2.0, ge=0, le=_HOUR_S)
+    restart_backoff_max_s: float = Field(default=120.0, ge=0, le=_DAY_S)
+    max_restarts: int = Field(default=5, ge=0, le=100000)  # in restart_window_s; more ends the server FAILED
+    restart_window_s: float = Field(default=1800.0, gt=0, le=_MONTH_S)
+    stop_grace_s: float = Field(default=30.0, ge=0, le=_HOUR_S)
+    log_dir: str = Field(default="logs", min_length=1)
+    status_file: str = Field(default="run/status.json", min_length=1)
+    # Names of environment variables whose values are secrets (a hub token, say): like the API key,
+    # their values never reach an engine log, the status file or a message.
+    secret_env: tuple[str, ...] = ()
+
+    @field_validator("bind_host", "log_dir", "status_file", mode="before")
+    @classmethod
+    def _strip_text(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("bind_host", "log_dir", "status_file")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        return _no_nul_char(value)
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            _env_name(name)
+        return names
 
     @field_validator("mem_fraction_policy")
     @classmethod
@@ -171,6 +245,21 @@ class LaunchPolicy(_Strict):
         if not rules:
             raise ValueError("is empty: give at least one {min_free_ratio, mem_fraction_static} rule")
         return tuple(sorted(rules, key=lambda r: r.min_free_ratio, reverse=True))
+
+    @model_validator(mode="after")
+    def _health_allows_health_generate(self) -> LaunchPolicy:
+        if self.engine == "sglang" and self.health_timeout_s < SGLANG_MIN_HEALTH_TIMEOUT_S:
+            raise ValueError(
+                f"field 'launch.health_timeout_s' is {self.health_timeout_s:g} s, and SGLang's /health_generate takes "
+                f"at least about 1 s to answer (it polls its scheduler once a second), so a healthy server would be "
+                f"restarted as hung. Give it at least {SGLANG_MIN_HEALTH_TIMEOUT_S:g} s (configs/servers.toml uses 25)"
+            )
+        if self.restart_backoff_initial_s > self.restart_backoff_max_s:
+            raise ValueError(
+                f"field 'launch.restart_backoff_initial_s' ({self.restart_backoff_initial_s:g}) is above "
+                f"launch.restart_backoff_max_s ({self.restart_backoff_max_s:g}): lower the first or raise the second"
+            )
+        return self
 
 
 class ClientPolicy(_Strict):
@@ -181,31 +270,54 @@ class ClientPolicy(_Strict):
     """
 
     routing: RoutingPolicy = RoutingPolicy.p2c  # 1.45x fastest's throughput at 32 concurrent, equal at 1 (benchmarks)
-    initial_latency_s: float = Field(default=3.0, gt=0)
-    latency_growing_rate: float = Field(default=20.0, gt=1)
-    build_rounds: int = Field(default=3, ge=1)  # probe rounds, the bound growing each time
-    max_retry: int = Field(default=20, ge=1)  # attempts per request, fallbacks included
-    request_timeout_floor_s: float = Field(default=5.0, gt=0)
-    request_timeout_ceiling_s: float = Field(default=600.0, gt=0)
-    connect_timeout_s: float = Field(default=3.0, gt=0)
-    retry_backoff_initial_ms: float = Field(default=50.0, ge=0)
-    retry_backoff_max_ms: float = Field(default=2000.0, ge=0)
-    breaker_failures: int = Field(default=5, ge=1)
-    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    initial_latency_s: float = Field(default=3.0, gt=0, le=86400)
+    latency_growing_rate: float = Field(default=20.0, gt=1, le=1e6)
+    build_rounds: int = Field(default=3, ge=1, le=1000)  # probe rounds, the bound growing each time
+    max_retry: int = Field(default=20, ge=1, le=100000)  # attempts per request, fallbacks included
+    request_timeout_floor_s: float = Field(default=5.0, gt=0, le=86400)
+    request_timeout_ceiling_s: float = Field(default=600.0, gt=0, le=86400)
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=86400)
+    retry_backoff_initial_ms: float = Field(default=50.0, ge=0, le=3.6e6)
+    retry_backoff_max_ms: float = Field(default=2000.0, ge=0, le=3.6e6)
+    breaker_failures: int = Field(default=5, ge=1, le=100000)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0, le=86400)
     latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
     run_state_file: str | None = None  # JSON file whose is_running flag is cleared when a group dies
     # client helper: a whole call (every attempt and backoff) gives up after this long; None = only max_retry bounds it
-    request_deadline_s: float | None = Field(default=None, gt=0)
-    # client helper: at most one background re-probe of a group per this many seconds (degraded replicas)
-    reprobe_interval_s: float = Field(default=10.0, ge=0)
+    request_deadline_s: float | None = Field(default=None, gt=0, le=86400 * 7)
+    # client helper: at most one background re-probe of a group per this many seconds (degraded replicas,
+    # and replicas that never answered or whose breaker is open)
+    reprobe_interval_s: float = Field(default=10.0, ge=0, le=86400)
+    # How long one call waits for *some* replica to start answering, across attempts, probe rounds and
+    # backoffs (time spent receiving tokens from a replica does not count). A fleet restart shorter than
+    # this costs latency, not an error.
+    wait_for_replica_s: float = Field(default=60.0, gt=0, le=86400)
+    # The latency bound (probe timeout) grows after silent probe rounds, never past this.
+    latency_bound_max_s: float = Field(default=60.0, gt=0, le=86400)
+    # Deadlines inside one attempt (see model_server/deadlines.py): the first token must arrive within
+    # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
+    # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.
+    first_token_timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)
+    first_token_timeout_ceiling_s: float = Field(default=60.0, gt=0, le=86400)
+    first_token_timeout_factor: float = Field(default=10.0, ge=1, le=1e6)
+    prefill_tokens_per_s: float = Field(default=2000.0, gt=0, le=1e9)
+    stall_timeout_floor_s: float = Field(default=2.0, gt=0, le=86400)
+    stall_timeout_ceiling_s: float = Field(default=60.0, gt=0, le=86400)
+    stall_timeout_factor: float = Field(default=20.0, ge=1, le=1e6)
+    # A stream broken after text arrived continues on another replica from the text received.
+    resume_streams: bool = True
+    max_resumes: int = Field(default=2, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ClientPolicy:
-        if self.request_timeout_floor_s > self.request_timeout_ceiling_s:
-            raise ValueError(
-                f"request_timeout_floor_s ({self.request_timeout_floor_s}) is above "
-                f"request_timeout_ceiling_s ({self.request_timeout_ceiling_s})"
-            )
+        pairs = (
+            ("request_timeout_floor_s", "request_timeout_ceiling_s"),
+            ("first_token_timeout_floor_s", "first_token_timeout_ceiling_s"),
+            ("stall_timeout_floor_s", "stall_timeout_ceiling_s"),
+        )
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is above {high} ({getattr(self, high)})")
         return self
 
 
@@ -213,11 +325,17 @@ class GpuInventoryConfig(_Strict):
     """Where GPU memory readings come from: NVML, or a simulated inventory."""
 
     source: Literal["nvml", "simulated"] = "nvml"
-    count: int = Field(default=8, ge=0)  # simulated only
-    total_mib: int = Field(default=81920, gt=0)  # simulated only: per GPU
+    count: int = Field(default=8, ge=0, le=_MAX_GPU_INDEX + 1)  # simulated only
+    total_mib: int = Field(default=81920, gt=0, le=_MAX_MIB)  # simulated only: per GPU
     # simulated only: a JSON file {"<index>": used_mib, ...} re-read on every
-    # poll, so a test or a demo can make a GPU busy and free it again.
-    state_file: str | None = None
+    # poll, so a test or a demo can make a GPU busy and free it again
+    # (a value may also be {"used_mib": N, "pids": [...]}: the processes holding it).
+    state_file: str | None = Field(default=None, min_length=1)
+
+    @field_validator("state_file")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        return value if value is None else _no_nul_char(value)
 
 
 class Fleet(_Strict):
@@ -233,6 +351,11 @@ class Fleet(_Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env_name(cls, value: str | None) -> str | None:
+        return value if value is None else _env_name(value)
 
     @model_validator(mode="after")
     def _fleet_consistent(self) -> Fleet:
@@ -333,17 +456,27 @@ def _where(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
         i = parts[1]
         raw = data.get("servers", [])
         name = ""
-        if isinstance(raw, list) and i < len(raw) and isinstance(raw[i], dict):
-            name = str(raw[i].get("name") or "")
-        label = f"server '{name}' (servers[{i}])" if name else f"servers[{i}]"
+        if isinstance(raw, list) and i < len(raw) and isinstance(raw[i], dict) and isinstance(raw[i].get("name"), str):
+            name = raw[i]["name"]
+        label = f"server '{_short(name)[1:-1]}' (servers[{i}])" if name else f"servers[{i}]"
         rest = ".".join(str(p) for p in parts[2:])
         return f"{label}, field '{rest}'" if rest else label
     dotted = ".".join(str(p) for p in parts)
     return f"field '{dotted}'" if dotted else "the table"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 4, 4
+MAX_PROBLEMS = 8
+
+
+def _short(value: Any) -> str:
+    """A bounded repr of a user's value: a 400-deep array or a 10 kB string stays one short phrase."""
+    return _REPR.repr(value)
+
+
 def _explain(err: ValidationError, data: dict[str, Any], source: str) -> ConfigError:
-    errors = err.errors()
+    errors = err.errors(include_url=False)
     inner = any(len(e["loc"]) > 1 and e["loc"][0] == "servers" for e in errors)
     problems = []
     for e in errors:
@@ -359,9 +492,11 @@ def _explain(err: ValidationError, data: dict[str, Any], source: str) -> ConfigE
         elif e["type"] == "missing":
             problems.append(f"{where} is required but missing")
         elif e["type"] == "value_error":
-            problems.append(msg if not loc else f"{where} {msg}")
+            problems.append(msg if not loc or msg.startswith("field '") else f"{where} {msg}")
         else:
-            problems.append(f"{where}: {msg}, got {e.get('input')!r}")
+            problems.append(f"{where}: {msg}, got {_short(e.get('input'))}")
+    if len(problems) > MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS], f"and {len(problems) - MAX_PROBLEMS} more problems"]
     return ConfigError(f"{source}: invalid fleet table: " + "; ".join(problems) + ". Fix this and run `model-server check` again.")
 
 
@@ -371,10 +506,20 @@ def parse_fleet(text: str, source: str = "<memory>") -> Fleet:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: malformed TOML: {err}. Fix the syntax at that line.") from err
+    except RecursionError as err:  # tomllib recurses once per level of nested arrays or inline tables
+        raise ConfigError(
+            f"{source}: malformed TOML: arrays or inline tables are nested hundreds of levels deep. A fleet table "
+            f"nests at most 3 levels (mem_fraction_policy = [{{...}}]); fix the brackets."
+        ) from None
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as err:
         raise _explain(err, data, source) from err
+    except (RecursionError, OverflowError, TypeError, ValueError) as err:  # a validator's own limit, never a traceback
+        raise ConfigError(
+            f"{source}: invalid fleet table: a value could not be checked ({type(err).__name__}: {_short(str(err))}). "
+            f"Look for a number or a nesting far outside what the field takes."
+        ) from None
     fleet._source = source
     return fleet
 

@@ -42,6 +42,7 @@ class EndpointSnapshot:
     failures: int
     rejected: int
     last_error: str | None
+    timeouts: int = 0  # attempts whose deadline fired here
 
 
 class Endpoint:
@@ -59,11 +60,13 @@ class Endpoint:
         self.from_probe = True  # latency_s is still the probe's seed
         self.probe_latency_s: float | None = None  # the last probe's latency (per token for completions)
         self.in_flight = 0
+        self.waiting: dict[int, float] = {}  # lease token -> send time, for requests with no first token yet
         self.degraded = False
         self.attempts = 0
         self.successes = 0
         self.failures = 0
         self.rejected = 0
+        self.timeouts = 0
         self.last_error: str | None = None
 
     @property
@@ -76,6 +79,15 @@ class Endpoint:
 
     def available(self, now: float) -> bool:
         return self.breaker.allows(now)
+
+    def stuck(self, now: float, after_s: float) -> bool:
+        """Some request sent here has waited longer than ``after_s`` for its first token."""
+        return any(now - t > after_s for t in self.waiting.values())
+
+    @property
+    def answered(self) -> bool:
+        """The replica has answered a probe or a request since the client started."""
+        return self.latency_s is not None
 
     def score_latency_s(self, probe_scale: float = 1.0) -> float:
         """The latency routing compares: unknown is worst.
@@ -97,17 +109,24 @@ class Endpoint:
 
     # ---- request lifecycle -----------------------------------------------------------
 
-    def start(self, now: float) -> BreakerState:
+    def start(self, now: float, token: int = 0) -> BreakerState:
         """A request is sent: count it, take the half-open trial if due. Returns the old breaker state."""
         old = self.breaker.state
         self.breaker = self.breaker.acquire(now)
         self.in_flight += 1
         self.attempts += 1
+        self.waiting[token] = now
         return old
 
-    def succeed(self, now: float, elapsed_s: float, output_tokens: int | None, *, trial: bool = False) -> bool:
+    def first_token(self, token: int) -> None:
+        """The request ``token`` is answering: it no longer counts as waiting."""
+        self.waiting.pop(token, None)
+
+    def succeed(
+        self, now: float, elapsed_s: float, output_tokens: int | None, *, trial: bool = False, token: int = 0
+    ) -> bool:
         """The replica answered (``trial``: as the half-open trial). Returns True if this reply made it newly degraded."""
-        self._finish()
+        self._finish(token)
         self.breaker = self.breaker.success(now, trial)
         self.successes += 1
         sample = elapsed_s / max(1, output_tokens) if output_tokens is not None else elapsed_s
@@ -122,26 +141,29 @@ class Endpoint:
         self.degraded = self.latency_s > self.degraded_factor * self.baseline_s
         return self.degraded and not was
 
-    def reject(self, now: float, *, trial: bool = False) -> None:
+    def reject(self, now: float, *, trial: bool = False, token: int = 0) -> None:
         """The replica answered that the request itself is wrong: not its fault."""
-        self._finish()
+        self._finish(token)
         self.breaker = self.breaker.success(now, trial)
         self.rejected += 1
 
-    def fail(self, now: float, error: str, *, trial: bool = False) -> None:
+    def fail(self, now: float, error: str, *, trial: bool = False, token: int = 0) -> None:
         """Connection error, timeout, 5xx, 429 or malformed answer: held against the replica."""
-        self._finish()
+        self._finish(token)
         self.breaker = self.breaker.failure(now, trial)
         self.failures += 1
         self.last_error = error
+        if error.startswith("timeout"):
+            self.timeouts += 1
 
-    def cancel(self, now: float, *, trial: bool = False) -> None:
+    def cancel(self, now: float, *, trial: bool = False, token: int = 0) -> None:
         """The request ended without an outcome (the caller went away)."""
-        self._finish()
+        self._finish(token)
         self.breaker = self.breaker.release(now, trial)
 
-    def _finish(self) -> None:
+    def _finish(self, token: int) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+        self.waiting.pop(token, None)
 
     # ---- probes ----------------------------------------------------------------------
 
@@ -177,4 +199,5 @@ class Endpoint:
             failures=self.failures,
             rejected=self.rejected,
             last_error=self.last_error,
+            timeouts=self.timeouts,
         )

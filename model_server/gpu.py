@@ -20,11 +20,13 @@ from model_server.errors import LaunchError
 
 __all__ = [
     "GpuInventory",
+    "GpuProcess",
     "GpuReading",
     "NvmlInventory",
     "SimulatedInventory",
     "busy_gpus",
     "choose_mem_fraction",
+    "gpu_processes",
     "is_free",
     "lowest_free_ratio",
     "make_inventory",
@@ -53,12 +55,39 @@ class GpuReading:
         return f"GPU {self.index}: {self.used_mib} of {self.total_mib} MiB used"
 
 
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding memory on a GPU, as NVML lists it (``used_mib`` None when NVML does not say)."""
+
+    index: int
+    pid: int
+    used_mib: int | None = None
+
+    def describe(self) -> str:
+        amount = f"{self.used_mib} MiB" if self.used_mib is not None else "memory"
+        return f"pid {self.pid} holds {amount} of GPU {self.index}"
+
+
 class GpuInventory(Protocol):
     """Anything that reports the memory of GPUs by their nvidia-smi index."""
 
     def read(self, indices: Sequence[int]) -> list[GpuReading]:
         """One reading per index, in the given order; LaunchError for an unknown index."""
         ...
+
+
+def gpu_processes(inventory: object, indices: Sequence[int]) -> list[GpuProcess]:
+    """The processes holding memory on ``indices``, where the inventory can tell (else empty, never an error).
+
+    NVML's pids are the host's: inside a container they may name no process here.
+    """
+    lister = getattr(inventory, "processes", None)
+    if lister is None:
+        return []
+    try:
+        return list(lister(indices))
+    except Exception:  # noqa: BLE001 - a report, best effort: NVML may not support it on this driver
+        return []
 
 
 # ---- pure decisions ----------------------------------------------------------------
@@ -119,17 +148,31 @@ class SimulatedInventory:
     def from_config(cls, config: GpuInventoryConfig) -> SimulatedInventory:
         return cls(config.count, config.total_mib, config.state_file)
 
-    def _used(self) -> dict[int, int]:
+    def _state(self) -> dict[int, tuple[int, tuple[int, ...]]]:
+        """index -> (used MiB, pids holding it), from the state file."""
         if self.state_file is None or not self.state_file.exists():
             return {}
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8") or "{}")
-            return {int(k): int(v) for k, v in data.items()}
-        except (OSError, ValueError, TypeError, AttributeError) as err:
+            out = {}
+            for k, v in data.items():
+                if isinstance(v, dict):
+                    out[int(k)] = (int(v.get("used_mib", 0)), tuple(int(p) for p in v.get("pids", ())))
+                else:
+                    out[int(k)] = (int(v), ())
+            return out
+        except (OSError, ValueError, TypeError, AttributeError, OverflowError) as err:
             raise LaunchError(
                 f"{self.state_file}: the simulated GPU state file is not a JSON object of "
-                f'{{"<index>": used_mib}} ({err}). Fix or remove it.'
+                f'{{"<index>": used_mib}} or {{"<index>": {{"used_mib": N, "pids": [...]}}}} ({err}). Fix or remove it.'
             ) from err
+
+    def _used(self) -> dict[int, int]:
+        return {i: used for i, (used, _) in self._state().items()}
+
+    def processes(self, indices: Sequence[int]) -> list[GpuProcess]:
+        state = self._state()
+        return [GpuProcess(i, pid) for i in indices for pid in state.get(i, (0, ()))[1]]
 
     def read(self, indices: Sequence[int]) -> list[GpuReading]:
         used = self._used()
@@ -177,6 +220,24 @@ class NvmlInventory:
                 raise LaunchError(f"NVML could not read the memory of GPU {i}: {err}. Check nvidia-smi.") from err
             out.append(GpuReading(i, int(info.used) // _MIB, int(info.total) // _MIB))
         return out
+
+    def processes(self, indices: Sequence[int]) -> list[GpuProcess]:
+        """NVML's compute and graphics processes of each GPU (best effort: errors give no entry)."""
+        out: dict[tuple[int, int], GpuProcess] = {}
+        for i in indices:
+            try:
+                handle = self._nvml.nvmlDeviceGetHandleByIndex(i)
+            except Exception:  # noqa: BLE001
+                continue
+            for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+                try:
+                    found = getattr(self._nvml, getter)(handle)
+                except Exception:  # noqa: BLE001 - not supported on this driver
+                    continue
+                for p in found:
+                    used = getattr(p, "usedGpuMemory", None)
+                    out[(i, int(p.pid))] = GpuProcess(i, int(p.pid), int(used) // _MIB if isinstance(used, int) else None)
+        return list(out.values())
 
 
 def make_inventory(config: GpuInventoryConfig) -> GpuInventory:

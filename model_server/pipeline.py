@@ -2,15 +2,26 @@
 
 ``model-server serve`` / ``serve_llm_pipeline.py`` call :func:`plan` then
 either :func:`dry_run_commands` or :class:`Pipeline`. One supervisor thread
-per server (a ThreadPoolExecutor); the main thread waits for SIGINT/SIGTERM,
-then stops every engine's process group (SIGTERM, grace, SIGKILL) and returns
-the exit status: 0 when every server was READY until the stop, else 1.
+per server (a ThreadPoolExecutor); the main thread waits for a stop signal,
+then stops every engine (SIGTERM, grace, SIGKILL: its process group and every
+process tagged as its own) and returns the exit status: 0 when every server
+was READY until the stop, else 1.
+
+Stop signals: SIGINT (Ctrl-C), SIGTERM, and SIGHUP and SIGQUIT, which a closed
+ssh session or terminal sends: all four stop gracefully.
+
+Before it starts anything, a run checks that its log and status directories
+can be written, takes the status file's lock (one pipeline per status file),
+refuses a damaged status file, stops whatever an earlier run left alive and
+removes the key files it left. Its own log records, the engines' logs and the
+status file all go through one :class:`~model_server.redact.Redactor`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -21,18 +32,20 @@ from typing import Sequence
 
 from model_server import procs, rundir
 from model_server.config import Fleet, ServerSpec, load_fleet
-from model_server.errors import ConfigError
+from model_server.errors import ConfigError, LaunchError
 from model_server.gpu import make_inventory
 from model_server.hosts import select_local_servers
 from model_server.launch import LaunchCommand, build_command
+from model_server.redact import RedactingFilter, Redactor, Secret
 from model_server.server_state import ServerState
-from model_server.status import ServerStatus, StatusBoard, cleanup_stale
-from model_server.supervisor import Deps, ServerSupervisor
+from model_server.status import ServerStatus, StatusBoard, StatusLock, cleanup_stale, load_status, owner_tag
+from model_server.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
 
-__all__ = ["Pipeline", "Plan", "dry_run_commands", "plan"]
+__all__ = ["STOP_SIGNALS", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,43 @@ def dry_run_commands(p: Plan) -> list[LaunchCommand]:
     ]
 
 
-def _kill_one(pid: int, grace_s: float) -> None:
-    procs.kill_groups([pid], grace_s)
+def fleet_redactor(fleet: Fleet, key: str | None) -> Redactor:
+    """The API key and the values of ``launch.secret_env`` (those set), as one Redactor."""
+    values = [key] if key else []
+    for name in fleet.launch.secret_env:
+        value = os.environ.get(name)
+        if value:
+            values.append(value)
+        else:
+            log.warning("launch.secret_env names %s, which is not set here: nothing to redact for it", name)
+    short = [v for v in values if len(v) < 8]
+    if short:
+        log.warning("%d secret(s) are shorter than 8 characters: every occurrence of them in the engine logs is redacted", len(short))
+    return Redactor(values)
+
+
+def _install_filter(redactor: Redactor) -> tuple[list[logging.Handler], RedactingFilter]:
+    """Redact every record the pipeline's own loggers emit, at the handlers of the root logger."""
+    filt = RedactingFilter(redactor)
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(filt)
+    return handlers, filt
+
+
+def _report_gpu_holders(deps: Deps, servers: Sequence[ServerSpec], owner: str, when: str) -> None:
+    """Log the engine processes of this status file that NVML still lists on our GPUs (where it can tell)."""
+    gpus = sorted({g for s in servers for g in s.gpus})
+    if not gpus:
+        return
+    for holder in deps.gpu_processes(deps.inventory, gpus):
+        tag = deps.engine_tag(holder.pid)
+        if tag is not None and tag.startswith(owner + "/"):
+            log.error(
+                "%s, %s: %s. It did not end after SIGKILL (a process stuck in the GPU driver): see nvidia-smi; "
+                "the GPU may need a reset before an engine can start on it",
+                when, holder.describe(), deps.describe_pid(holder.pid, owner),
+            )  # fmt: skip
 
 
 class Pipeline:
@@ -102,6 +150,7 @@ class Pipeline:
         self._signal: int | None = None  # set by the handler: no locks there
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop as on ``signum`` (from another thread, or a test)."""
         self._signal = signum
 
     def _handler(self, signum: int, _frame: object) -> None:
@@ -115,30 +164,61 @@ class Pipeline:
             self._restore(previous)
 
     def _run(self) -> int:
-        fleet, policy = self.plan.fleet, self.policy
-        key = fleet.api_key(required=True)
-        deps = self._deps = self._deps or Deps(inventory=make_inventory(fleet.gpu_inventory))
+        fleet = self.plan.fleet
+        raw_key = fleet.api_key(required=True)
+        key = Secret(raw_key) if raw_key else None
+        redactor = fleet_redactor(fleet, raw_key)
+        del raw_key
+        handlers, filt = _install_filter(redactor)
+        try:
+            return self._run_redacted(key, redactor)
+        finally:
+            for h in handlers:
+                h.removeFilter(filt)
+
+    def _run_redacted(self, key: Secret | None, redactor: Redactor) -> int:
+        policy = self.policy
+        deps = self._deps = self._deps or Deps(inventory=make_inventory(self.plan.fleet.gpu_inventory))
         status_file = rundir.status_path(policy)
-        stale = cleanup_stale(status_file, policy.stop_grace_s, _kill_one)
+        rundir.check_writable(policy)
+        lock = StatusLock(status_file).acquire()
+        try:
+            return self._run_locked(key, redactor, deps, status_file)
+        finally:
+            lock.release()
+
+    def _run_locked(self, key: Secret | None, redactor: Redactor, deps: Deps, status_file: Path) -> int:
+        fleet, policy = self.plan.fleet, self.policy
+        previous = load_status(status_file)
+        if previous.problems:
+            raise LaunchError(previous.refusal())
+        owner = owner_tag(status_file)
+        run_prefix = f"{owner}/{secrets.token_hex(4)}/"
+        stale = cleanup_stale(previous, policy.stop_grace_s, deps.kill_groups, procs.tagged_processes, owner, run_prefix)
         if stale:
-            log.warning("stopped %d engine(s) of an earlier run: %s", len(stale), ", ".join(stale))
+            log.warning("stopped the processes an earlier run left alive, of server(s): %s", ", ".join(stale))
+            _report_gpu_holders(deps, self.plan.servers, owner, "after stopping an earlier run")
+        for path in rundir.remove_stale_key_files(policy):
+            log.warning("removed the API-key file %s an earlier run left behind", path)
         board = StatusBoard(
             status_file,
             [ServerStatus(s.name, s.group, s.host, s.port) for s in self.plan.servers],
             meta={"pid": os.getpid(), "create_time": deps.create_time(os.getpid()), "config": fleet.source},
+            redact=redactor.redact,
         )
-        key_files: list[Path] = []
         supervisors: list[ServerSupervisor] = []
         at_stop: dict[str, ServerStatus] = {}
+        drop = tuple(n for n in (fleet.api_key_env,) if n)
         executor = ThreadPoolExecutor(max_workers=len(self.plan.servers), thread_name_prefix="supervise")
         try:
             for s in self.plan.servers:
-                key_file = None
-                if key:
-                    key_file = rundir.write_key_file(rundir.key_file_path(policy, s.name), key)
-                    key_files.append(key_file)
-                drop = (fleet.api_key_env,) if fleet.api_key_env else ()
-                supervisors.append(ServerSupervisor(s, policy, board, deps, rundir.log_path(policy, s.name), key_file, drop))
+                supervisors.append(
+                    ServerSupervisor(
+                        s, policy, board, deps, rundir.log_path(policy, s.name),
+                        rundir.key_file_path(policy, s.name) if key else None, drop,
+                        key=key, redactor=redactor, tag=run_prefix + rundir.safe_name(s.name),
+                    )
+                )  # fmt: skip
             log.info(
                 "serving %d server(s) from %s: %s; status in %s",
                 len(supervisors), fleet.source, ", ".join(s.name for s in self.plan.servers), status_file,
@@ -151,7 +231,7 @@ class Pipeline:
                 log.info("signal %s: stopping %d server(s)", signal.Signals(self._signal).name, len(supervisors))
             else:
                 log.error("no server is left running (all FAILED): stopping")
-            self._stop_all(supervisors)
+            self._stop_all(supervisors, run_prefix)
             deadline = time.monotonic() + policy.stop_grace_s + policy.health_timeout_s + 15.0
             for f in futures:
                 try:
@@ -159,20 +239,26 @@ class Pipeline:
                 except Exception:  # noqa: BLE001 - run() catches its own errors; this is the timeout
                     log.error("a supervisor thread did not finish in time")
         finally:
-            self._stop_all(supervisors)  # again: a no-op unless an error skipped the stop above
+            self._stop_all(supervisors, run_prefix)  # again: a no-op unless an error skipped the stop above
             executor.shutdown(wait=False, cancel_futures=True)
-            for path in key_files:
-                rundir.remove_key_file(path)
+            for sup in supervisors:
+                if sup.key_file is not None:
+                    rundir.remove_key_file(sup.key_file)
             board.set_meta(stopped=time.time())
+        _report_gpu_holders(deps, self.plan.servers, owner, "after the stop")
         return self._verdict(at_stop)
 
-    def _stop_all(self, supervisors: list[ServerSupervisor]) -> None:
+    def _stop_all(self, supervisors: list[ServerSupervisor], run_prefix: str) -> None:
+        """Every engine of this run: its process group and every process tagged with this run (workers that left)."""
         running = [p for p in (sup.request_stop() for sup in supervisors) if p is not None]
-        if running:
-            kill = self._deps.kill_groups if self._deps else procs.kill_groups
-            hard = kill([p.pid for p in running], self.policy.stop_grace_s, reap=running)
-            if hard:
-                log.warning("SIGKILLed %d process group(s) still alive after %g s: %s", len(hard), self.policy.stop_grace_s, hard)
+        kill = self._deps.kill_groups if self._deps else procs.kill_groups
+        hard = kill([p.pid for p in running], self.policy.stop_grace_s, reap=running, tags=lambda tag: tag.startswith(run_prefix))
+        for proc in running:  # their last lines (how they shut down) reach their logs before we exit
+            pump = getattr(proc, "log_pump", None)
+            if pump is not None:
+                pump.join(LOG_DRAIN_S)
+        if hard:
+            log.warning("SIGKILLed %d process(es) or group(s) still alive after %g s: %s", len(hard), self.policy.stop_grace_s, hard)
 
     def _verdict(self, at_stop: dict[str, ServerStatus]) -> int:
         bad = {n: s for n, s in at_stop.items() if s.state != ServerState.READY.value}
@@ -187,7 +273,7 @@ class Pipeline:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, self._handler)
         return previous
 

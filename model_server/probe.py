@@ -15,7 +15,7 @@ import asyncio
 import concurrent.futures
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import httpx
@@ -114,32 +114,67 @@ def probe_one(
 
 def probe_group(
     specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
-    connect_timeout_s: float = 3.0,
+    connect_timeout_s: float = 3.0, suspects: Collection[str] = (), patient: bool = False,
 ) -> list[ProbeResult]:
-    """Probe every replica concurrently; results in the order of ``specs``, within about ``timeout_s``."""
+    """Probe every replica concurrently; results in the order of ``specs``, within about ``timeout_s``.
+
+    The round ends soon after the first good answer (see :func:`round_grace_s`), or once every
+    replica but the ``suspects`` (names of replicas that last timed out) has answered: a hung
+    replica must not hold every caller waiting on the round for the whole bound. Probes still
+    running then come back ``pending`` (nothing learned of them). A ``patient`` round (a
+    background re-probe, which no caller waits for) waits for every probe.
+    """
     if not specs:
         return []
     own = client is None
     http = client or httpx.Client(limits=httpx.Limits(max_connections=max(10, len(specs))))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="model-server-probe")
     try:
-        futures = [
-            pool.submit(probe_one, s, timeout_s, api_key=api_key, client=http, connect_timeout_s=connect_timeout_s)
+        futures = {
+            pool.submit(probe_one, s, timeout_s, api_key=api_key, client=http, connect_timeout_s=connect_timeout_s): s
             for s in specs
-        ]
-        # Each probe bounds itself with its httpx timeout; the wait below bounds the round.
-        concurrent.futures.wait(futures, timeout=timeout_s + connect_timeout_s + 1.0)
-        results = []
-        for spec, future in zip(specs, futures):
-            if future.done():
-                results.append(future.result())
-            else:
-                results.append(ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True))
-        return results
+        }
+        # Each probe bounds itself with its httpx timeout; the waits below bound the round.
+        end = time.monotonic() + timeout_s + connect_timeout_s + 1.0
+        early = False  # the round ends early once some replica answered well, or only suspects are left
+        waiting = set(futures)
+        while waiting:
+            done, waiting = concurrent.futures.wait(
+                waiting, timeout=max(0.0, end - time.monotonic()), return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            good = [f.result().latency_s for f in futures if f.done() and f.result().usable]
+            if patient:
+                continue
+            if good and not early:
+                early, end = True, min(end, time.monotonic() + round_grace_s(min(good)))
+            if waiting and _only_suspects([futures[f] for f in waiting], suspects, len(specs)):
+                early = True
+                break
+        return [_finished(f, spec, timeout_s, early) for f, spec in futures.items()]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         if own:
             http.close()
+
+
+def _only_suspects(waiting: Sequence[ServerSpec], suspects: Collection[str], total: int) -> bool:
+    """Whether the probes still running are all of suspect replicas (while some replica is not one)."""
+    return len(suspects) < total and all(s.name in suspects for s in waiting)
+
+
+def round_grace_s(fastest_s: float | None) -> float:
+    """How long a round waits for other replicas once one answered well: as long again, at least 50 ms."""
+    return max(0.05, fastest_s or 0.0)
+
+
+def _finished(future: concurrent.futures.Future, spec: ServerSpec, timeout_s: float, early: bool) -> ProbeResult:
+    if future.done():
+        return future.result()
+    if early:
+        return ProbeResult(spec, None, error="still probing when the round ended", pending=True)
+    return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
 
 
 async def _aprobe_one(
@@ -162,17 +197,42 @@ async def _aprobe_one(
 
 async def aprobe_group(
     specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None,
-    client: httpx.AsyncClient | None = None, connect_timeout_s: float = 3.0,
+    client: httpx.AsyncClient | None = None, connect_timeout_s: float = 3.0, suspects: Collection[str] = (),
+    patient: bool = False,
 ) -> list[ProbeResult]:
-    """The asyncio twin of :func:`probe_group`: every replica at once, results in order."""
+    """The asyncio twin of :func:`probe_group`: every replica at once, results in order, the same early end."""
     if not specs:
         return []
     own = client is None
     http = client or httpx.AsyncClient()
+    tasks = [asyncio.ensure_future(_aprobe_one(s, timeout_s, api_key, http, connect_timeout_s)) for s in specs]
     try:
-        return list(
-            await asyncio.gather(*(_aprobe_one(s, timeout_s, api_key, http, connect_timeout_s) for s in specs))
-        )
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s + connect_timeout_s + 1.0
+        early = False
+        waiting = set(tasks)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, timeout=max(0.0, end - loop.time()),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            good = [t.result().latency_s for t in tasks if t.done() and t.result().usable]
+            if patient:
+                continue
+            if good and not early:
+                early, end = True, min(end, loop.time() + round_grace_s(min(good)))
+            if waiting and _only_suspects([s for t, s in zip(tasks, specs) if t in waiting], suspects, len(specs)):
+                early = True
+                break
+        return [
+            t.result() if t.done() else (
+                ProbeResult(s, None, error="still probing when the round ended", pending=True) if early
+                else ProbeResult(s, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
+            )
+            for t, s in zip(tasks, specs)
+        ]
     finally:
+        for t in tasks:
+            t.cancel()
         if own:
             await http.aclose()

@@ -1,4 +1,4 @@
-"""Engine processes: spawn in a new process group, kill whole groups, check ports.
+"""Engine processes: spawn in a new process group, find every process of an engine, kill them, check ports.
 
 Parent death. Linux can send a child a signal when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``). Setting it in ``preexec_fn`` is unsafe in a
@@ -10,6 +10,17 @@ engine, which keeps the same pid. The signal fires when the *thread* that
 spawned the engine ends; each server's supervisor thread lives as long as its
 engine, so in practice that is when the pipeline dies. Elsewhere than Linux
 the trampoline just execs, and the stale-run cleanup is the safety net.
+
+Workers. SGLang's engine starts worker processes (scheduler, detokenizer, one
+per TP rank). They are in the engine's process group unless they leave it,
+and they arm their own parent-death signal unless they do not. So an engine is
+found three ways: its process group, the (pid, start time) of its descendants
+recorded in the status file, and a tag in the environment that every process
+of the engine inherits (``MODEL_SERVER_ENGINE=<pipeline>/<run>/<server>``,
+see :func:`tagged_processes`); :func:`kill_groups` ends all of them.
+
+Output. An engine writes to a pipe read by a :class:`~model_server.enginelog.LogPump`
+that redacts secrets into its log file (see enginelog.py).
 """
 
 from __future__ import annotations
@@ -21,11 +32,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
+from model_server.enginelog import LogPump, open_log, write_redacted
+from model_server.errors import LaunchError
 from model_server.launch import LaunchCommand
+from model_server.redact import Redactor
 
-__all__ = ["group_alive", "kill_groups", "log_tail", "port_in_use", "spawn_engine"]
+__all__ = [
+    "ENGINE_TAG_ENV",
+    "descendants",
+    "describe_pid",
+    "engine_tag",
+    "group_alive",
+    "kill_groups",
+    "log_tail",
+    "port_holder",
+    "port_in_use",
+    "spawn_engine",
+    "tagged_processes",
+]
+
+ENGINE_TAG_ENV = "MODEL_SERVER_ENGINE"
 
 _TRAMPOLINE = """
 import os, sys
@@ -40,28 +68,55 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def spawn_engine(command: LaunchCommand, log_file: Path, drop_env: Iterable[str] = ()) -> subprocess.Popen[bytes]:
-    """Start ``command`` in a new session (its own process group), output appended to ``log_file``.
+def spawn_engine(
+    command: LaunchCommand,
+    log_file: Path,
+    drop_env: Iterable[str] = (),
+    *,
+    redactor: Redactor | None = None,
+    tag: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in a new session (its own process group), its output appended to ``log_file`` redacted.
 
     ``drop_env`` names variables not to pass on (the API-key variable: the
-    engine reads the key from its 0600 file).
+    engine reads the key from its 0600 file). ``tag`` goes into the engine's
+    environment as ``MODEL_SERVER_ENGINE``. The returned Popen has a
+    ``log_pump`` attribute: the thread that copies its output (joined by the
+    caller once the engine is gone). A log file that cannot be written is a
+    LaunchError naming it.
     """
-    env = {k: v for k, v in os.environ.items() if k not in set(drop_env)}
+    drop = set(drop_env)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(command.env)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as out:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        out.write(f"\n=== model-server {stamp}: starting {command.server}: {command.render()}\n".encode())
-        out.flush()
-        return subprocess.Popen(
+    if tag is not None:
+        env[ENGINE_TAG_ENV] = tag
+    try:
+        log_fd = open_log(log_file)
+    except OSError as err:
+        raise LaunchError(
+            f"server '{command.server}': cannot write its log file {log_file} ({err.strerror or err}). "
+            f"Make launch.log_dir ({log_file.parent}) a directory this user can write, or point it elsewhere"
+        ) from err
+    redactor = redactor or Redactor()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_redacted(log_fd, redactor, f"\n=== model-server {stamp}: starting {command.server}: {command.render()}\n")
+    try:
+        proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *command.argv],
             stdin=subprocess.DEVNULL,
-            stdout=out,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
             close_fds=True,
         )
+    except BaseException:
+        os.close(log_fd)
+        raise
+    pump = LogPump(proc.stdout, log_fd, redactor, name=command.server)
+    pump.start()
+    proc.log_pump = pump  # type: ignore[attr-defined]
+    return proc
 
 
 def group_alive(pgid: int) -> bool:
@@ -95,39 +150,166 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def kill_groups(pgids: Iterable[int], grace_s: float, reap: Iterable[subprocess.Popen[bytes]] = ()) -> list[int]:
-    """SIGTERM every group, wait up to ``grace_s``, SIGKILL what is left; return the groups killed hard.
+def tagged_processes(match: Callable[[str], bool]) -> list:
+    """Live processes (psutil.Process) whose ``MODEL_SERVER_ENGINE`` tag satisfies ``match``.
 
-    ``reap`` are our own children among them, waited for so they leave no zombie.
-    Bounded: after SIGKILL it waits at most 10 s more.
+    Reads each process's environment (this user's processes, or all as root);
+    one that cannot be read is skipped. Never this process.
+    """
+    import psutil  # noqa: PLC0415
+
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            tag = proc.environ().get(ENGINE_TAG_ENV)
+            if tag is not None and match(tag) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[tuple[int, float]]:
+    """(pid, start time) of every live descendant of ``pid`` (an engine's workers); empty if it is gone."""
+    import psutil  # noqa: PLC0415
+
+    out = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            out.append((child.pid, child.create_time()))
+        except psutil.Error:
+            continue
+    return sorted(out)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _running(proc) -> bool:  # noqa: ANN001 - a psutil.Process
+    import psutil  # noqa: PLC0415
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_process(proc, sig: int) -> None:  # noqa: ANN001 - a psutil.Process; it refuses a reused pid
+    import psutil  # noqa: PLC0415
+
+    try:
+        proc.send_signal(sig)
+    except (psutil.Error, OSError):
+        pass
+
+
+def kill_groups(
+    pgids: Iterable[int],
+    grace_s: float,
+    reap: Iterable[subprocess.Popen[bytes]] = (),
+    tags: Callable[[str], bool] | None = None,
+    processes: Sequence = (),
+) -> list[int]:
+    """End engines: SIGTERM, wait up to ``grace_s``, SIGKILL what is left; return the pids and groups killed hard.
+
+    What is ended: every process group of ``pgids``; every process whose engine
+    tag satisfies ``tags`` (workers that left their group); and ``processes``
+    (psutil.Process objects, which refuse to signal a reused pid). ``reap`` are
+    our own children among them, waited for so they leave no zombie. Bounded:
+    after SIGKILL it waits at most 10 s more.
     """
     groups = [g for g in set(pgids) if g and g > 1]
     children = list(reap)
+    singles = list(processes)
+    if tags is not None:
+        singles += tagged_processes(tags)
+    singles = [p for p in {p.pid: p for p in singles}.values() if _group_of(p.pid) not in groups]  # one signal each
     for g in groups:
         _signal_group(g, signal.SIGTERM)
         _signal_group(g, signal.SIGCONT)  # a stopped (hung) process must run to handle SIGTERM
-    remaining = _wait_groups(groups, children, grace_s)
+    for p in singles:
+        _signal_process(p, signal.SIGTERM)
+        _signal_process(p, signal.SIGCONT)
+    remaining, left = _wait_gone(groups, singles, children, grace_s)
     for g in remaining:
         _signal_group(g, signal.SIGKILL)
-    _wait_groups(remaining, children, 10.0)
+    for p in left:
+        _signal_process(p, signal.SIGKILL)
+    _wait_gone(remaining, left, children, 10.0)
+    if tags is not None:  # a worker forked while we waited
+        late = tagged_processes(tags)
+        for p in late:
+            _signal_process(p, signal.SIGKILL)
+        _wait_gone([], late, [], 5.0)
+        left += late
     for child in children:
         try:
             child.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             pass
-    return remaining
+    return remaining + [p.pid for p in left]
 
 
-def _wait_groups(groups: list[int], children: list[subprocess.Popen[bytes]], timeout_s: float) -> list[int]:
+def _wait_gone(groups: list[int], singles: list, children: list[subprocess.Popen[bytes]], timeout_s: float) -> tuple[list[int], list]:
     deadline = time.monotonic() + timeout_s
-    alive = list(groups)
+    alive, running = list(groups), list(singles)
     while True:
         for child in children:
             child.poll()  # reap, so the leader is not a zombie that keeps the group "alive"
         alive = [g for g in alive if group_alive(g)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
+        running = [p for p in running if _running(p)]
+        if (not alive and not running) or time.monotonic() >= deadline:
+            return alive, running
         time.sleep(0.05)
+
+
+def engine_tag(pid: int) -> str | None:
+    """The ``MODEL_SERVER_ENGINE`` tag of process ``pid``, None if it has none or cannot be read."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        return psutil.Process(pid).environ().get(ENGINE_TAG_ENV)
+    except (psutil.Error, OSError):
+        return None
+
+
+def describe_pid(pid: int, owner: str | None = None) -> str:
+    """"pid N (command line)", saying so when its engine tag names a run of this pipeline's status file (``owner``)."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        line = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
+        return f"pid {pid}"
+    line = line if len(line) <= 100 else line[:97] + "..."
+    tag = engine_tag(pid) if owner else None
+    ours = "; an engine process of this pipeline's status file" if tag and tag.startswith(owner + "/") else ""
+    return f"pid {pid}" + (f" ({line}{ours})" if line or ours else "")
+
+
+def port_holder(host: str, port: int) -> str:
+    """Who listens on ``port``: "pid N (command line)", or "" if this user cannot see it."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        connections = psutil.net_connections(kind="inet")
+    except (psutil.Error, OSError):
+        return ""
+    for c in connections:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            return describe_pid(c.pid)
+    return ""
 
 
 def port_in_use(host: str, port: int) -> bool:

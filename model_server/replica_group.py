@@ -10,15 +10,17 @@ it is released.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import statistics
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from model_server.breaker import Breaker, BreakerState
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
+from model_server.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
 from model_server.endpoint import Endpoint, EndpointSnapshot
 from model_server.retry import OutcomeKind, probe_timeout_s, request_timeout_s
 from model_server.routing import Candidate, choose
@@ -29,6 +31,9 @@ log = logging.getLogger("model_server.client")
 
 PROBE_WAIT_SLACK_S = 2.0  # a probe round's bookkeeping beyond its timeouts
 BOUND_HEADROOM = 2.0  # after a round that found replicas: bound = this x the fastest probe (at least the initial bound)
+STUCK_SHARE = 0.5  # a request waiting for its first token past this share of its deadline marks the replica stuck
+
+_tokens = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Lease:
     spec: ServerSpec
     started_s: float
     trial: bool = False  # this request is the replica's half-open trial: only its outcome moves the breaker
+    token: int = field(default_factory=lambda: next(_tokens), compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class ProbeResult:
     # The replica answered, but refused the probe itself (400/401/404/...): it is up, and the
     # caller's real request will get the same refusal as a RequestRejectedError with its reason.
     rejected: str | None = None
+    # The round ended before this probe did (another replica had answered): nothing is known of it.
+    pending: bool = False
 
     @property
     def ok(self) -> bool:
@@ -84,15 +92,21 @@ class ReplicaGroup:
             for s in specs
         }
         self.bound_s = policy.initial_latency_s
+        self.timing = StreamTiming()
         self.built = False
         self.probe_rounds = 0  # completed probe rounds: lets waiting threads see that one finished
         self.last_round_found = False
+        self.last_round_summary = "no probe round yet"
         self.reprobe_running = False
         self.last_reprobe_s: float | None = None
 
     @property
     def per_token(self) -> bool:
         return self.kind is ServerKind.completion
+
+    @property
+    def size(self) -> int:
+        return len(self._endpoints)
 
     @property
     def specs(self) -> tuple[ServerSpec, ...]:
@@ -108,25 +122,43 @@ class ReplicaGroup:
             endpoints = list(self._endpoints.values())
             ratios = [r for r in (e.reply_to_probe_ratio for e in endpoints) if r is not None]
             scale = statistics.median(ratios) if ratios else 1.0
+            stuck_after = STUCK_SHARE * attempt_deadlines(self.policy, self.timing, 0).first_token_s
             candidates = [
-                Candidate(e.name, e.score_latency_s(scale), e.in_flight, e.available(now), e.degraded) for e in endpoints
+                Candidate(e.name, e.score_latency_s(scale), e.in_flight, e.available(now), e.degraded,
+                          e.stuck(now, stuck_after))
+                for e in endpoints
             ]
             index = choose(candidates, self.policy.routing, rng, frozenset(tried))
             if index is None:
                 return None
             chosen = endpoints[index]
-            trial = chosen.breaker.takes_trial
-            old = chosen.start(now)
+            lease = Lease(self.name, chosen.spec, now, chosen.breaker.takes_trial)
+            old = chosen.start(now, lease.token)
             if old is not chosen.breaker.state:
                 notes.append(f"breaker of {chosen.name} (group '{self.name}'): {old.value} -> {chosen.breaker.state.value} (trial request)")
         for note in notes:
             log.info(note)
-        return Lease(self.name, chosen.spec, now, trial)
+        return lease
+
+    def attempt_deadlines(self, prompt_tokens: int = 0) -> AttemptDeadlines:
+        """The deadlines of the next attempt, from what the group has shown (see model_server.deadlines)."""
+        with self._lock:
+            return attempt_deadlines(self.policy, self.timing, prompt_tokens)
+
+    def first_token(self, lease: Lease, seconds: float) -> None:
+        """The request of ``lease`` got its first text ``seconds`` after it was sent."""
+        with self._lock:
+            self._endpoints[lease.spec.name].first_token(lease.token)
+            self.timing.observe_ttft(seconds)
 
     def release(
-        self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None
+        self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None,
+        gap_s: float | None = None,
     ) -> bool:
-        """Record an attempt's outcome (None: cancelled). Returns True if the group should be re-probed."""
+        """Record an attempt's outcome (None: cancelled). Returns True if the group should be re-probed.
+
+        ``gap_s``: a stream's mean gap between chunks, for the stall deadline.
+        """
         now = self._clock()
         elapsed_s = now - lease.started_s
         reprobe = False
@@ -134,31 +166,56 @@ class ReplicaGroup:
         with self._lock:
             e = self._endpoints[lease.spec.name]
             old = e.breaker.state
-            trial = lease.trial
+            trial, token = lease.trial, lease.token
             if kind is OutcomeKind.OK:
-                e.succeed(now, elapsed_s, output_tokens if self.per_token else None, trial=trial)
+                if token in e.waiting:  # an unstreamed answer: the whole answer was its first token
+                    self.timing.observe_ttft(elapsed_s)
+                if gap_s is not None:
+                    self.timing.observe_gap(gap_s)
+                e.succeed(now, elapsed_s, output_tokens if self.per_token else None, trial=trial, token=token)
                 # Asked on every answer, not only when a replica turns degraded: a re-probe refused
                 # then (one running, or one too recent) must still come once the interval has passed.
                 degraded = [x.name for x in self._endpoints.values() if x.degraded]
-                reprobe = bool(degraded) and self._reprobe_due(now)
             elif kind is OutcomeKind.REJECTED:
-                e.reject(now, trial=trial)
+                e.reject(now, trial=trial, token=token)
             elif kind is None:
-                e.cancel(now, trial=trial)
+                e.cancel(now, trial=trial, token=token)
             else:
-                e.fail(now, error, trial=trial)
+                e.fail(now, error, trial=trial, token=token)
+            reprobe = bool(degraded or self._missing()) and self._reprobe_due(now)
             new = e.breaker.state
             latency, baseline = e.latency_s, e.baseline_s
         if old is not new:
             log.warning("breaker of %s (group '%s'): %s -> %s%s", lease.spec.name, self.name, old.value, new.value,
                         f" after {error}" if error else "")
-        if reprobe:
+        if reprobe and degraded:
             log.warning(
                 "group '%s': degraded replica(s) %s (last answer from %s: %.4f s%s smoothed vs a baseline of %.4f s); "
                 "re-probing the group", self.name, ", ".join(degraded), lease.spec.name, latency or 0.0,
                 "/token" if self.per_token else "", baseline or 0.0,
             )
         return reprobe
+
+    def _missing(self) -> list[Endpoint]:
+        """Replicas out of rotation that only a probe brings back: never answered, or breaker open."""
+        return [e for e in self._endpoints.values() if not e.answered or e.breaker.state is BreakerState.OPEN]
+
+    def suspects(self) -> frozenset[str]:
+        """Replicas whose breaker a timeout opened: a probe round does not wait for them (they may be hung)."""
+        with self._lock:
+            return frozenset(
+                e.name for e in self._endpoints.values()
+                if e.breaker.state is not BreakerState.CLOSED and (e.last_error or "").startswith("timeout")
+            )
+
+    def wants_reprobe(self) -> bool:
+        """Whether a background re-probe has anything to find: a degraded replica, or one out of rotation.
+
+        The re-probe asks the whole group, so the replica that comes back is compared with fresh
+        probes of the others, not with their older replies.
+        """
+        with self._lock:
+            return any(e.degraded for e in self._endpoints.values()) or bool(self._missing())
 
     def _reprobe_due(self, now: float) -> bool:
         if self.reprobe_running:
@@ -189,6 +246,8 @@ class ReplicaGroup:
         """
         now = self._clock()
         changes: list[tuple[str, BreakerState, BreakerState]] = []
+        back: list[tuple[str, float]] = []
+        results = [r for r in results if not r.pending]
         with self._lock:
             found = any(r.ok for r in results)
             for r in results:
@@ -196,33 +255,41 @@ class ReplicaGroup:
                 if e is None:
                     continue
                 old = e.breaker.state
+                was_missing = not e.answered or old is BreakerState.OPEN
                 if r.ok:
                     e.probe_ok(now, r.latency_s or 0.0, r.output_tokens if self.per_token else None)
+                    if was_missing and self.built:
+                        back.append((e.name, r.latency_s or 0.0))
                 else:
                     e.probe_failed(now, r.error or "no answer")
                 if old is not e.breaker.state:
                     changes.append((e.name, old, e.breaker.state))
-            # A longer bound helps only replicas that were too slow, not ones that refused or erred.
-            cut_short = timeout_s is not None and timeout_s < probe_timeout_s(self.bound_s, self.policy)
-            grow = not found and not cut_short and any(r.timed_out for r in results)
             usable = [r.latency_s for r in results if r.usable and r.latency_s is not None]
+            self.timing.seed_ttft(usable)
+            # A longer bound helps only a fleet that is slow, not one where some replica refused or
+            # erred (it is up): a hung replica among them would only make every later round longer.
+            cut_short = timeout_s is not None and timeout_s < probe_timeout_s(self.bound_s, self.policy)
+            grow = not found and not cut_short and bool(results) and all(r.timed_out for r in results)
             if found:
                 self.built = True
             if usable:
-                # Back down after a recovery: the bound follows the fastest answer, never below the initial one
-                # (else one slow spell would pin every timeout at the ceiling for good).
+                # Back down after a recovery: the bound follows the fastest answer, never below the initial
+                # one (else one slow spell would pin every timeout at the ceiling for good).
                 self.bound_s = max(self.policy.initial_latency_s, min(self.bound_s, BOUND_HEADROOM * min(usable)))
             elif grow:
-                self.bound_s *= self.policy.latency_growing_rate
+                self.bound_s = min(self.bound_s * self.policy.latency_growing_rate, self.policy.latency_bound_max_s)
             self.probe_rounds += 1
             self.last_round_found = found
+            self.last_round_summary = _summary(results)
             bound = self.bound_s
         for name, old, new in changes:
             log.warning("breaker of %s (group '%s'): %s -> %s (probe)", name, self.name, old.value, new.value)
+        for name, latency in back:
+            log.warning("replica %s of group '%s' answers again (probe %.3f s): back in rotation", name, self.name, latency)
         if grow:
             log.warning("no replica of group '%s' answered a probe in time; the latency bound grows to %.2f s", self.name, bound)
         elif not found:
-            log.warning("no replica of group '%s' answered a probe (all refused or erred)", self.name)
+            log.warning("no replica of group '%s' answered a probe (%s)", self.name, self.last_round_summary)
         return found
 
     # ---- queries -------------------------------------------------------------------------
@@ -242,3 +309,19 @@ class ReplicaGroup:
     def snapshot(self) -> dict[str, EndpointSnapshot]:
         with self._lock:
             return {name: e.snapshot() for name, e in self._endpoints.items()}
+
+
+def _summary(results: Sequence[ProbeResult]) -> str:
+    """What a probe round found, in words: 'none answered: 2 refused the connection, 1 timed out after 3.00 s'."""
+    if any(r.ok for r in results):
+        return f"{sum(r.ok for r in results)} of {len(results)} answered"
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.timed_out:
+            what = "timed out"
+        elif r.error and r.error.startswith("connection error"):
+            what = "refused or dropped the connection"
+        else:
+            what = f"answered {(r.error or 'badly').split(':')[0]}"
+        counts[what] = counts.get(what, 0) + 1
+    return "none answered: " + ", ".join(f"{n} {what}" for what, n in counts.items())

@@ -36,7 +36,10 @@ from model_server.config import ClientPolicy
 __all__ = [
     "Attempt",
     "AttemptBudget",
+    "DeadlineExceeded",
     "MalformedResponse",
+    "ReplicaHTTPError",
+    "StreamEventError",
     "OutcomeKind",
     "RETRY_STATUSES",
     "backoff_s",
@@ -75,6 +78,34 @@ class MalformedResponse(Exception):
     """A 200 answer whose body is not what the route returns."""
 
 
+class ReplicaHTTPError(Exception):
+    """A replica answered with an HTTP error status (before any stream began)."""
+
+    def __init__(self, status_code: int, body: object, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+        self.body = body
+        self.message = message
+
+
+class StreamEventError(Exception):
+    """A stream carried an error event (SGLang's ``data: {"error": {...}}``) after it began."""
+
+    def __init__(self, code: object, message: str) -> None:
+        super().__init__(f"error event in the stream (code {code}): {message}")
+        self.code = code
+
+
+class DeadlineExceeded(TimeoutError):
+    """An attempt missed one of its own deadlines: the first token, a chunk after a stall, or the whole answer."""
+
+    def __init__(self, phase: str, limit_s: float, replica: str = "") -> None:
+        where = f" from {replica}" if replica else ""
+        super().__init__(f"no {phase}{where} within {limit_s:.2f}s ({phase} deadline)")
+        self.phase = phase
+        self.limit_s = limit_s
+
+
 def is_retryable_status(status: int) -> bool:
     return status >= 500 or status in RETRY_STATUSES
 
@@ -94,8 +125,10 @@ _MALFORMED = (MalformedResponse, openai.APIResponseValidationError, json.JSONDec
 
 def classify(err: BaseException) -> OutcomeKind | None:
     """The outcome an exception raised by a request stands for; None if it is not a request failure (a bug)."""
-    if isinstance(err, openai.APIStatusError):
+    if isinstance(err, (openai.APIStatusError, ReplicaHTTPError)):
         return OutcomeKind.SERVER if is_retryable_status(err.status_code) else OutcomeKind.REJECTED
+    if isinstance(err, StreamEventError):
+        return OutcomeKind.SERVER  # the replica broke a stream it had begun
     if isinstance(err, httpx.HTTPStatusError) or (httpx2 is not None and isinstance(err, httpx2.HTTPStatusError)):
         status = err.response.status_code
         return OutcomeKind.SERVER if is_retryable_status(status) else OutcomeKind.REJECTED
@@ -110,8 +143,10 @@ def classify(err: BaseException) -> OutcomeKind | None:
 
 def describe(err: BaseException) -> str:
     """A one-line description of a failure for logs and the final error (never the API key)."""
-    if isinstance(err, openai.APIStatusError):
+    if isinstance(err, (openai.APIStatusError, ReplicaHTTPError)):
         return f"HTTP {err.status_code}: {str(err.message)[:200]}"
+    if isinstance(err, (DeadlineExceeded, StreamEventError)):
+        return f"{'timeout' if isinstance(err, DeadlineExceeded) else 'server error'}: {err}"[:300]
     kind = classify(err)
     label = {OutcomeKind.TIMEOUT: "timeout", OutcomeKind.CONNECTION: "connection error"}.get(kind, type(err).__name__)
     cause = err.__cause__ or err.__context__

@@ -10,7 +10,9 @@
 Candidates are tiered before a policy applies: replicas whose breaker lets a
 request through and that this request has not tried yet come first, non-degraded
 ones before degraded ones; replicas already tried come only when nothing else
-is left. An open breaker is never a candidate.
+is left. A *stuck* replica (a request sent there waits for its first token far
+longer than the group's usual time) is no fresh choice: it comes after every
+replica that is not stuck, tried or not. An open breaker is never a candidate.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Candidate:
     in_flight: int
     available: bool = True  # the breaker lets a request through
     degraded: bool = False
+    stuck: bool = False  # a request sent there waits for its first token far too long
 
 
 def fastest(candidates: Sequence[Candidate]) -> int:
@@ -60,10 +63,12 @@ def choose(
 ) -> int | None:
     """Index (into ``candidates``) of the replica to use, or None if no breaker lets one through."""
     usable = [i for i, c in enumerate(candidates) if c.available]
+    moving = [i for i in usable if not candidates[i].stuck]
     tiers = (
-        [i for i in usable if candidates[i].name not in tried and not candidates[i].degraded],
-        [i for i in usable if candidates[i].name not in tried],
-        [i for i in usable if not candidates[i].degraded],
+        [i for i in moving if candidates[i].name not in tried and not candidates[i].degraded],
+        [i for i in moving if candidates[i].name not in tried],
+        [i for i in moving if not candidates[i].degraded],
+        moving,
         usable,
     )
     for tier in tiers:

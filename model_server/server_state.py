@@ -103,11 +103,15 @@ def decide_after_failure(
     backoff_initial_s: float,
     backoff_max_s: float,
     rand: Callable[[], float],
+    label: str = "crash loop",
+    fix: str = "Read its log, fix the cause, start the pipeline again",
 ) -> FailureDecision:
     """Restart (with backoff), unless this restart would be more than ``max_restarts`` in ``window_s``.
 
     The backoff attempt number counts the restarts inside the window, so a
     server that was healthy for a long time starts again from the short delay.
+    A start refused for want of its port is a failure too (``label`` and
+    ``fix`` then say so): it waits inside the same budget with the same backoff.
     """
     recent = history.within(now, window_s)
     if len(recent) + 1 > max_restarts:
@@ -115,8 +119,8 @@ def decide_after_failure(
             restart=False,
             history=history,
             reason=(
-                f"crash loop: {cause}; it needed {len(recent) + 1} restarts within {window_s:g} s and "
-                f"launch.max_restarts is {max_restarts}. Read its log, fix the cause, start the pipeline again"
+                f"{label}: {cause}; it needed {len(recent) + 1} restarts within {window_s:g} s and "
+                f"launch.max_restarts is {max_restarts}. {fix}"
             ),
         )
     attempt = len(recent) + 1

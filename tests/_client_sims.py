@@ -28,6 +28,7 @@ TEST_POLICY = {
     "max_retry": 10,
     "build_rounds": 2,
     "reprobe_interval_s": 1,
+    "wait_for_replica_s": 3,  # a dead group fails in seconds, not the default minute
 }
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -76,7 +77,10 @@ def fleet_of(
     for key, value in fields.items():
         if value is None:
             continue
-        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+        if isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        else:
+            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
     for group, (kind, ports) in groups.items():
         model = "emb" if kind == "embedding" else "chat"
         for i, port in enumerate(ports):

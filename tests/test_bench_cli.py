@@ -86,3 +86,41 @@ def test_group_run_through_model_server(tmp_path):
     assert result["run"]["mode"] == "closed" and result["run"]["concurrency"] == 4
     assert result["tpot_s"]["count"] == 40 and result["e2e_s"]["p50"] > 0
     assert served >= 40
+
+
+PACED = ("--ttft-ms", "5", "--tpot-ms", "5", "--ttft-per-prompt-token-ms", "0")  # ~0.15 s an answer: streams in flight at a kill
+
+
+@pytest.mark.timeout(120)
+def test_a_kill_keeps_client_warnings_off_the_terminal_and_sums_them_up(tmp_path):
+    out, log = tmp_path / "k.json", tmp_path / "bench.log"
+    with SimProcess(served_model_name="chat", args=PACED) as a, SimProcess(served_model_name="chat", args=PACED) as b:
+        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
+        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--duration", "4", "--output-len", "24",
+                      "--fault", "1.5s kill r0", "--output", str(out), "--log-file", str(log))
+        assert done.returncode == 0, done.stderr
+        assert a.wait_exit(10) is not None  # the kill happened
+    assert "WARNING" not in done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    client = result["client"]
+    assert client["failovers"].get("r0", 0) + client["breaker_changes"].get("r0", 0) >= 1, (client, log.read_text())
+    kill = result["faults"][0]
+    assert kill["spec"] == "1.5s kill r0" and kill["ok"] and kill["client"]["seen"]
+    lines = done.stdout.splitlines()
+    assert lines[lines.index(next(x for x in lines if x.startswith("fault 1.5s kill r0"))) + 1].startswith("  client saw: ")
+    assert any(x.startswith("client: failovers ") and "r0" in x for x in lines)
+    assert f"log: {log} (" in done.stdout
+    text = log.read_text()
+    assert "WARNING model_server.client: " in text and "fault 1.5s kill r0" in text
+
+
+@pytest.mark.timeout(90)
+def test_verbose_puts_the_client_warnings_back_on_the_terminal(tmp_path):
+    log = tmp_path / "bench.log"
+    with SimProcess(served_model_name="chat", args=PACED) as a, SimProcess(served_model_name="chat", args=PACED) as b:
+        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
+        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--duration", "2", "--output-len", "8",
+                      "--fault", "0.5s 500s r0 1 for 1s", "--fault", "0.5s 500s r1 1 for 1s", "--log-file", str(log), "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "WARNING model_server.client: " in done.stderr
+    assert "WARNING model_server.client: " in log.read_text()

@@ -16,7 +16,7 @@ import model_server.bench as bench
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
 from model_server.bench.errors import BenchError
 from model_server.bench.faults import FaultAction, parse_duration_s, parse_fault, parse_faults
-from model_server.bench.lengths import LengthRange, RequestSource, load_dataset, parse_length, synthetic_prompt
+from model_server.bench.lengths import LengthRange, RequestSource, load_dataset, parse_length, request_index, synthetic_prompt
 from model_server.bench.report import build_result, result_lines, result_table, write_json
 from model_server.bench.runner import RunOutcome
 from model_server.bench.stats import RequestRecord, SloPolicy, percentile, summarize, summarize_values, within
@@ -122,6 +122,9 @@ def test_synthetic_prompts_have_the_asked_word_count_and_differ():
         assert len(prompt.split()) == words
         assert count_tokens(prompt) == words
     assert synthetic_prompt(5, 1) != synthetic_prompt(5, 2)
+    for index in (0, 1, 25, 26, 42, 10**6, -1, -30):  # warm-ups are negative
+        assert request_index(synthetic_prompt(3, index)) == index
+    assert request_index("hello there") is None and request_index("r42 x") is None and request_index("") is None
 
 
 def test_request_source_uniform_is_seeded_and_in_range():

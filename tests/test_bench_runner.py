@@ -12,7 +12,7 @@ from model_server.bench.arrivals import build_schedule
 from model_server.bench.errors import BenchError
 from model_server.bench.faults import parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file
-from model_server.bench.lengths import LengthRange, RequestSource
+from model_server.bench.lengths import LengthRange, RequestSource, request_index
 from model_server.bench.runner import LoadPlan, Progress, run_load
 from model_server.bench.targets import IncompleteStream, StreamPiece
 
@@ -32,7 +32,7 @@ class FakeTarget:
         self.seen: list[int] = []
 
     async def _stream(self, request):
-        index = int(request.prompt.split()[0][1:])
+        index = request_index(request.prompt)
         self.seen.append(index)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

@@ -74,7 +74,7 @@ def test_a_hung_replica_and_a_flaky_one_lose_no_request_and_the_hung_one_is_cut_
     with sims_running(3) as sims:
         hung, flaky, good = sims
         # A cooldown no test run outlives: the hung replica's breaker must stay open for the whole test.
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_cooldown_s=1e9)
+        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_cooldown_s=86400)
         ms = ModelServer(fleet)
         try:
             ms.warmup()

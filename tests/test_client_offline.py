@@ -6,9 +6,11 @@ Each test here pins a review finding and failed before its fix.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from types import SimpleNamespace
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import httpx
 import pytest
 from _client_sims import MESSAGES, fleet_of
 
@@ -27,52 +29,41 @@ class FakeClock:
         return self.now
 
 
-def _chunk(text: str | None, tokens: int | None = None) -> SimpleNamespace:
-    usage = SimpleNamespace(completion_tokens=tokens) if tokens is not None else None
-    return SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(role="assistant", content=text))], usage=usage)
+def _event(content: str | None, tokens: int | None = None) -> bytes:
+    event: dict = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "chat",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}]}
+    if tokens is not None:
+        event["choices"] = []
+        event["usage"] = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
-class FakeStream:
-    """A stream of chunks; each one costs `step_s` on the fake clock. Iterable both ways."""
-
-    def __init__(self, chunks: list[SimpleNamespace], clock: FakeClock, step_s: float) -> None:
-        self.chunks, self.clock, self.step_s, self.closed = chunks, clock, step_s, False
-
-    def __iter__(self):
-        for c in self.chunks:
-            self.clock.now += self.step_s
-            yield c
-
-    async def _agen(self):
-        for c in self.__iter__():
-            yield c
-
-    def __aiter__(self):
-        return self._agen()
-
-    def close(self):
-        self.closed = True
-        return _done()
+def _replicas(clock: FakeClock) -> dict[int, Callable[[], list[bytes]]]:
+    # 8-0 (port 1) sends role-only chunks for ever (well: 5000, each 1 s later on the fake clock); 8-1 answers.
+    return {1: lambda: [_event(None)] * 5000, 2: lambda: [_event("hi"), _event(None, tokens=1), b"data: [DONE]\n\n"]}
 
 
-def _done():
-    future = None
-    try:
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-    except RuntimeError:
-        pass
-    return future
+def _ticking(events: list[bytes], clock: FakeClock, step_s: float) -> Iterator[bytes]:
+    for e in events:
+        clock.now += step_s
+        yield e
 
 
-class FakeSDK:
-    """What ModelServer uses of openai.OpenAI / AsyncOpenAI: chat.completions.create."""
+async def _aticking(events: list[bytes], clock: FakeClock, step_s: float) -> AsyncIterator[bytes]:
+    for e in _ticking(events, clock, step_s):
+        yield e
 
-    def __init__(self, make_stream, is_async: bool) -> None:
-        async def acreate(**kwargs):
-            return make_stream()
 
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=acreate if is_async else lambda **kw: make_stream()))
+def _transport(clock: FakeClock, is_async: bool) -> httpx.MockTransport:
+    replicas = _replicas(clock)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        events = replicas[request.url.port]()
+        step = 1.0 if request.url.port == 1 else 0.001
+        body = _aticking(events, clock, step) if is_async else _ticking(events, clock, step)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    return httpx.MockTransport(handler)
 
 
 def _built(client, clock: FakeClock):
@@ -83,39 +74,30 @@ def _built(client, clock: FakeClock):
     return g
 
 
-def _endless_then_text(clock: FakeClock, is_async: bool) -> dict[str, FakeSDK]:
-    # 8-0 sends role-only chunks forever (well: 5000, 1 s apart); 8-1 answers.
-    endless = lambda: FakeStream([_chunk(None)] * 5000, clock, 1.0)  # noqa: E731
-    good = lambda: FakeStream([_chunk("hi"), _chunk(None, tokens=1)], clock, 0.001)  # noqa: E731
-    return {"8-0": FakeSDK(endless, is_async), "8-1": FakeSDK(good, is_async)}
-
-
 FLEET = fleet_of({"8": ("completion", [1, 2])}, routing="fastest", retry_backoff_initial_ms=0, retry_backoff_max_ms=0)
 
 
 @pytest.mark.timeout(20)
-def test_sync_stream_of_endless_empty_chunks_times_out_and_fails_over() -> None:
+def test_sync_stream_of_endless_empty_chunks_misses_its_first_token_deadline_and_fails_over() -> None:
     clock = FakeClock()
-    ms = ModelServer(FLEET, clock=clock)
+    ms = ModelServer(FLEET, clock=clock, transport=_transport(clock, is_async=False))
     try:
         _built(ms, clock)
-        ms._clients.update(_endless_then_text(clock, is_async=False))
         assert "".join(ms.stream_chat("8", MESSAGES)) == "hi"
         stats = ms.stats()["8"]
-        assert stats["8-0"].failures == 1 and "timeout" in (stats["8-0"].last_error or "")
-        assert clock.now < 10  # the attempt was cut at its limit (timeout 2 s + connect 1 s), not after 5000 s
+        assert stats["8-0"].failures == 1 and "first token" in (stats["8-0"].last_error or "")
+        assert clock.now < 10  # cut at its first-token deadline (1 s), not after 5000 s
     finally:
         ms.close()
 
 
 @pytest.mark.timeout(20)
-def test_async_stream_of_endless_empty_chunks_times_out_and_fails_over() -> None:
+def test_async_stream_of_endless_empty_chunks_misses_its_first_token_deadline_and_fails_over() -> None:
     clock = FakeClock()
 
     async def main() -> tuple[str, dict]:
-        async with AsyncModelServer(FLEET, clock=clock) as ms:
+        async with AsyncModelServer(FLEET, clock=clock, transport=_transport(clock, is_async=True)) as ms:
             _built(ms, clock)
-            ms._clients.update(_endless_then_text(clock, is_async=True))
             text = "".join([piece async for piece in ms.stream_chat("8", MESSAGES)])
             return text, ms.stats()["8"]
 
@@ -135,12 +117,20 @@ def test_bad_chat_parameters_are_refused_before_any_attempt() -> None:
         assert all(s.attempts == 0 and s.in_flight == 0 for s in ms.stats()["8"].values())
 
 
-def _refusing_probes(seen: list[float]):
+def _refusing_probes(seen: list[float], clock: FakeClock):
     def probe(specs, timeout_s, **kwargs):
         seen.append(timeout_s)
+        clock.now += 0.01
         return [ProbeResult(s, None, error="connection error: refused") for s in specs]
 
     return probe
+
+
+def _advance(clock: FakeClock):
+    def sleep(delay_s: float) -> None:
+        clock.now += delay_s
+
+    return sleep
 
 
 DEADLINED = fleet_of({"8": ("completion", [1, 2])}, initial_latency_s=100, request_timeout_ceiling_s=600,
@@ -150,14 +140,16 @@ DEADLINED = fleet_of({"8": ("completion", [1, 2])}, initial_latency_s=100, reque
 @pytest.mark.timeout(20)
 def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(monkeypatch) -> None:
     seen: list[float] = []
-    monkeypatch.setattr(model_server.client, "probe_group", _refusing_probes(seen))
-    with ModelServer(DEADLINED, clock=FakeClock()) as ms:
+    clock = FakeClock()
+    monkeypatch.setattr(model_server.client, "probe_group", _refusing_probes(seen, clock))
+    with ModelServer(DEADLINED, clock=clock, sleep=_advance(clock)) as ms:
         with pytest.raises(GroupUnavailableError):
             ms.chat("8", MESSAGES)
         assert seen and max(seen) <= 0.3  # not the 100 s bound
         lock = ms._probe_locks["8"]
         assert lock.acquire(timeout=5)  # another caller's probe round is running (and hangs)
         try:
+            clock.now = 0.0
             started = time.monotonic()
             with pytest.raises(GroupUnavailableError):
                 ms.chat("8", MESSAGES)
@@ -169,19 +161,24 @@ def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(mo
 @pytest.mark.timeout(20)
 def test_async_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(monkeypatch) -> None:
     seen: list[float] = []
-    sync_probe = _refusing_probes(seen)
+    clock = FakeClock()
+    sync_probe = _refusing_probes(seen, clock)
 
     async def aprobe(specs, timeout_s, **kwargs):
         return sync_probe(specs, timeout_s)
 
+    async def asleep(delay_s: float) -> None:
+        clock.now += delay_s
+
     monkeypatch.setattr(model_server.async_client, "aprobe_group", aprobe)
 
     async def main() -> float:
-        async with AsyncModelServer(DEADLINED, clock=FakeClock()) as ms:
+        async with AsyncModelServer(DEADLINED, clock=clock, sleep=asleep) as ms:
             with pytest.raises(GroupUnavailableError):
                 await ms.chat("8", MESSAGES)
             lock = ms._probe_locks["8"]
             await lock.acquire()  # another task's probe round is running (and hangs)
+            clock.now = 0.0
             started = time.monotonic()
             try:
                 with pytest.raises(GroupUnavailableError):

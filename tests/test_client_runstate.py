@@ -56,8 +56,8 @@ def test_exception_tree_and_messages() -> None:
 
 def test_client_all_is_pinned() -> None:
     assert sorted(client.__all__) == sorted([
-        "AsyncModelServer", "ClientError", "GroupUnavailableError", "ModelServer", "RequestRejectedError",
-        "StreamInterruptedError", "UnknownGroupError",
+        "AsyncModelServer", "ChatStream", "ClientError", "GroupUnavailableError", "InvalidRequestError",
+        "ModelServer", "RequestRejectedError", "StreamInterruptedError", "UnexpectedAnswerError", "UnknownGroupError",
     ])
     for name in client.__all__:
         assert getattr(client, name) is not None

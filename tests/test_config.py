@@ -311,3 +311,118 @@ def test_check_rejects_with_status_2_and_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{bad}: invalid fleet table" in result.stderr and "duplicate 10.0.0.1:8000" in result.stderr
+
+
+# ---- issue 9 case 13: every duration bounded, every parse error caught -------------------------------
+
+LAUNCH_DURATIONS = [
+    "gpu_poll_interval_s", "gpu_wait_timeout_s", "startup_timeout_s", "health_interval_s", "health_timeout_s",
+    "restart_backoff_initial_s", "restart_backoff_max_s", "restart_window_s", "stop_grace_s",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", LAUNCH_DURATIONS)
+@pytest.mark.parametrize("value", ["1e10", "inf", "nan", "-1", "1e400"])
+def test_every_launch_duration_is_bounded(field: str, value: str) -> None:
+    message = _error(f'[launch]\nengine = "sim"\n{field} = {value}\n' + GOOD)
+    assert f"field 'launch.{field}'" in message
+
+
+def test_every_launch_float_field_has_an_upper_bound() -> None:
+    """A new duration without a bound would reach a timer that cannot hold it (OverflowError): pin them all."""
+    from model_server.config import LaunchPolicy
+
+    floats = [n for n, f in LaunchPolicy.model_fields.items() if f.annotation in (float, float | None)]
+    assert sorted(floats) == sorted(LAUNCH_DURATIONS)
+    for name in floats:
+        assert any(getattr(m, "le", None) is not None for m in LaunchPolicy.model_fields[name].metadata), name
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('log_dir = ""', "field 'launch.log_dir'"),
+        ('log_dir = "   "', "field 'launch.log_dir'"),
+        ('status_file = ""', "field 'launch.status_file'"),
+        ('log_dir = "a\\u0000b"', "contains a NUL character"),
+        (f"context_length = {2**40}", "field 'launch.context_length'"),
+        (f"gpu_free_threshold_mib = {2**70}", "field 'launch.gpu_free_threshold_mib'"),
+        (f"max_restarts = {2**70}", "field 'launch.max_restarts'"),
+        ('secret_env = ["HF TOKEN"]', "'HF TOKEN', which is not an environment variable name"),
+        ("restart_backoff_initial_s = 10\nrestart_backoff_max_s = 1", "field 'launch.restart_backoff_initial_s' (10) is above"),
+    ],
+)
+def test_launch_values_that_would_fail_later_are_refused_now(line: str, expected: str) -> None:
+    assert expected in _error(f'[launch]\nengine = "sim"\n{line}\n' + GOOD)
+
+
+def test_sglang_health_timeout_leaves_room_for_health_generate() -> None:
+    message = _error('[launch]\nhealth_timeout_s = 1\n' + GOOD)
+    assert "field 'launch.health_timeout_s' is 1 s" in message and "/health_generate" in message and "at least 2 s" in message
+    parse_fleet('[launch]\nhealth_timeout_s = 2\n' + GOOD)
+    parse_fleet('[launch]\nengine = "sim"\nhealth_timeout_s = 0.5\n' + GOOD)  # the sim can answer at once (its flag)
+
+
+@pytest.mark.parametrize("arg", ["--api-key", "--api-key=sk-1", "--admin-api-key"])
+def test_a_key_in_the_engine_args_is_refused(arg: str) -> None:
+    message = _error(_server(name="k", args=[arg, "v"]).replace("'", '"'))
+    assert f"server 'k' (servers[0]), field 'args' has {arg.split('=')[0]}" in message and "api_key_env" in message
+    assert "sk-1" not in message
+
+
+def test_server_values_with_nul_or_huge_gpu_indices_are_refused() -> None:
+    assert "contains a NUL character" in _error(_server(name="n", model="m\\u0000x"))
+    assert "has GPU index 4096, above 1023" in _error(_server(name="g", gpus=[4096]))
+    assert "field 'api_key_env' holds 'A=B'" in _error('api_key_env = "A=B"\n' + GOOD)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 5000 + "]" * 5000,
+        "x = " + "{a = " * 3000 + "1" + "}" * 3000,
+        "[launch]\nmem_fraction_policy = " + "[" * 400 + "]" * 400,
+        "gpus = " + "[" * 300 + "]" * 300,
+    ],
+)
+def test_deep_nesting_is_a_config_error(text: str) -> None:
+    message = _error(text + "\n" + GOOD)
+    assert len(message) < 1500
+
+
+def test_check_refuses_deep_nesting_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "deep.toml"
+    bad.write_text("x = " + "[" * 100000 + "]" * 100000 + "\n" + GOOD)
+    result = _check(str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{bad}: malformed TOML: arrays or inline tables are nested" in result.stderr
+
+
+_deep = st.integers(1, 3000).flatmap(
+    lambda depth: st.sampled_from(["[" * depth + "]" * depth, "{a = " * depth + "1" + "}" * depth, "[" * depth + "1" + "]" * depth])
+)
+_huge = st.one_of(
+    st.sampled_from(["inf", "-inf", "nan", "1e308", "1e309", "-1e400", "9223372036854775808", str(2**200), "0x7fffffffffffffff", "1e-400"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(f).replace("inf", "inf").replace("nan", "nan")),
+    st.integers(-(2**256), 2**256).map(str),
+)
+_any_field = st.sampled_from(
+    [f"[launch]\n{f}" for f in LAUNCH_DURATIONS + ["context_length", "max_restarts", "health_failures_to_restart", "gpu_free_threshold_mib"]]
+    + [f"[client]\n{f}" for f in ("initial_latency_s", "connect_timeout_s", "max_retry", "breaker_cooldown_s", "request_deadline_s")]
+    + [f"[gpu_inventory]\n{f}" for f in ("count", "total_mib")]
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(field=_any_field, value=st.one_of(_deep, _huge))
+def test_fuzz_deep_nesting_and_huge_numbers_only_raise_config_error(field: str, value: str) -> None:
+    section, name = field.split("\n")
+    try:
+        fleet = parse_fleet(f"{section}\n{name} = {value}\n" + GOOD.replace("[[servers]]", "[[servers]]", 1))
+    except ConfigError as err:
+        assert len(str(err)) < 2000 and "\n" not in str(err).strip()
+        return
+    for policy in (fleet.launch, fleet.client, fleet.gpu_inventory):  # what passed is usable
+        for value_ in policy.model_dump().values():
+            if isinstance(value_, float):
+                assert value_ == value_ and value_ < 1e7  # no nan, nothing a timer cannot hold

@@ -132,3 +132,46 @@ def test_missing_nvml_points_at_the_local_config(monkeypatch) -> None:
         make_inventory(GpuInventoryConfig(source="nvml"))
     message = str(info.value)
     assert "NVML Shared Library Not Found" in message and "configs/local.toml" in message
+
+
+# ---- who holds a GPU (NVML's process list) ------------------------------------------------------
+
+
+class _Proc:
+    def __init__(self, pid: int, used: int | None) -> None:
+        self.pid, self.usedGpuMemory = pid, used
+
+
+def test_nvml_lists_the_processes_holding_each_gpu(monkeypatch) -> None:
+    from model_server.gpu import GpuProcess, gpu_processes
+
+    mod = _fake_pynvml()
+    mod.nvmlDeviceGetComputeRunningProcesses = lambda h: [_Proc(11, 1024 * 1024 * 500)] if h == "handle-1" else []
+    mod.nvmlDeviceGetGraphicsRunningProcesses = lambda h: [_Proc(12, None)] if h == "handle-1" else []
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    assert gpu_processes(NvmlInventory(), [0, 1]) == [GpuProcess(1, 11, 500), GpuProcess(1, 12, None)]
+    assert GpuProcess(1, 11, 500).describe() == "pid 11 holds 500 MiB of GPU 1"
+
+
+def test_a_driver_without_process_lists_reports_none(monkeypatch) -> None:
+    from model_server.gpu import gpu_processes
+
+    mod = _fake_pynvml()
+
+    def unsupported(handle):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    mod.nvmlDeviceGetComputeRunningProcesses = unsupported  # and no graphics getter at all
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    assert gpu_processes(NvmlInventory(), [0, 1]) == []
+    assert gpu_processes(object(), [0]) == []  # an inventory that cannot tell
+
+
+def test_simulated_state_file_may_name_the_holders(tmp_path) -> None:
+    from model_server.gpu import GpuProcess
+
+    state = tmp_path / "gpus.json"
+    state.write_text(json.dumps({"1": {"used_mib": 300, "pids": [41, 42]}, "2": 7}))
+    inv = SimulatedInventory(4, 1000, state)
+    assert [r.used_mib for r in inv.read([1, 2])] == [300, 7]
+    assert inv.processes([1, 2, 3]) == [GpuProcess(1, 41), GpuProcess(1, 42)]

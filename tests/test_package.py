@@ -11,9 +11,12 @@ import model_server
 
 def test_all_is_pinned() -> None:
     assert sorted(model_server.__all__) == sorted(
-        ["AsyncModelServer", "ConfigError", "Fleet", "ModelServer", "ModelServerError", "ServerSpec",
-         "__version__", "load_fleet"]
+        ["AsyncModelServer", "ClientError", "ConfigError", "Fleet", "GroupUnavailableError", "InvalidRequestError",
+         "LaunchError", "ModelServer", "ModelServerError", "RequestRejectedError", "ServerSpec",
+         "StreamInterruptedError", "UnexpectedAnswerError", "UnknownGroupError", "__version__", "load_fleet"]
     )
+    for name in model_server.__all__:
+        assert getattr(model_server, name) is not None  # every public name resolves, the client's lazily
 
 
 def test_import_pulls_in_no_gpu_stack_and_no_http_client() -> None:

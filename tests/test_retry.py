@@ -13,9 +13,8 @@ from model_server.client_errors import GroupUnavailableError, RequestRejectedErr
 from model_server.client_metrics import ClientMetrics
 from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
 from model_server.replica_group import ProbeResult, ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, Sleep, request_plan
+from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep, request_plan
 from model_server.retry import (
-    AttemptBudget,
     MalformedResponse,
     OutcomeKind,
     backoff_s,
@@ -72,14 +71,25 @@ def test_timeouts_follow_the_bound_within_floor_and_ceiling() -> None:
     assert probe_timeout_s(3.0, policy) == 3.0 and probe_timeout_s(10_000, policy) == 600.0
 
 
-def test_budget_counts_attempts_and_caps_timeouts_by_the_deadline() -> None:
-    budget = AttemptBudget(max_attempts=2, started_s=0.0, deadline_s=10.0)
-    assert not budget.exhausted(0) and budget.cap(30.0, now=4.0) == 6.0
-    budget.spend()
-    budget.spend()
-    assert budget.exhausted(0)
-    assert AttemptBudget(5, 0.0, 10.0).exhausted(10.0)
-    assert AttemptBudget(5, 0.0).cap(30.0, now=1e9) == 30.0
+def test_the_state_counts_attempts_and_caps_timeouts_by_the_deadline_and_the_wait() -> None:
+    state = RequestState(ClientPolicy(max_retry=2, request_deadline_s=10.0, wait_for_replica_s=8.0), started_s=0.0)
+    assert state.spent(0) is None and state.cap(30.0, now=4.0) == 4.0  # the wait bound (8 s) comes first
+    state.receiving_s = 5.0  # time spent receiving text does not count as waiting...
+    assert state.cap(30.0, now=4.0) == 6.0  # ...so the hard deadline (10 s) is what is left
+    state.attempts_used = 2
+    assert "max_retry = 2" in state.spent(0)
+    assert "request_deadline_s" in RequestState(ClientPolicy(request_deadline_s=10.0), 0.0).spent(10.0)
+    waited = RequestState(ClientPolicy(wait_for_replica_s=5.0), 0.0).spent(6.0)
+    assert "6.0 s" in waited and "wait_for_replica_s = 5" in waited
+    assert RequestState(ClientPolicy(), 0.0).cap(30.0, now=1e9) == 0.001
+
+
+def test_an_attempt_leaves_room_for_another_replica_under_a_deadline() -> None:
+    state = RequestState(ClientPolicy(request_deadline_s=10.0, wait_for_replica_s=60), started_s=0.0)
+    assert state.cap_attempt(30.0, 0.0, others_untried=True) == 5.0
+    assert state.cap_attempt(30.0, 0.0, others_untried=False) == 10.0
+    waiting = RequestState(ClientPolicy(wait_for_replica_s=8.0), started_s=0.0)
+    assert waiting.cap_attempt(30.0, 0.0, others_untried=True) == 4.0  # the wait bound is shared the same way
 
 
 # ---- the plan, driven by hand ---------------------------------------------------------------
@@ -95,7 +105,8 @@ class FakeClock:
 
 def _group(n: int = 3, **policy_fields) -> tuple[ReplicaGroup, ClientPolicy, FakeClock]:
     policy_fields.setdefault("routing", RoutingPolicy.fastest)  # the tests follow fastest's order r0, r1, r2
-    policy = ClientPolicy(breaker_failures=2, breaker_cooldown_s=10, max_retry=6, build_rounds=2, **policy_fields)
+    fields = dict(breaker_failures=2, breaker_cooldown_s=10, max_retry=6, build_rounds=2)
+    policy = ClientPolicy(**dict(fields, **policy_fields))
     specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
              for i in range(n)]
     clock = FakeClock()
@@ -105,8 +116,9 @@ def _group(n: int = 3, **policy_fields) -> tuple[ReplicaGroup, ClientPolicy, Fak
     return group, policy, clock
 
 
-def _plan(group: ReplicaGroup, policy: ClientPolicy, clock: FakeClock, **kw):
-    return request_plan(group, policy, rng=random.Random(0), clock=clock, metrics=ClientMetrics(), **kw)
+def _plan(group: ReplicaGroup, policy: ClientPolicy, clock: FakeClock, state: RequestState | None = None, **kw):
+    state = state or RequestState(policy, clock())
+    return request_plan(group, policy, state, rng=random.Random(0), clock=clock, metrics=ClientMetrics(), **kw)
 
 
 def test_failover_goes_to_the_next_best_replica_after_a_backoff() -> None:
@@ -114,7 +126,9 @@ def test_failover_goes_to_the_next_best_replica_after_a_backoff() -> None:
     plan = _plan(group, policy, clock)
     first = next(plan)
     assert isinstance(first, Call) and first.lease.spec.name == "r0"
-    assert first.timeout_s == request_timeout_s(policy.initial_latency_s, policy)
+    # the probes' median (20 ms) x 10 is under the floor: the first-token deadline is the floor
+    assert first.timeout_s == policy.first_token_timeout_floor_s
+    assert first.deadlines.stall_s == policy.stall_timeout_floor_s
     pause = plan.send(CallResult(OutcomeKind.SERVER, error=_status(503)))
     assert isinstance(pause, Sleep) and 0 <= pause.delay_s <= policy.retry_backoff_initial_ms / 1000
     second = plan.send(None)
@@ -140,11 +154,10 @@ def test_a_rejected_request_is_raised_at_once_and_blames_no_replica() -> None:
     assert snap.failures == 0 and snap.rejected == 1 and snap.consecutive_failures == 0
 
 
-def test_the_budget_bounds_attempts_and_the_error_lists_them() -> None:
-    group, policy, clock = _group()
-    plan = _plan(group, policy, clock)
+def _run_refused(plan, group: ReplicaGroup, clock: FakeClock, probe_s: float = 0.0) -> tuple[int, int, int, GroupUnavailableError]:
+    """Drive a plan whose replicas all refuse; (calls, probe rounds, sleeps, the final error)."""
     action = next(plan)
-    calls = probes = 0
+    calls = probes = sleeps = 0
     with pytest.raises(GroupUnavailableError) as info:
         while True:
             if isinstance(action, Call):
@@ -153,16 +166,36 @@ def test_the_budget_bounds_attempts_and_the_error_lists_them() -> None:
                 action = plan.send(CallResult(OutcomeKind.CONNECTION, error=httpx.ConnectError("refused", request=REQ)))
             elif isinstance(action, Probe):
                 probes += 1
-                action = plan.send(group.apply_probes([ProbeResult(s, None, error="refused") for s in group.specs]))
+                clock.now += probe_s
+                results = [ProbeResult(s, None, error="connection error: ConnectError: refused") for s in group.specs]
+                action = plan.send(group.apply_probes(results))
             else:
+                sleeps += 1
+                clock.now += action.delay_s
                 action = plan.send(None)
-    assert calls + probes == policy.max_retry  # probe rounds spend the same budget: no multiplication
+    return calls, probes, sleeps, info.value
+
+
+def test_max_retry_counts_attempts_and_the_error_lists_them() -> None:
+    group, policy, clock = _group(breaker_failures=100)  # breakers never open: every try is an attempt
+    calls, probes, _, error = _run_refused(_plan(group, policy, clock), group, clock)
+    assert calls == policy.max_retry and probes == 0
+    assert len(error.attempts) == calls and "max_retry = 6" in str(error)
+    assert {a.replica for a in error.attempts} == {"r0", "r1", "r2"}
+    assert all(a.elapsed_s == pytest.approx(0.5) for a in error.attempts)
+    assert "r0" in str(error) and "refused" in str(error)
+
+
+def test_probe_rounds_are_not_attempts_they_are_bounded_by_the_wait_and_paced_by_backoff() -> None:
+    group, policy, clock = _group(max_retry=20, wait_for_replica_s=10.0, retry_backoff_max_ms=2000)
+    calls, probes, sleeps, error = _run_refused(_plan(group, policy, clock), group, clock, probe_s=0.01)
     assert calls == 6  # 3 replicas x breaker_failures 2, then every breaker is open
-    attempts = info.value.attempts
-    assert len(attempts) == calls + probes
-    assert {a.replica for a in attempts[:calls]} == {"r0", "r1", "r2"}
-    assert all(a.elapsed_s == pytest.approx(0.5) for a in attempts[:calls])
-    assert "r0" in str(info.value) and "refused" in str(info.value)
+    assert probes >= 3 and sleeps >= probes  # rounds keep coming, each after a backoff...
+    assert clock.now == pytest.approx(10.0, abs=0.05)  # ...until the wait bound, not after three rounds
+    assert "wait_for_replica_s = 10" in str(error) and f"{probes} probe round(s)" in str(error)
+    rounds = [a for a in error.attempts if a.replica == "probe of every replica"]
+    assert len(rounds) == probes and "3 refused or dropped the connection" in rounds[0].error
+    assert "within" not in rounds[0].error  # nothing was waited for: the error does not say it was
 
 
 def test_every_breaker_open_means_a_probe_round_then_the_found_replica() -> None:
@@ -212,7 +245,9 @@ def test_asyncio_timeouts_are_timeouts() -> None:
 
 
 def test_the_latency_bound_comes_back_down_once_probes_find_replicas_again() -> None:
-    policy = ClientPolicy(initial_latency_s=3, latency_growing_rate=20, request_timeout_ceiling_s=600)
+    policy = ClientPolicy(
+        initial_latency_s=3, latency_growing_rate=20, request_timeout_ceiling_s=600, latency_bound_max_s=2000
+    )
     specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
              for i in range(2)]
     group = ReplicaGroup("8", specs, policy, clock=FakeClock())
@@ -253,6 +288,8 @@ def test_stale_outcomes_do_not_drive_a_half_open_breaker() -> None:
     rng = random.Random(0)
     only_r0 = {"r1"}
     stale = [group.acquire(rng, tried=only_r0) for _ in range(3)]  # sent while the breaker was closed
+    for lease in stale:
+        group.first_token(lease, 0.01)  # streaming, not stuck: only the breaker is under test here
     for _ in range(2):
         group.release(group.acquire(rng, tried=only_r0), OutcomeKind.TIMEOUT, error="timeout")
     assert group.snapshot()["r0"].breaker.value == "open"
@@ -289,3 +326,13 @@ def test_a_probe_round_cut_short_by_a_deadline_does_not_grow_the_bound() -> None
     assert group.bound_s == 3
     group.apply_probes(silent, timeout_s=3.0)
     assert group.bound_s == 60
+
+
+def test_the_latency_bound_grows_no_further_than_latency_bound_max_s() -> None:
+    policy = ClientPolicy(initial_latency_s=3, latency_growing_rate=20, latency_bound_max_s=60)
+    specs = [ServerSpec(name="r0", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")]
+    group = ReplicaGroup("8", specs, policy, clock=FakeClock())
+    silent = [ProbeResult(specs[0], None, error="timeout", timed_out=True)]
+    for _ in range(4):
+        group.apply_probes(silent)
+    assert group.bound_s == 60 and group.probe_timeout_s() == 60  # it reached 1200 s and more before the cap

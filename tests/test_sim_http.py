@@ -20,7 +20,7 @@ from model_server.sim.process import SimProcess, free_port
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-FAST = ["--ttft-ms", "2", "--tpot-ms", "0.2", "--ttft-per-prompt-token-ms", "0"]
+FAST = ["--ttft-ms", "2", "--tpot-ms", "0.2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0.05"]
 CHAT = [{"role": "user", "content": "Say hello, please."}]
 
 
@@ -38,7 +38,7 @@ def poll(condition, timeout_s: float = 20.0, interval_s: float = 0.02):
 
 @pytest.fixture(scope="module")
 def chat_server() -> Iterator[SimProcess]:
-    with SimProcess(served_model_name="sim-chat", api_key=KEY, args=FAST) as sim:
+    with SimProcess(served_model_name="sim-chat", api_key=KEY, args=[*FAST, "--enable-metrics"]) as sim:
         yield sim
     assert not psutil.pid_exists(sim.pid) or psutil.Process(sim.pid).status() == psutil.STATUS_ZOMBIE
 
@@ -61,10 +61,10 @@ def sdk(sim: SimProcess, timeout_s: float = 10.0, key: str = KEY) -> openai.Open
 
 
 def metric(sim: SimProcess, name: str) -> float:
+    """The value of a metric, summed over its series (0 when it has none yet)."""
     text = httpx.get(sim.url + "/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
+    assert f"# TYPE {name.removesuffix('_total')}" in text, f"{name} not in /metrics"
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 # --- the openai SDK, unchanged ---
@@ -75,10 +75,11 @@ def test_sdk_chat_with_honest_usage(server: SimProcess) -> None:
     reply = client.chat.completions.create(model="sim-chat", messages=CHAT, max_tokens=7)
     text = reply.choices[0].message.content
     assert reply.model == "sim-chat" and reply.choices[0].finish_reason == "length"
-    assert reply.usage.completion_tokens == 7 == len(re.findall(r"\w+|[^\w\s]", text))
-    assert reply.usage.prompt_tokens == len(re.findall(r"\w+|[^\w\s]", "user: Say hello, please."))
-    again = client.chat.completions.create(model=server.model_path, messages=CHAT, max_tokens=7)  # the path works too
-    assert again.choices[0].message.content == text  # deterministic
+    assert reply.usage.completion_tokens == 7 == len(text.split())
+    # Llama 3's template: BOS, 5 per message ("Say hello, please." is 5), 4 for the assistant header
+    assert reply.usage.prompt_tokens == 1 + 5 + 5 + 4
+    again = client.chat.completions.create(model="anything-at-all", messages=CHAT, max_tokens=7)  # any name, echoed
+    assert again.choices[0].message.content == text and again.model == "anything-at-all"  # deterministic
 
 
 def test_sdk_streamed_chat(server: SimProcess) -> None:
@@ -102,8 +103,9 @@ def test_sdk_completions_with_stop(server: SimProcess) -> None:
     second_word = full.choices[0].text.split()[1]
     cut = client.completions.create(model="sim-chat", prompt="Once upon", max_tokens=10, stop=[" " + second_word])
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].text == full.choices[0].text.split()[0]
-    assert cut.usage.completion_tokens == 1
+    assert cut.choices[0].text == " " + full.choices[0].text.split()[0]
+    assert cut.usage.completion_tokens == 2  # the stop string's token was generated, then trimmed
+    assert cut.choices[0].model_extra["matched_stop"] == " " + second_word
     streamed = client.completions.create(model="sim-chat", prompt="Once upon", max_tokens=10, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
 
@@ -133,7 +135,8 @@ def test_native_generate(server: SimProcess) -> None:
     events = sse_events(server, "/generate", {**body, "stream": True})
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["text"] == out["text"]
-    assert [json.loads(e)["meta_info"]["completion_tokens"] for e in events[:-1]] == [1, 2, 3, 4, 5, 5]
+    assert [json.loads(e)["meta_info"]["completion_tokens"] for e in events[:-1]] == [1, 2, 3, 4, 5]
+    assert json.loads(events[-2])["output_ids"] == out["output_ids"] and len(out["output_ids"]) == 5
 
 
 def test_raw_stream_ends_with_done(server: SimProcess) -> None:
@@ -141,20 +144,24 @@ def test_raw_stream_ends_with_done(server: SimProcess) -> None:
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["choices"][0]["delta"] == {"reasoning_content": None, "role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"].keys() for c in chunks[1:-1]] == [{"reasoning_content", "content"}] * 3
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_info_routes_say_simulator(server: SimProcess) -> None:
     info = httpx.get(server.url + "/server_info", headers=AUTH, timeout=5).json()
-    assert info["simulator"] is True and "simulated" in info["note"] and "api_key" not in info
+    assert info["simulator"] is True and "simulated" in info["note"]
+    assert info["api_key"] == KEY and info["version"] == "0.5.23"  # as SGLang: the key, behind the key
     assert httpx.get(server.url + "/get_server_info", headers=AUTH, timeout=5).json()["model_path"] == "sim/test-model"
     model = httpx.get(server.url + "/get_model_info", headers=AUTH, timeout=5).json()
     assert model["is_generation"] is True and model["served_model_name"] == "sim-chat"
     assert httpx.get(server.url + "/model_info", headers=AUTH, timeout=5).json() == model
     models = httpx.get(server.base_url + "/models", headers=AUTH, timeout=5).json()
-    assert [m["id"] for m in models["data"]] == ["sim-chat"]
-    assert "simulated SGLang engine" in server.log_text()
+    assert [(m["id"], m["root"]) for m in models["data"]] == [("sim-chat", "sim-chat")]  # root: the served name
+    log = server.log_text()
+    assert "simulated SGLang engine" in log
+    assert f"server_args={{'model_path': 'sim/test-model'" in log and f"'api_key': '{KEY}'" in log  # as SGLang logs
 
 
 # --- auth, errors ---
@@ -168,6 +175,9 @@ def test_api_key_required_except_health(server: SimProcess) -> None:
     assert httpx.get(url, headers=AUTH, timeout=5).status_code == 200
     for path in ("/health", "/health_generate", "/ready", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 200, path
+    assert httpx.options(url, headers={"Origin": "http://x", "Access-Control-Request-Method": "GET"}).is_success
+    lowercase = httpx.get(url, headers={"Authorization": f"bearer {KEY}"}, timeout=5)  # SGLang: any case
+    assert lowercase.status_code == 200
     assert httpx.post(server.url + "/sim/faults", json={"hang": True}, timeout=5).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         sdk(server, key="wrong").chat.completions.create(model="sim-chat", messages=CHAT)
@@ -178,17 +188,24 @@ def test_key_travels_in_config_file_not_argv(server: SimProcess) -> None:
     assert "--config" in cmdline and KEY not in cmdline
 
 
-def test_errors_use_openai_envelope(server: SimProcess, embed_server: SimProcess) -> None:
+def test_errors_use_sglang_flat_shape(server: SimProcess, embed_server: SimProcess) -> None:
     client = sdk(server)
-    with pytest.raises(openai.NotFoundError) as unknown:
-        client.chat.completions.create(model="no-such-model", messages=CHAT)
-    assert unknown.value.status_code == 404 and unknown.value.body["type"] == "NotFoundError"
     with pytest.raises(openai.BadRequestError, match="embedding"):
         client.embeddings.create(model="sim-chat", input="x")
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         sdk(embed_server).chat.completions.create(model="sim/embed", messages=CHAT)
-    bad = httpx.post(server.base_url + "/chat/completions", content=b"{", headers=AUTH, timeout=5)
-    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+    headers = {**AUTH, "Content-Type": "application/json"}
+    bad = httpx.post(server.base_url + "/chat/completions", content=b"{", headers=headers, timeout=5)
+    assert bad.status_code == 400
+    assert bad.json().keys() == {"object", "message", "type", "param", "code"} and bad.json()["object"] == "error"
+    # /generate: SGLang's validation error (flat) for no JSON, its contract error, its ValueError shape
+    native = httpx.post(server.url + "/generate", content=b"{", headers=headers, timeout=5)
+    assert native.status_code == 400 and native.json().keys() == {"object", "message", "type", "param", "code"}
+    contract = httpx.post(server.url + "/generate", json={"sampling_params": {}}, headers=AUTH, timeout=5)
+    assert contract.status_code == 400 and isinstance(contract.json()["error"], str)
+    too_long = {"text": "x", "sampling_params": {"max_new_tokens": 10**6}}
+    value = httpx.post(server.url + "/generate", json=too_long, headers=AUTH, timeout=5)
+    assert value.status_code == 400 and "context length" in value.json()["error"]["message"]
 
 
 # --- metrics ---
@@ -209,6 +226,7 @@ def test_metrics_names_and_counts_move(server: SimProcess) -> None:
         "inter_token_latency_seconds",
     ):
         assert f"sglang:{name}" in text, name
+    assert 'engine_type="unified"' in text and 'tp_rank="0"' in text
     before = metric(server, "sglang:num_requests_total")
     tokens_before = metric(server, "sglang:generation_tokens_total")
     sdk(server).chat.completions.create(model="sim-chat", messages=CHAT, max_tokens=4)
@@ -224,14 +242,15 @@ def test_metrics_names_and_counts_move(server: SimProcess) -> None:
 def test_runtime_error_rate_gives_that_status(server: SimProcess) -> None:
     assert server.set_faults(error_rate=1.0, error_status=503)["error_status"] == 503
     r = httpx.post(server.base_url + "/chat/completions", json={"messages": CHAT}, headers=AUTH, timeout=5)
-    assert r.status_code == 503 and "simulated fault" in r.json()["error"]["message"]
+    assert r.status_code == 503 and "simulated fault" in r.json()["message"] and r.json()["object"] == "error"
     server.reset_faults()
-    assert httpx.post(server.base_url + "/chat/completions", json={"messages": CHAT}, headers=AUTH, timeout=5).is_success
+    again = httpx.post(server.base_url + "/chat/completions", json={"messages": CHAT}, headers=AUTH, timeout=5)
+    assert again.is_success
 
 
 def test_runtime_fault_validation(server: SimProcess) -> None:
     r = httpx.post(server.url + "/sim/faults", json={"error_rate": 3}, headers=AUTH, timeout=5)
-    assert r.status_code == 400 and "error_rate" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "error_rate" in r.json()["message"]
 
 
 def test_runtime_hang_times_out_client_while_health_ok(server: SimProcess) -> None:
@@ -281,7 +300,9 @@ def test_runtime_drop_stream_mid_way(server: SimProcess) -> None:
         stream = sdk(server).chat.completions.create(model="sim-chat", messages=CHAT, max_tokens=50, stream=True)
         for chunk in stream:
             received.append(chunk)
-    assert len(received) == 1  # the first chunk arrived, then the connection broke
+    # the role chunk and the first chunk with text arrived, then the connection broke
+    assert [c.choices[0].delta.content for c in received] == ["", received[1].choices[0].delta.content]
+    assert received[1].choices[0].delta.content
     body = {"messages": CHAT, "max_tokens": 50, "stream": True}
     with pytest.raises(httpx.RemoteProtocolError):
         with httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=AUTH, timeout=5) as r:
@@ -309,7 +330,7 @@ def test_start_flag_faults() -> None:
     args = [*FAST, "--error-rate", "1", "--error-status", "429"]
     with SimProcess(args=args) as sim:
         r = httpx.post(sim.base_url + "/completions", json={"prompt": "x"}, timeout=5)
-        assert r.status_code == 429 and r.json()["error"]["type"] == "RateLimitError"
+        assert r.status_code == 429 and r.json()["type"] == "429" and r.json()["code"] == 429
         assert sim.faults()["error_rate"] == 1.0
     with SimProcess(args=[*FAST, "--hang", "--malformed-rate", "1", "--drop-stream-rate", "1"]) as sim:
         faults = sim.faults()
@@ -330,25 +351,40 @@ def test_start_flag_crash_after() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_health_503_while_loading() -> None:
-    sim = SimProcess(args=[*FAST, "--startup-delay-s", "1.5"])
+def test_refuses_connections_while_loading_then_503_while_warming_up() -> None:
+    """SGLang listens only once its weights are loaded, then answers 503 on /health* while it warms up."""
+    args = ["--startup-delay-s", "1", "--ttft-ms", "800", "--tpot-ms", "0", "--health-generate-s", "0.05"]
+    sim = SimProcess(args=args)
     try:
+        started = time.monotonic()
         sim.start(wait=False)
 
         def status(path: str) -> int | None:
             try:
                 return httpx.get(sim.url + path, timeout=1).status_code
-            except httpx.TransportError:
+            except httpx.ConnectError:
                 return None
 
-        assert poll(lambda: status("/health")) == 503
-        assert status("/ready") == 503 and status("/health_generate") == 503
-        r = httpx.post(sim.base_url + "/completions", json={"prompt": "x"}, timeout=5)
-        assert r.status_code == 503
-        poll(lambda: status("/health") == 200)
-        assert status("/ready") == 200
+        assert status("/health") is None and status("/v1/models") is None  # nothing listens while loading
+        assert poll(lambda: status("/health")) == 503  # warming up: its warm-up request takes the 0.8 s TTFT
+        assert time.monotonic() - started >= 0.9
+        assert status("/health_generate") == 503 and status("/ready") == 503
+        assert status("/v1/models") == 200  # the other routes answer, as SGLang's do
+        sim.wait_ready(30)  # connection refused and 503 were both "not yet", not errors
+        assert status("/ready") == 200 and "fired up and ready to roll" in sim.log_text()
     finally:
         sim.stop()
+
+
+@pytest.mark.timeout(60)
+def test_health_generate_takes_about_the_poll_interval() -> None:
+    with SimProcess(args=[*FAST[:-2], "--health-generate-s", "0.4"]) as sim:
+        t0 = time.monotonic()
+        assert httpx.get(sim.url + "/health_generate", timeout=5).status_code == 200
+        assert 0.35 < time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        assert httpx.get(sim.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - t0 < 0.3  # /health itself runs nothing
 
 
 @pytest.mark.timeout(60)
@@ -377,7 +413,8 @@ def test_free_port_is_bindable() -> None:
 def test_running_batch_is_bounded_and_metrics_move() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with SimProcess(args=["--ttft-ms", "600", "--tpot-ms", "0", "--max-running-requests", "2"]) as sim:
+    args = ["--ttft-ms", "400", "--tpot-ms", "0", "--max-running-requests", "2", "--enable-metrics"]
+    with SimProcess(args=args) as sim:
 
         def one(_: int) -> int:
             body = {"prompt": "x", "max_tokens": 1}

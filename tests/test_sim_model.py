@@ -149,48 +149,105 @@ def test_engine_crash_after_calls_exit() -> None:
     assert engine.stats()["requests_total"] == 3
 
 
-# --- tokenizer, filler, stop, embeddings ---
+# --- tokenizer, template, filler, stop, embeddings ---
 
 
 @pytest.mark.parametrize(
-    ("text", "n"), [("", 0), ("Hello, world!", 4), ("a  b\tc\n", 3), ("don't", 3), ("x1_y2 z", 2)]
+    ("text", "n"),
+    [
+        ("", 0),
+        ("Hello, world!", 4),
+        ("a  b\tc\n", 4),  # a newline run is a token, other whitespace is free
+        ("don't", 3),
+        ("x1_y2 z", 6),
+        ("2026", 2),  # digits in runs of at most 3, like Llama 3
+        ("internationalization", 2),  # letters in runs of at most 12
+        ("你好世界", 4),  # one token per CJK character
+        ("<|eot_id|>", 1),  # a template marker is one token
+    ],
 )
 def test_tokenizer_counts(text: str, n: int) -> None:
     assert simtext.count_tokens(text) == n
     assert len(simtext.tokenize(text)) == n
 
 
-@given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=0, max_value=300))
-def test_filler_has_exactly_n_tokens(h: int, n: int) -> None:
-    words = simtext.filler_words(h, n)
-    assert len(words) == n
-    assert simtext.count_tokens(" ".join(words)) == n
+def test_chat_template_costs_what_llama3_costs() -> None:
+    context, prefix = simtext.chat_context([{"role": "user", "content": "Hi"}])
+    assert context == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert prefix == "" and simtext.count_tokens(context) == 11  # 1 BOS + 5 per message + 1 content + 4
 
 
-def test_filler_is_deterministic_per_prompt() -> None:
-    h1, h2 = simtext.prompt_hash("hello", 0), simtext.prompt_hash("goodbye", 0)
-    assert simtext.filler_words(h1, 20) == simtext.filler_words(simtext.prompt_hash("hello", 0), 20)
-    assert simtext.filler_words(h1, 20) != simtext.filler_words(h2, 20)
-    assert simtext.prompt_hash("hello", 1) != h1
+def test_chat_template_continue_final_message() -> None:
+    base = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    plain, _ = simtext.chat_context(base)
+    assert "system<|end_header_id|>\n\nBe brief.<|eot_id|>" in plain and "user<|end_header_id|>\n\nHi" in plain
+    cont, prefix = simtext.chat_context([*base, {"role": "assistant", "content": "Sure"}], continue_final_message=True)
+    assert cont == plain + "Sure" and prefix == "Sure"  # the assistant turn is left open
+    # without the flag, a final assistant message is sent as a user's (SGLang's rule)
+    turned, prefix = simtext.chat_context([*base, {"role": "assistant", "content": "Sure"}])
+    assert prefix == ""
+    assert turned.endswith("user<|end_header_id|>\n\nSure<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(ValueError):
+        simtext.chat_context(["not a message"])
+
+
+@given(st.text(max_size=30), st.integers(min_value=0, max_value=300), st.integers(0, 3))
+def test_filler_has_exactly_n_tokens(context: str, n: int, seed: int) -> None:
+    made = simtext.generate(context, n, seed)
+    assert len(made.pieces) == n and not made.eos
+    assert simtext.count_tokens("".join(made.pieces)) == n
+    assert all(simtext.count_tokens(p) == 1 for p in made.pieces)
+
+
+def test_filler_is_deterministic_per_context_and_seed() -> None:
+    a = simtext.generate("hello", 20).pieces
+    assert a == simtext.generate("hello", 20).pieces
+    assert a != simtext.generate("goodbye", 20).pieces
+    assert a != simtext.generate("hello", 20, seed=1).pieces
+    assert a[0].startswith(" ") and not simtext.generate("hello ", 5).pieces[0].startswith(" ")
+
+
+@hyp_settings(max_examples=200)
+@given(
+    context=st.text(max_size=40),
+    m=st.integers(min_value=1, max_value=120),
+    k=st.integers(min_value=0, max_value=120),
+    seed=st.integers(0, 5),
+    until_eos=st.booleans(),
+)
+def test_resumed_filler_is_the_uninterrupted_filler(context: str, m: int, k: int, seed: int, until_eos: bool) -> None:
+    """The first k pieces appended to the context continue with piece k+1, EOS included."""
+    eos_from = 0 if until_eos else None
+    whole = simtext.generate(context, m, seed, eos_from=eos_from)
+    k = min(k, len(whole.pieces))
+    received = "".join(whole.pieces[:k])
+    rest = simtext.generate(context + received, m - k, seed, eos_from=None if eos_from is None else k)
+    assert whole.pieces[:k] + rest.pieces == whole.pieces
+    assert rest.eos == whole.eos
+
+
+def test_eos_ends_replies_at_a_bounded_length() -> None:
+    lengths = []
+    for i in range(300):
+        made = simtext.generate(f"prompt {i}", 10_000, eos_from=0)
+        assert made.eos
+        lengths.append(len(made.pieces))
+    assert min(lengths) >= simtext.EOS_MIN_TOKENS and max(lengths) <= simtext.EOS_MAX_TOKENS
+    assert 30 < sum(lengths) / len(lengths) < 70  # ~48 on average
+    assert not simtext.generate("p", 10_000, eos_from=None).eos  # a length of its own: no EOS
 
 
 def test_stop_cuts_before_earliest_match() -> None:
-    assert simtext.apply_stop("alpha beta gamma beta", ["gamma", "beta"]) == ("alpha ", True)
-    assert simtext.apply_stop("alpha beta", ["zeta", ""]) == ("alpha beta", False)
+    assert simtext.apply_stop("alpha beta gamma beta", ["gamma", "beta"]) == ("alpha ", "beta")
+    assert simtext.apply_stop("alpha beta", ["zeta", ""]) == ("alpha beta", None)
 
 
 @given(st.text(alphabet=st.sampled_from("ab \n"), max_size=40))
 def test_stream_pieces_join_back(text: str) -> None:
     assert "".join(simtext.split_pieces(text)) == text
-
-
-def test_chat_prompt_rendering() -> None:
-    prompt = simtext.prompt_of_messages(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    )
-    assert prompt == "system: Be brief.\nuser: Hi"
-    with pytest.raises(ValueError):
-        simtext.prompt_of_messages(["not a message"])
 
 
 def test_embeddings_are_deterministic_unit_vectors() -> None:
@@ -217,8 +274,34 @@ def test_defaults_and_sglang_flags() -> None:
         2,
         0.8,
     )
-    assert (s.ttft_ms, s.tpot_ms, s.tpot_growth, s.embedding_dim, s.max_running_requests) == (20, 2, 0.05, 256, 32)
-    assert "api_key" not in s.public_dict()
+    assert (s.ttft_ms, s.tpot_ms, s.tpot_growth, s.embedding_dim, s.max_running_requests) == (20, 2, 0.05, 256, None)
+    assert s.log_level == "info" and s.health_generate_s == 1.0  # SGLang's default level and health poll
+
+
+def test_server_args_are_sglangs_key_included(tmp_path) -> None:
+    """SGLang logs (and /server_info returns) the resolved args with the key in clear; so does the sim."""
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text("api-key: s3cret\n")
+    s = parse_sim_args(["--model-path", "m", "--config", str(cfg)])
+    args = s.server_args()
+    assert args["api_key"] == "s3cret" and args["served_model_name"] == "m" and args["context_length"] == 32768
+    assert "s3cret" not in repr(s)  # the sim's own repr still hides it
+
+
+@pytest.mark.parametrize(
+    ("argv", "pool", "running"),
+    [
+        (["--model-path", "sim/llama-8b"], 445_644, 4096),  # (80 x 0.88 - 16) GiB / 128 KiB, clamped to 4096
+        (["--model-path", "sim/llama-70b", "--tp-size", "4", "--mem-fraction-static", "0.8"], 950_272, 4096),
+        (["--model-path", "m", "--max-total-tokens", "10000"], 10_000, 2048),  # at least 2048 ...
+        (["--model-path", "m", "--max-total-tokens", "3000"], 3000, 1500),  # ... but at most half the pool
+        (["--model-path", "m", "--max-running-requests", "7"], 445_644, 7),
+    ],
+)
+def test_max_running_requests_comes_from_the_simulated_kv_pool(argv: list[str], pool: int, running: int) -> None:
+    from model_server.sim.engine import kv_pool
+
+    assert kv_pool(parse_sim_args(argv)) == (pool, running)
 
 
 @pytest.mark.parametrize(
@@ -229,6 +312,8 @@ def test_defaults_and_sglang_flags() -> None:
         (["--model-path", "m", "--error-rate", "2"], "--error-rate"),
         (["--model-path", "m", "--error-status", "200"], "--error-status"),
         (["--model-path", "m", "--port", "70000"], "--port"),
+        (["--model-path", "m", "--log-level", "chatty"], "--log-level"),
+        (["--model-path", "m", "--config", "settings.txt"], "Config file must be YAML format, got: .txt"),
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,7 +358,7 @@ def test_throughput_meter_window() -> None:
     assert meter.rate() == 0.0
 
 
-# --- the HTTP layer in-process: bad input is always a 4xx in the OpenAI envelope, never a 500 ---
+# --- the HTTP layer in-process: bad input is always a 400 in SGLang's error shape, never a 500 ---
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -282,13 +367,18 @@ _json_values = st.recursive(
 )
 _fields = st.sampled_from(
     ["model", "messages", "prompt", "input", "text", "max_tokens", "stop", "stream", "n", "sampling_params",
-     "encoding_format", "stream_options", "max_completion_tokens", "input_ids"]
+     "encoding_format", "stream_options", "max_completion_tokens", "input_ids", "tools", "tool_choice",
+     "response_format", "logprobs", "top_logprobs", "stop_token_ids", "min_tokens", "continue_final_message",
+     "ignore_eos", "seed", "temperature", "dimensions", "json_schema", "return_logprob", "top_logprobs_num"]
 )
 
 
-@hyp_settings(deadline=None, max_examples=60)
+@hyp_settings(deadline=None, max_examples=150)
 @given(
-    route=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate", "/sim/faults"]),
+    route=st.sampled_from(
+        ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate", "/encode", "/sim/faults",
+         "/v1/tokenize", "/v1/detokenize"]
+    ),
     body=st.dictionaries(_fields, _json_values, max_size=5) | _json_values,
 )
 def test_random_bodies_never_cause_a_server_error(route: str, body: object) -> None:
@@ -307,9 +397,17 @@ def test_random_bodies_never_cause_a_server_error(route: str, body: object) -> N
             return await client.post(route, content=content, headers={"Content-Type": "application/json"})
 
     response = asyncio.run(send())
-    assert response.status_code in (200, 400, 404), response.text
-    if response.status_code != 200:
-        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.status_code in (200, 400), response.text
+    flat = {"object", "message", "type", "param", "code"}  # SGLang's ErrorResponse
+    if response.status_code != 200 and route in ("/generate", "/encode"):
+        answer = response.json()
+        # SGLang's three: a body that is no JSON object (flat), a contract violation ({"error": why}),
+        # a request it cannot serve ({"error": {"message": why}})
+        assert set(answer) == flat or (
+            set(answer) == {"error"} and (isinstance(answer["error"], str) or set(answer["error"]) == {"message"})
+        )
+    elif response.status_code != 200:
+        assert set(response.json()) == flat
     elif route != "/sim/faults" and not (isinstance(body, dict) and body.get("stream")):
         response.json()  # a 200 is valid JSON (no faults are on)
 

@@ -108,7 +108,7 @@ class World:
         self.port_busy = port_busy
         self.killed: list[int] = []
 
-    def spawn(self, command, log_file, drop_env):
+    def spawn(self, command, log_file, drop_env, **_kw):
         kind = self.behaviours.pop(0) if self.behaviours else "ok"
         proc = FakeProc(2 if kind == "crash" else None)
         self.procs.append((proc, kind))
@@ -118,7 +118,7 @@ class World:
         proc, kind = self.procs[-1]
         return (kind == "ok", "" if kind == "ok" else "no answer")
 
-    def kill_groups(self, pgids, grace_s, reap=()):
+    def kill_groups(self, pgids, grace_s, reap=(), tags=None, processes=()):
         for proc, _ in self.procs:
             if proc.pid in pgids and proc.returncode is None:
                 proc.returncode = -15
@@ -141,11 +141,17 @@ SPEC = ServerSpec(name="s1", group="8", kind="completion", host="127.0.0.1", por
 
 def make(world: World, tmp_path: Path, policy: LaunchPolicy = POLICY) -> tuple[ServerSupervisor, StatusBoard]:
     board = StatusBoard(tmp_path / "status.json", [ServerStatus("s1", "8", "127.0.0.1", 9)], {})
-    deps = Deps(
+    return ServerSupervisor(SPEC, policy, board, fake_deps(world), tmp_path / "s1.log"), board
+
+
+def fake_deps(world: World, **overrides) -> Deps:
+    values = dict(
         inventory=world, probe=world.probe, spawn=world.spawn, kill_groups=world.kill_groups,
-        port_in_use=lambda h, p: world.port_busy, create_time=lambda pid: 1.0,
+        port_in_use=lambda h, p: world.port_busy, port_holder=lambda h, p: "pid 4242 (nc -l)", create_time=lambda pid: 1.0,
+        descendants=lambda pid: [], write_key_file=lambda path, key: None, remove_key_file=lambda path: None,
     )  # fmt: skip
-    return ServerSupervisor(SPEC, policy, board, deps, tmp_path / "s1.log"), board
+    values.update(overrides)
+    return Deps(**values)
 
 
 def run_in_thread(sup: ServerSupervisor) -> tuple[threading.Thread, list]:
@@ -183,7 +189,7 @@ def test_hung_engine_is_killed_and_restarted_then_stops(tmp_path: Path, caplog: 
     assert first.pid in world.killed and board.get("s1").pid == second.pid
     assert "startup timeout" in board.get("s1").last_error
     proc = sup.request_stop()
-    assert proc is second
+    assert proc is second  # handed over: the caller kills it, the supervisor does not (one SIGTERM)
     thread.join(5)
     assert not thread.is_alive(), "the supervisor did not stop within 5 s"
     assert result == [S.STOPPED] and board.get("s1").state == "STOPPED"
@@ -246,11 +252,7 @@ def fake_pipeline(world: World, tmp_path: Path):
             for i in (1, 2)
         )
     )
-    deps = Deps(
-        inventory=world, probe=world.probe, spawn=world.spawn, kill_groups=world.kill_groups,
-        port_in_use=lambda h, p: False, create_time=lambda pid: 1.0,
-    )  # fmt: skip
-    return Pipeline(Plan(fleet, fleet.servers), deps=deps)
+    return Pipeline(Plan(fleet, fleet.servers), deps=fake_deps(world, port_in_use=lambda h, p: False))
 
 
 @pytest.mark.timeout(20)
@@ -271,3 +273,153 @@ def test_pipeline_exits_0_when_all_were_ready_until_the_stop(tmp_path: Path) -> 
     thread.join(10)
     assert result == [0]
     assert {s["state"] for s in read_status(tmp_path / "status.json")["servers"].values()} == {"STOPPED"}
+
+
+# ---- a port taken during a restart, the key file's life, who holds a busy GPU -----------------------
+
+
+@pytest.mark.timeout(20)
+def test_a_port_taken_at_a_restart_uses_the_restart_budget_then_fails_naming_the_holder(tmp_path: Path) -> None:
+    world = World(["crash"])
+    sup, board = make(world, tmp_path, POLICY.model_copy(update={"max_restarts": 3}))
+    spawned = world.spawn
+
+    def spawn_then_take_the_port(*args, **kwargs):
+        proc = spawned(*args, **kwargs)
+        world.port_busy = True  # someone takes the port while the crashed engine restarts
+        return proc
+
+    world.spawn = spawn_then_take_the_port
+    sup.deps.spawn = spawn_then_take_the_port
+    sup.port_settle_s = 0.05
+    assert sup.run() is S.FAILED
+    assert len(world.procs) == 1  # never started over the other process
+    status = board.get("s1")
+    assert status.restarts == 3  # the crash, then two attempts that found the port taken
+    assert status.last_error.startswith("server 's1': gave up: port 9 on 127.0.0.1 is in use by another process (pid 4242 (nc -l))")
+    assert "max_restarts is 3" in status.last_error and "crash loop" not in status.last_error
+
+
+@pytest.mark.timeout(20)
+def test_a_port_freed_during_the_restart_budget_lets_the_server_start(tmp_path: Path) -> None:
+    world = World(["crash", "ok"])
+    sup, board = make(world, tmp_path, POLICY.model_copy(update={"max_restarts": 5}))
+    checks = itertools.count()
+    sup.deps.port_in_use = lambda h, p: len(world.procs) == 1 and next(checks) < 6  # busy for a while after the crash
+    sup.port_settle_s = 0.05
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY" and len(world.procs) == 2)
+    assert board.get("s1").restarts >= 2 and "in use" in board.get("s1").last_error
+    sup.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.timeout(20)
+def test_the_key_file_exists_only_while_the_engine_starts(tmp_path: Path) -> None:
+    from model_server.redact import Secret
+
+    events: list[str] = []
+    world = World(["crash", "ok"])
+    deps = fake_deps(
+        world,
+        write_key_file=lambda path, key: events.append(f"write {path.name} {key}"),
+        remove_key_file=lambda path: events.append(f"remove {path.name}"),
+    )
+    board = StatusBoard(tmp_path / "status.json", [ServerStatus("s1", "8", "127.0.0.1", 9)], {})
+    spawned = world.spawn
+    deps.spawn = lambda *a, **kw: (events.append("spawn"), spawned(*a, **kw))[1]
+    sup = ServerSupervisor(SPEC, POLICY, board, deps, tmp_path / "s1.log", tmp_path / "k.yaml", key=Secret("sk-1"))
+    assert "sk-1" not in repr(sup) and "sk-1" not in repr(sup.key)
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY")
+    ready_at = len(events)
+    sup.request_stop()
+    thread.join(5)
+    # written before each start; removed when the first engine exited and once the second answered
+    assert events[:ready_at] == ["write k.yaml sk-1", "spawn", "remove k.yaml", "write k.yaml sk-1", "spawn", "remove k.yaml"]
+    assert events[-1] == "remove k.yaml"
+
+
+@pytest.mark.timeout(20)
+def test_waiting_for_a_gpu_names_the_processes_that_hold_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from model_server.gpu import GpuProcess
+
+    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    world = World(["ok"], busy_reads=2)
+    deps = fake_deps(
+        world,
+        gpu_processes=lambda inventory, indices: [GpuProcess(1, 777, 49000)],
+        describe_pid=lambda pid, owner=None: f"pid {pid} (python -m sglang.launch_server; an engine process of this pipeline's status file)",
+    )
+    board = StatusBoard(tmp_path / "status.json", [ServerStatus("s1", "8", "127.0.0.1", 9)], {})
+    sup = ServerSupervisor(SPEC, POLICY, board, deps, tmp_path / "s1.log", tag="own/run/s1")
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY")
+    assert "waiting for GPUs (GPU 1: 50000 of 81920 MiB used (pid 777 holds 49000 MiB of GPU 1: pid 777 (python -m sglang.launch_server;" in caplog.text
+    sup.request_stop()
+    thread.join(5)
+
+
+@pytest.mark.timeout(20)
+def test_workers_are_recorded_in_the_status_file(tmp_path: Path) -> None:
+    world = World(["ok"])
+    sup, board = make(world, tmp_path)
+    sup.deps.descendants = lambda pid: [(pid + 1, 5.0), (pid + 2, 6.0)]
+    thread, _ = run_in_thread(sup)
+    wait_until(lambda: board.get("s1").state == "READY" and len(board.get("s1").workers) == 2)
+    status = board.get("s1")
+    assert status.pgid == status.pid and [(w.pid, w.create_time) for w in status.workers] == [(status.pid + 1, 5.0), (status.pid + 2, 6.0)]
+    sup.request_stop()
+    thread.join(5)
+    assert board.get("s1").workers == () and board.get("s1").pid is None
+
+
+@pytest.mark.timeout(20)
+def test_a_pipeline_removes_the_key_files_an_earlier_run_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="model_server.pipeline")
+    left = tmp_path / "secrets" / "s1.yaml"
+    left.parent.mkdir()
+    left.write_text("api-key: sk-left\n")
+    assert fake_pipeline(World(["crash"] * 10), tmp_path).run(install_signals=False) == 1
+    assert not left.exists() and f"removed the API-key file {left}" in caplog.text
+
+
+def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from model_server.gpu import GpuProcess
+    from model_server.pipeline import _report_gpu_holders
+
+    caplog.set_level(logging.ERROR, logger="model_server.pipeline")
+    world = World([])
+    deps = fake_deps(
+        world,
+        gpu_processes=lambda inventory, indices: [GpuProcess(1, 50, 30000), GpuProcess(1, 60, 100), GpuProcess(1, 70, 5)],
+        engine_tag=lambda pid: {50: "own/run1/s1", 60: None, 70: "another/run/s1"}[pid],
+        describe_pid=lambda pid, owner=None: f"pid {pid} (x; an engine process of this pipeline's status file)",
+    )
+    _report_gpu_holders(deps, [SPEC], "own", "after the stop")
+    assert "after the stop, pid 50 holds 30000 MiB of GPU 1: pid 50 (x; an engine process" in caplog.text
+    assert "pid 60" not in caplog.text and "pid 70" not in caplog.text  # not ours to report
+
+
+def test_the_launcher_modules_pin_their_surface() -> None:
+    from model_server import enginelog, pipeline, procs, redact, rundir, status, supervisor
+
+    assert sorted(supervisor.__all__) == ["Deps", "ServerSupervisor", "hang_bounds_s", "health_url", "probe_health"]
+    assert sorted(pipeline.__all__) == ["Pipeline", "Plan", "STOP_SIGNALS", "dry_run_commands", "fleet_redactor", "plan"]
+    assert sorted(status.__all__) == sorted(
+        ["ServerStatus", "StatusBoard", "StatusFile", "StatusLock", "Worker", "cleanup_stale", "identified_process",
+         "load_status", "owner_tag", "read_status", "same_process"]
+    )  # fmt: skip
+    assert sorted(redact.__all__) == ["MASK", "RedactingFilter", "Redactor", "Secret"]
+    assert sorted(enginelog.__all__) == ["IDLE_FLUSH_S", "LogPump", "open_log", "write_redacted"]
+    assert "tagged_processes" in procs.__all__ and "port_holder" in procs.__all__ and "check_writable" in rundir.__all__
+    for module in (enginelog, pipeline, procs, redact, rundir, status, supervisor):
+        assert all(hasattr(module, name) for name in module.__all__), module.__name__
+
+
+def test_hang_bounds_follow_the_settings() -> None:
+    from model_server.supervisor import hang_bounds_s
+
+    assert hang_bounds_s(LaunchPolicy(engine="sim", health_interval_s=1, health_timeout_s=3, health_failures_to_restart=2)) == (4, 8)
+    assert hang_bounds_s(LaunchPolicy()) == (70, 105)  # configs/servers.toml's: every 10 s, 25 s timeout, 3 in a row

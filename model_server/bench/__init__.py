@@ -2,9 +2,10 @@
 
 One concern per module: ``arrivals`` (when requests are sent), ``lengths``
 (what they ask), ``targets`` (where they go), ``runner`` (the load engine),
-``faults``/``injector`` (the fault schedule and its application), ``stats``
-(TTFT/TPOT/E2E percentiles, SLO, goodput), ``report`` (JSON and table) and
-``plot`` (PNG, matplotlib imported lazily).
+``faults``/``injector`` (the fault schedule and its application), ``clientlog``
+(what the client logged: failovers, breaker changes, resumes, per replica and
+per fault), ``stats`` (TTFT/TPOT/E2E percentiles, SLO, goodput), ``report``
+(JSON and table) and ``plot`` (PNG, matplotlib imported lazily).
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ class AppliedFault:
     detail: str
 
     def as_dict(self) -> dict:
-        return {**self.event.as_dict(), "spec": self.event.describe(), "applied_s": self.applied_s, "ok": self.ok, "detail": self.detail}
+        return {**self.event.as_dict(), "spec": self.event.describe(), "undo": self.event.undo, "applied_s": self.applied_s,
+                "ok": self.ok, "detail": self.detail}
 
 
 class FaultInjector:
@@ -137,7 +138,8 @@ class FaultInjector:
             ok, detail = False, f"{type(err).__name__}: {err}"
         at_s = now_s() if callable(now_s) else now_s
         outcome = AppliedFault(event, at_s, ok, detail)
-        log.info("fault %s at %.2fs: %s", event.describe(), at_s, outcome.detail)
+        detail = outcome.detail if len(outcome.detail) <= 120 else outcome.detail[:117] + "..."  # the result file has it all
+        log.info("fault %s at %.2fs: %s", event.describe(), at_s, detail)
         self.applied.append(outcome)
         return outcome
 

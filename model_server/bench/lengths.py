@@ -60,14 +60,36 @@ def parse_length(text: str | int, *, option: str, minimum: int = 1) -> LengthRan
     return LengthRange(low, high)
 
 
-def synthetic_prompt(words: int, index: int) -> str:
-    """``words`` plain words, the first naming the request (``r17``), so no two prompts are equal.
+def _tag(index: int) -> str:
+    """A word of letters only that names request ``index`` (``r`` + base 26; warm-ups, negative, ``w``)."""
+    n, letters = abs(index), ""
+    while True:
+        n, digit = divmod(n, 26)
+        letters = chr(ord("a") + digit) + letters
+        if n == 0:
+            return ("r" if index >= 0 else "w") + letters
 
-    Each word is one token for the simulator's tokenizer (a run of word
-    characters), and about one for a real BPE tokenizer.
+
+def request_index(prompt: str) -> int | None:
+    """The index :func:`synthetic_prompt` put in its first word, or None for another prompt."""
+    head = prompt.split(maxsplit=1)[0] if prompt.strip() else ""
+    if len(head) < 2 or head[0] not in "rw" or not head[1:].isalpha() or not head[1:].islower() or not head.isascii():
+        return None
+    n = 0
+    for letter in head[1:]:
+        n = n * 26 + ord(letter) - ord("a")
+    return n if head[0] == "r" else -n
+
+
+def synthetic_prompt(words: int, index: int) -> str:
+    """``words`` plain words, the first naming the request (``rbr`` for 43), so no two prompts are equal.
+
+    Each word is letters only and at most 12 long: one token for the
+    simulator's tokenizer (which splits digits off letters, as Llama 3's
+    does), and about one for a real BPE tokenizer.
     """
     body = [_WORDS[(index + i) % len(_WORDS)] for i in range(max(0, words - 1))]
-    return " ".join([f"r{index}", *body])
+    return " ".join([_tag(index), *body])
 
 
 def load_dataset(path: str | Path) -> tuple[tuple[str, int | None], ...]:

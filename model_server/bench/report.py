@@ -6,8 +6,14 @@ Shape (every latency in seconds)::
      "ttft_s": {"p50", "p90", "p99", "max", "mean", "count"}, "tpot_s": {...}, "e2e_s": {...},
      "dispatch_lag_s": {...}, "output_tokens", "output_tokens_per_s", "requests_per_s",
      "slo": {"ttft_s", "tpot_s", "attained", "attainment", "goodput_rps", "untimed"},
-     "errors": {message: count}, "faults": [{"at_s", "action", "server", "applied_s", "ok", "detail"}],
+     "errors": {message: count},
+     "faults": [{"at_s", "action", "server", "spec", "undo", "applied_s", "ok", "detail",
+                 "client": {"failovers", "resumes", "failed_requests", "breaker", "recovered_after_s", ...} or None}],
+     "client": {"failovers": {replica: n}, "breaker_changes": {...}, "breaker_state_at_end": {...}, "resumes", ...},
      "run": {"mode", "target", "arrival", "concurrency", "requests", "prompt_len", "output_len", "seed", ...}}
+
+``client`` (and each fault's ``client``) is there for a group run (through ModelServer) only: what
+the client logged, read by :mod:`model_server.bench.clientlog`.
 """
 
 from __future__ import annotations
@@ -19,18 +25,32 @@ from typing import Any
 
 from rich.table import Table
 
+from model_server.bench.clientlog import ClientEventLog, fault_effects
 from model_server.bench.errors import BenchError
 from model_server.bench.runner import RunOutcome
 from model_server.bench.stats import SloPolicy, summarize
 
-__all__ = ["build_result", "result_lines", "result_table", "write_json"]
+__all__ = ["build_result", "client_seen_line", "client_totals_line", "result_lines", "result_table", "write_json"]
 
 
-def build_result(outcome: RunOutcome, *, asked_rate: float | None, slo: SloPolicy = SloPolicy(), run: dict[str, Any] | None = None) -> dict:
-    """The numbers of a run plus what was asked and which faults happened."""
+def build_result(outcome: RunOutcome, *, asked_rate: float | None, slo: SloPolicy = SloPolicy(), run: dict[str, Any] | None = None,
+                 client_log: ClientEventLog | None = None) -> dict:
+    """The numbers of a run plus what was asked, which faults happened and (group runs) what the client saw."""
     result = summarize(outcome.records, asked_rate=asked_rate, slo=slo, wall_s=outcome.wall_s)
     result["faults"] = [a.as_dict() for a in outcome.faults]
     result["faults_not_applied"] = [e.describe() for e in outcome.faults_not_applied]
+    if client_log is not None:
+        client_log.acquire()
+        try:
+            events = list(client_log.events)
+            result["client"] = client_log.totals()
+        finally:
+            client_log.release()
+        if outcome.start_wall_s is not None:
+            failed_at = [r.done_s for r in outcome.records if not r.ok and r.done_s is not None]
+            effects = fault_effects(result["faults"], events, failed_at, start_wall_s=outcome.start_wall_s, end_s=outcome.wall_s)
+            for fault, seen in zip(result["faults"], effects):
+                fault["client"] = seen
     result["run"] = dict(run or {})
     return result
 
@@ -81,8 +101,46 @@ def result_lines(result: dict) -> list[str]:
     for fault in result.get("faults", []):
         state = "ok" if fault["ok"] else "NOT APPLIED"
         lines.append(f"fault {fault['spec']}: applied at {_num(fault['applied_s'], 2)} s, {state} ({fault['detail'][:80]})")
+        if fault.get("client"):
+            lines.append("  " + client_seen_line(fault["server"], fault["client"]))
     for spec in result.get("faults_not_applied", []):
         lines.append(f"fault {spec}: not applied (the run ended first)")
+    if "client" in result:
+        lines.append(client_totals_line(result["client"]))
     for message, count in result.get("errors", {}).items():
         lines.append(f"error x{count}: {message}")
     return lines
+
+
+def _per_replica(counts: dict[str, int]) -> str:
+    return ", ".join(f"{replica} {n}" for replica, n in counts.items()) or "none"
+
+
+def client_seen_line(server: str, seen: dict) -> str:
+    """What the client saw of one fault, one line."""
+    parts = [
+        f"{seen['failovers']} failover{'s' if seen['failovers'] != 1 else ''} off {server}"
+        + (f" (the last {seen['last_failover_after_s']:.2f} s after)" if seen.get("last_failover_after_s") is not None else ""),
+        *([f"{seen['warnings']} other warning{'s' if seen['warnings'] != 1 else ''} naming it"] if seen.get("warnings") else []),
+        f"{seen['resumes']} resumed stream{'s' if seen['resumes'] != 1 else ''}",
+        f"{seen['failed_requests']} failed request{'s' if seen['failed_requests'] != 1 else ''}",
+    ]
+    if seen["breaker"]:
+        parts.append("breaker " + ", ".join(f"{b['from']}->{b['to']} +{b['after_s']:.2f} s" for b in seen["breaker"]))
+    recovered = seen.get("recovered_after_s")
+    if not seen.get("seen"):
+        verdict = f"the client noticed nothing of it in {seen['window_s']:.1f} s (no failover, breaker change or warning)"
+    elif recovered is None:
+        verdict = f"not recovered in {seen['window_s']:.1f} s (its breaker was not closed again)"
+    else:
+        verdict = f"recovered after {recovered:.2f} s"
+    return "client saw: " + "; ".join(parts) + f"; {verdict}"
+
+
+def client_totals_line(client: dict) -> str:
+    """The client's failovers and breaker changes per replica, over the whole run."""
+    line = f"client: failovers {_per_replica(client['failovers'])}; breaker changes {_per_replica(client['breaker_changes'])}"
+    open_at_end = {r: s for r, s in client.get("breaker_state_at_end", {}).items() if s != "closed"}
+    if open_at_end:
+        line += "; at the end " + ", ".join(f"{r} {s}" for r, s in open_at_end.items())
+    return line + f"; resumed streams {client['resumes']}"

@@ -83,6 +83,7 @@ class RunOutcome:
     faults_not_applied: list = field(default_factory=list)
     wall_s: float = 0.0
     plan: LoadPlan | None = None
+    start_wall_s: float | None = None  # time.time() at the run's start: places log records (wall-clock) on its axis
 
 
 def _describe(err: BaseException) -> str:
@@ -201,6 +202,7 @@ async def run_load(
     else:
         dispatcher = asyncio.create_task(run.closed_loop(source))
     await asyncio.sleep(0)  # let the dispatcher set the start time
+    start_wall_s = time.time() - (clock() - run.start)
     if injector is not None:
         fault_task = asyncio.create_task(injector.run(run.start, clock=clock))
     try:
@@ -222,6 +224,7 @@ async def run_load(
         faults_not_applied=injector.not_applied() if injector else [],
         wall_s=wall_s,
         plan=plan,
+        start_wall_s=start_wall_s,
     )
 
 

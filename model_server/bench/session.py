@@ -7,6 +7,7 @@ tested without a terminal, and benchmarks reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
+from model_server.bench.clientlog import ClientEventLog
 from model_server.bench.errors import BenchError
 from model_server.bench.faults import FaultEvent, parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file, pid_listening_on
@@ -96,8 +98,9 @@ class BenchSession:
         self.fleet = None
         if o.config is not None or o.group is not None:
             from model_server.config import load_fleet
+            from model_server.fleet_choice import default_fleet_path
 
-            self.fleet = load_fleet(o.config)
+            self.fleet = load_fleet(o.config if o.config is not None else default_fleet_path())  # as ModelServer() picks
             if o.group is not None and not self.fleet.group(o.group):
                 raise BenchError(f"{self.fleet.source}: there is no group {o.group!r}. The groups are: {', '.join(self.fleet.groups)}. Use one of these with --group.")
         self._client_factory = client_factory
@@ -107,6 +110,8 @@ class BenchSession:
         self.fault_targets = self._fault_targets()
         self.events: tuple[FaultEvent, ...] = parse_faults(o.faults, servers=list(self.fault_targets))
         self.progress = Progress()
+        # What the client logs (failovers, breaker changes, resumes), read during the run: group mode only.
+        self.client_log = ClientEventLog([s.name for s in self.fleet.servers]) if o.group is not None and self.fleet else None
 
     # ---- plan and requests --------------------------------------------------------------
 
@@ -214,13 +219,15 @@ class BenchSession:
     async def run(self) -> tuple[dict, RunOutcome]:
         target = self.make_target()
         injector = FaultInjector(self.events, self.fault_targets) if self.events else None
+        reading = self.client_log.attached() if self.client_log is not None else contextlib.nullcontext()
         try:
             await warm_up(target, self.source, self.options.warmup_requests, self.options.timeout_s)
-            outcome = await run_load(target, self.source, self.plan, injector=injector, progress=self.progress)
+            with reading:  # the run's own, not the warm-up's
+                outcome = await run_load(target, self.source, self.plan, injector=injector, progress=self.progress)
         finally:
             await target.aclose()
         asked = self.plan.schedule.rate if self.plan.schedule is not None else None
-        result = build_result(outcome, asked_rate=asked, slo=self.slo, run=self.run_description())
+        result = build_result(outcome, asked_rate=asked, slo=self.slo, run=self.run_description(), client_log=self.client_log)
         return result, outcome
 
 

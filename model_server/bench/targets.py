@@ -270,13 +270,15 @@ class ModelServerTarget:
             yield StreamPiece(text, tokens, True, None)
             return
         count = 0
-        async for piece in self._client.stream_chat(self.group, messages, max_tokens=request.max_tokens, temperature=0.0):
+        stream = self._client.stream_chat(self.group, messages, max_tokens=request.max_tokens, temperature=0.0)
+        async for piece in stream:
             text = piece if isinstance(piece, str) else getattr(piece, "text", "") or ""
             server = None if isinstance(piece, str) else getattr(piece, "server", None)
             if text:
                 count += 1
                 yield StreamPiece(text, None, False, server)
-        yield StreamPiece("", count, True, None)
+        usage = getattr(stream, "usage", None)  # the server's count of the whole (possibly resumed) answer
+        yield StreamPiece("", usage.completion_tokens if usage is not None else count, True, None)
 
     def stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
         return self._stream(request)

@@ -1,4 +1,4 @@
-"""The typer application every command module registers on."""
+"""The typer application every command module registers on, and the options of the root command."""
 
 from __future__ import annotations
 
@@ -15,8 +15,24 @@ app = typer.Typer(
 )
 
 CONFIG_HELP = f"Fleet table (TOML). Default: ${CONFIG_ENV}, else configs/servers.toml."
+DEFAULT_FLEET_HELP = (
+    f"Fleet table (TOML). Default: ${CONFIG_ENV}; else configs/servers.toml if this machine is one of its "
+    f"hosts; else, with no NVIDIA GPU here, the simulated fleet configs/local.toml."
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import model_server  # the code that runs (with an editable install, the work tree's)
+
+        typer.echo(f"model-server {model_server.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version of model-server and exit."
+    ),
+) -> None:
     """Fault-tolerant manager for fleets of SGLang servers."""

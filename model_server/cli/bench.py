@@ -1,4 +1,9 @@
-"""`model-server bench`: load a group (through ModelServer) or one URL, report latency, inject faults."""
+"""`model-server bench`: load a group (through ModelServer) or one URL, report latency, inject faults.
+
+The client's own log lines (one WARNING per failover or breaker change) go to the run's log file,
+not the terminal, and are counted live in the progress display and per fault in the summary;
+``--verbose`` puts them back on the terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,15 @@ from typing import List, Optional
 
 import typer
 
-from model_server.cli._app import CONFIG_HELP, app
+from model_server.cli._app import DEFAULT_FLEET_HELP, app
 
 _TICK_S = 0.25
 
 
 async def _run_with_progress(session, show: bool) -> tuple[dict, object]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from model_server.bench.clientlog import live_status
 
     run = asyncio.create_task(session.run())
     if not show:
@@ -33,14 +40,16 @@ async def _run_with_progress(session, show: bool) -> tuple[dict, object]:
             await asyncio.wait({run}, timeout=_TICK_S)
             completed = counters.done if total else min(loop.time() - start, duration or 0)
             ok = counters.done - counters.failed
-            bar.update(task, completed=completed, status=f"ok {ok}  failed {counters.failed}  in flight {counters.in_flight}")
+            client = live_status(session.client_log)
+            status = f"ok {ok}  failed {counters.failed}  in flight {counters.in_flight}" + (f"  | {client}" if client else "")
+            bar.update(task, completed=completed, status=status)
             bar.refresh()
     return await run
 
 
 @app.command()
 def bench(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
     group: Optional[str] = typer.Option(None, "--group", "-g", help="Load this group of the fleet, through ModelServer."),
     url: Optional[str] = typer.Option(None, "--url", help="Load one server directly: its OpenAI base URL, e.g. http://127.0.0.1:30000/v1."),
     model: Optional[str] = typer.Option(None, "--model", help="With --url: the model name the server answers to."),
@@ -66,10 +75,13 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed of arrivals and lengths."),
     warmup: int = typer.Option(1, "--warmup", help="Requests sent (and not counted) before the clock starts."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the client's log lines (failovers, breaker changes) on the terminal too."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Where the run's log lines go (default: bench-<date>-<time>.log in the fleet's log_dir, else logs/)."),
 ) -> None:
     """Benchmark a group or one server: TTFT, TPOT, E2E percentiles, throughput, SLO goodput, with faults on a schedule."""
     from rich.console import Console
 
+    from model_server.bench.clientlog import default_log_path, divert_client_log
     from model_server.bench.report import result_lines, result_table, write_json
     from model_server.bench.session import BenchOptions, BenchSession
 
@@ -82,10 +94,18 @@ def bench(
     )
     session = BenchSession(options)
     console = Console()
-    result, outcome = asyncio.run(_run_with_progress(session, show=not quiet and console.is_terminal))
+    path = log_file or default_log_path(session.fleet.launch.log_dir if session.fleet is not None else "logs")
+    with divert_client_log(path, keep_on_terminal=verbose) as diverted:
+        result, outcome = asyncio.run(_run_with_progress(session, show=not quiet and console.is_terminal))
     console.print(result_table(result))
     for line in result_lines(result):
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line each, whatever the width
+    if diverted.error:
+        console.print(f"log: could not write {diverted.path} ({diverted.error}); --log-file chooses another file", markup=False, highlight=False,
+                      soft_wrap=True)
+    elif diverted.lines:
+        console.print(f"log: {diverted.path} ({diverted.lines} lines: faults, failovers, breaker changes)", markup=False, highlight=False,
+                      soft_wrap=True)
     if output is not None:
         console.print(f"result: {write_json(result, output)}")
     if plot is not None:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from model_server.cli._app import CONFIG_HELP, app
 from model_server.config import Fleet, load_fleet
+from model_server.supervisor import hang_bounds_s
 
 
 def summary_table(fleet: Fleet) -> Table:
@@ -50,4 +51,13 @@ def check(
     else:
         console.print("API key: none (servers accept any caller)")
     console.print(f"launch engine: {fleet.launch.engine}; GPU inventory: {fleet.gpu_inventory.source}")
+    launch = fleet.launch
+    soonest, latest = hang_bounds_s(launch)
+    console.print(
+        f"health: /health_generate every {launch.health_interval_s:g} s with a {launch.health_timeout_s:g} s timeout; "
+        f"{launch.health_failures_to_restart} failures in a row mean hung, so a hung server is found "
+        f"{soonest:g}-{latest:g} s after it stops answering, and restarted"
+    )
+    if launch.secret_env:
+        console.print(f"secrets redacted from engine logs: the API key and ${', $'.join(launch.secret_env)}")
     console.print("[green]OK[/green]")

@@ -8,14 +8,14 @@ from typing import List, Optional
 
 import typer
 
-from model_server.cli._app import CONFIG_HELP, app
+from model_server.cli._app import DEFAULT_FLEET_HELP, app
 
 log = logging.getLogger(__name__)
 
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
     host_ip: Optional[List[str]] = typer.Option(
         None, "--host-ip", help="An address (or name) the table uses for this machine, besides its own interface addresses and hostname."
     ),
@@ -26,10 +26,19 @@ def serve(
 
     Exit status: 0 if every server was READY until the stop, 1 otherwise, 2 for a bad table or option.
     """
+    from model_server.errors import LaunchError
+    from model_server.fleet_choice import Source, resolve_fleet
     from model_server.pipeline import Pipeline, dry_run_commands, plan
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe is noise
-    p = plan(config, host_ip or (), only or ())
+    choice = resolve_fleet(config, host_ip or ())
+    if choice.path is None:
+        raise LaunchError(choice.message)
+    if choice.source is Source.SIMULATED:
+        log.info("%s", choice.message)  # the first line of the run: what runs, and why
+    else:
+        log.debug("%s", choice.message)
+    p = plan(choice.path, host_ip or (), only or ())
     if dry_run:
         log.info(
             "dry run: --mem-fraction-static assumes idle GPUs (%g); a real run picks it from free memory",

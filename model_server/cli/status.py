@@ -1,4 +1,9 @@
-"""`model-server status`: the status file of this host's pipeline + a live probe of every server."""
+"""`model-server status`: the status file of this host's pipeline + a live probe of every server.
+
+The live probes are always shown: a missing, damaged or foreign status file
+is named on stderr (what is wrong, where), its valid entries still shown, and
+the exit status is the probes' (1 if any server is down).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from model_server.cli._app import CONFIG_HELP, app
@@ -36,40 +42,50 @@ def status(
 ) -> None:
     """Show the pipeline's status file and probe /health_generate of every server of the table (exit 1 if any is down)."""
     from model_server import rundir
-    from model_server.status import read_status
+    from model_server.status import load_status, same_process
     from model_server.supervisor import health_url, probe_health
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     fleet = load_fleet(config)
     path = rundir.status_path(fleet.launch)
-    data = read_status(path) or {"servers": {}}
-    recorded = data["servers"]
+    status_file = load_status(path)
+    recorded = status_file.servers
     with ThreadPoolExecutor(max_workers=min(32, len(fleet.servers))) as pool:
         started = time.monotonic()
         futures = [pool.submit(probe_health, health_url(s.host, s.port), timeout_s) for s in fleet.servers]
         results = [f.result() for f in futures]
-    table = Table(title=f"{fleet.source}: {len(fleet.servers)} servers; status file {path}" + ("" if recorded else " (none)"))
+    table = Table(title=f"{fleet.source}: {len(fleet.servers)} servers; status file {path}" + ("" if status_file.exists else " (none)"))
     for column in ("server", "group", "address", "state", "pid", "restarts", "since", "live", "last error"):
         table.add_column(column)
     down = 0
     for spec, (ok, why) in zip(fleet.servers, results):
-        entry = recorded.get(spec.name, {})
+        entry = recorded.get(spec.name)
         down += not ok
-        live = "[green]up[/green]" if ok else f"[red]down[/red] ({why})"
+        live = "[green]up[/green]" if ok else f"[red]down[/red] ({escape(why)})"
         table.add_row(
-            spec.name,
-            spec.group,
+            escape(spec.name),
+            escape(spec.group),
             spec.address,
-            entry.get("state", "-"),
-            str(entry.get("pid") or "-"),
-            str(entry.get("restarts", "-")),
-            _ago(entry.get("since")),
+            entry.state if entry else "-",
+            str(entry.pid or "-") if entry else "-",
+            str(entry.restarts) if entry else "-",
+            _ago(entry.since) if entry else "-",
             live,
-            (entry.get("last_error") or "")[:80],
+            escape(entry.last_error[:80]) if entry else "",
         )
     console = Console(width=200)
     console.print(table)
+    owner = status_file.pipeline
+    if status_file.exists and not status_file.problems:
+        alive = same_process(owner.get("pid"), owner.get("create_time"))
+        console.print(f"pipeline pid {owner.get('pid', '?')}: " + ("running" if alive else "not running (the states above are its last)"))
     elapsed = time.monotonic() - started
     console.print(f"{len(fleet.servers) - down} up, {down} down (probed in {elapsed:.1f} s)")
+    if status_file.problems:
+        typer.echo(
+            f"model-server status: the status file {path} is damaged ({'; '.join(status_file.problems)}); its "
+            f"valid entries are shown above. The pipeline rewrites it when it starts (after you remove it).",
+            err=True,
+        )
     if down:
         raise typer.Exit(1)

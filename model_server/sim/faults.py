@@ -5,6 +5,11 @@
 or not, a seeded random source) to one `FaultAction`; the app carries it out.
 Draws happen only for rates above zero, so a seeded run is reproducible and an
 engine with no faults makes no draws at all.
+
+The token faults (``stall_after_tokens``, ``crash_after_tokens``,
+``hang_before_first_token``) are no per-request draw: they are read live while
+requests make tokens (streaming.py, engine.hold_unstreamed), so lifting one
+wakes the requests it holds.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ class FaultAction(enum.Enum):
     PROCEED = "proceed"
     CRASH = "crash"  # os._exit: the process is gone
     HANG = "hang"  # accept, never answer
-    ERROR = "error"  # answer error_status in the OpenAI envelope
+    ERROR = "error"  # answer error_status in SGLang's error shape for the route
     MALFORMED = "malformed"  # a 200 whose body is not valid JSON
-    DROP_STREAM = "drop_stream"  # cut the connection after the first chunk
+    DROP_STREAM = "drop_stream"  # cut the connection after the first chunk with text
 
 
 def _probability(name: str, value: Any) -> float:
@@ -58,6 +63,14 @@ def _validate(name: str, value: Any) -> Any:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise FaultError(f"crash_after must be an integer >= 1 or null, got {value!r}")
         return value
+    if name in ("stall_after_tokens", "crash_after_tokens"):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise FaultError(f"{name} must be an integer >= 0 or null, got {value!r}")
+        return value
+    if name == "hang_before_first_token":
+        if not isinstance(value, bool):
+            raise FaultError(f"hang_before_first_token must be true or false, got {value!r}")
+        return value
     raise FaultError(f"unknown fault {name!r}; known: {', '.join(Faults.names())}")
 
 
@@ -72,6 +85,10 @@ class Faults:
     crash_after: int | None = None  # crash on the N-th model request since it was set
     malformed_rate: float = 0.0
     drop_stream_rate: float = 0.0
+    # Token faults, read live while a request runs (see streaming.py):
+    stall_after_tokens: int | None = None  # a stream sends K tokens, then nothing; longer unstreamed replies never come
+    crash_after_tokens: int | None = None  # os._exit once a stream has sent K tokens
+    hang_before_first_token: bool = False  # headers go out, no token ever does; unstreamed requests never answer
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -1,24 +1,49 @@
-"""Prometheus metrics under SGLang's `sglang:` names, one registry per app instance.
+"""Prometheus metrics under SGLang 0.5.23's `sglang:` names, labels and buckets, one registry per app.
 
-Counters and histograms are updated once per finished request (never per
-token); gauges (running, queued, token usage, generation throughput) are read
-from the live batch when /metrics is scraped.
+Served on /metrics only with ``--enable-metrics``, as SGLang does (404 without).
+Two families, as in SGLang's ``observability/metrics_collector.py``:
+
+- scheduler gauges (``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``,
+  ``moe_ep_rank``): running/queued requests, KV pool use, throughput; read from
+  the live engine when /metrics is scraped;
+- tokenizer counters and histograms (``model_name``, ``engine_type``, plus
+  ``is_streaming`` where SGLang has it): updated as requests make tokens and
+  finish; a labelled series appears on its first use, as in SGLang.
+
+Inter-token latency is observed per token (a release of k tokens adds k
+observations of interval/k, SGLang's own bulk trick). The sim has no prefix
+cache, so ``cache_hit_rate`` is 0 and no ``cached_tokens_total`` series appears.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["SimMetrics", "ThroughputMeter", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "HttpMetricsMiddleware", "SimMetrics", "ThroughputMeter", "observe_many"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
-_ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 0.5, 1.0)
+TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400)
+E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400)
+ITL_BUCKETS = (
+    0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060, 0.080, 0.100,
+    0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000,
+)  # fmt: skip
+QUEUE_BUCKETS = (
+    0.0, 0.001, 0.005, 0.010, 0.050, 0.100, 0.200, 0.500, 1, 2, 3, 4, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90,
+    100, 200, 300, 400, 500, 600,
+)  # fmt: skip
+TOKEN_BUCKETS = (
+    100, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12500, 15000, 17500,
+    20000, 22500, 25000, 27500, 30000, 35000, 40000, 60000, 80000, 100000, 200000, 300000, 400000, 600000,
+    800000, 1000000, 1100000,
+)  # fmt: skip
+SCHEDULER_LABELS = ("model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank")
+TOKENIZER_LABELS = ("model_name", "engine_type")
 
 
 class ThroughputMeter:
@@ -49,66 +74,243 @@ class ThroughputMeter:
             self._sum -= self._events.popleft()[1]
 
 
+def observe_many(histogram: object, total: float, count: int) -> None:
+    """`count` observations of total/count at once (SGLang's observe_inter_token_latency)."""
+    if count <= 0:
+        return
+    value = total / count
+    histogram._sum.inc(total)  # type: ignore[attr-defined]
+    for i, bound in enumerate(histogram._upper_bounds):  # type: ignore[attr-defined]
+        if value <= bound:
+            histogram._buckets[i].inc(count)  # type: ignore[attr-defined]
+            break
+
+
 class SimMetrics:
     """The `sglang:` metrics of one simulated server."""
 
-    def __init__(self, model_name: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        labels = ["model_name"]
-        r = self.registry
+    def __init__(self, model_name: str, *, max_total_num_tokens: int, context_len: int) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=False)
+        sched = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"}
+        self._tok = {"model_name": model_name, "engine_type": "unified"}
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
+            return Gauge(name, doc, SCHEDULER_LABELS, registry=r).labels(**sched)
 
         self.num_running_reqs = gauge("sglang:num_running_reqs", "The number of running requests.")
         self.num_queue_reqs = gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.")
-        self.token_usage = gauge("sglang:token_usage", "The token usage (share of the simulated KV pool).")
+        self.num_grammar_queue_reqs = gauge(
+            "sglang:num_grammar_queue_reqs", "The number of requests in the grammar waiting queue."
+        )
         self.gen_throughput = gauge("sglang:gen_throughput", "The generation throughput (token/s).")
-        self.prompt_tokens = counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("sglang:generation_tokens_total", "Number of generation tokens processed.")
-        self.num_requests = counter("sglang:num_requests_total", "Number of requests processed.")
-        self.ttft = Histogram(
-            "sglang:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.e2e = Histogram(
+        self.cache_hit_rate = gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
+        self.decode_sum_seq_lens = gauge("sglang:decode_sum_seq_lens", "The sum of all sequence lengths in decode.")
+        self.token_usage = gauge("sglang:token_usage", "The token usage.")
+        self.full_token_usage = gauge("sglang:full_token_usage", "The token usage for full attention layers.")
+        self.num_used_tokens = gauge("sglang:num_used_tokens", "The number of used tokens.")
+        self.kv_available_tokens = gauge(
+            "sglang:kv_available_tokens", "Number of free token slots in the KV cache pool."
+        )
+        self.kv_evictable_tokens = gauge(
+            "sglang:kv_evictable_tokens", "Number of evictable (radix-cached) token slots in the KV cache pool."
+        )
+        self.kv_used_tokens = gauge(
+            "sglang:kv_used_tokens", "Number of actively used token slots in the KV cache pool."
+        )
+        self.utilization = gauge("sglang:utilization", "The utilization.")
+        self.num_retracted_reqs = gauge("sglang:num_retracted_reqs", "The number of retracted requests.")
+        self.num_paused_reqs = gauge("sglang:num_paused_reqs", "The number of paused requests by async weight sync.")
+        gauge("sglang:max_total_num_tokens", "Maximum total number of tokens in the KV cache pool.").set(
+            max_total_num_tokens
+        )
+        gauge("sglang:context_len", "Maximum context length.").set(context_len)
+        self.max_total_num_tokens = max_total_num_tokens
+        self.queue_time = Histogram(
+            "sglang:queue_time_seconds", "Histogram of queueing time in seconds.", SCHEDULER_LABELS,
+            buckets=QUEUE_BUCKETS, registry=r,
+        ).labels(**sched)  # fmt: skip
+
+        def counter(name: str, doc: str, streaming: bool) -> Counter:
+            labels = (*TOKENIZER_LABELS, "is_streaming") if streaming else TOKENIZER_LABELS
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple, streaming: bool) -> Histogram:
+            labels = (*TOKENIZER_LABELS, "is_streaming") if streaming else TOKENIZER_LABELS
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.prompt_tokens = counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", True)
+        self.generation_tokens = counter(
+            "sglang:generation_tokens_total", "Number of generation tokens processed.", True
+        )
+        self.num_requests = counter("sglang:num_requests_total", "Number of requests processed.", True)
+        self.num_aborted = counter("sglang:num_aborted_requests_total", "Number of requests aborted.", False)
+        self.num_so = counter(
+            "sglang:num_so_requests_total", "Number of structured output requests processed.", False
+        )
+        self.prompt_hist = histogram(
+            "sglang:prompt_tokens_histogram", "Histogram of prompt token length.", TOKEN_BUCKETS, False
+        )
+        self.uncached_hist = histogram(
+            "sglang:uncached_prompt_tokens_histogram",
+            "Histogram of uncached (compute) prompt token length.",
+            TOKEN_BUCKETS,
+            False,
+        )
+        self.generation_hist = histogram(
+            "sglang:generation_tokens_histogram", "Histogram of generation token length.", TOKEN_BUCKETS, False
+        )
+        self.ttft = histogram(
+            "sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS, True
+        )
+        self.itl = histogram(
+            "sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS, False
+        )
+        self.tpot = histogram(
+            "sglang:request_time_per_output_token_seconds",
+            "Per-request TPOT in seconds: (finished_time - first_token_time) / (completion_tokens - 1).",
+            ITL_BUCKETS,
+            True,
+        )
+        self.e2e = histogram(
             "sglang:e2e_request_latency_seconds",
             "Histogram of End-to-end request latency in seconds",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "sglang:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds (one mean observation per request).",
-            labels,
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        ).labels(model_name)
+            E2E_BUCKETS,
+            True,
+        )
         self.throughput = ThroughputMeter()
+        self._children: dict[tuple[int, bool | None], Any] = {}
+        # observability/http_request_metrics.py
+        self.http_requests = Counter(
+            "sglang:http_requests_total", "Total number of HTTP requests by endpoint and method",
+            ("endpoint", "method"), registry=r,
+        )  # fmt: skip
+        self.http_responses = Counter(
+            "sglang:http_responses_total", "Total number of HTTP responses by endpoint and status code",
+            ("endpoint", "status_code", "method"), registry=r,
+        )  # fmt: skip
+        self.http_active = Gauge(
+            "sglang:http_requests_active", "Number of currently active HTTP requests", ("endpoint", "method"),
+            registry=r,
+        )  # fmt: skip
 
-    def record(self, *, prompt_tokens: int, output_tokens: int, ttft_s: float | None, e2e_s: float) -> None:
+    def _s(self, streaming: bool) -> dict[str, str]:
+        return {**self._tok, "is_streaming": "true" if streaming else "false"}
+
+    def _child(self, metric: Any, streaming: bool | None = None) -> Any:
+        """A labelled series, looked up once (labels() is not free on the hot path)."""
+        key = (id(metric), streaming)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(**(self._tok if streaming is None else self._s(streaming)))
+            self._children[key] = child
+        return child
+
+    def first_token(self, ttft_s: float, *, streaming: bool, queue_s: float) -> None:
+        self._child(self.ttft, streaming).observe(ttft_s)
+        self.queue_time.observe(queue_s)
+
+    def tokens(self, count: int, interval_s: float, *, first: bool = False) -> None:
+        """`count` tokens made over `interval_s` (the first token's is TTFT, not inter-token)."""
+        self.throughput.add(count)
+        itl_count = count - 1 if first else count
+        if itl_count > 0:
+            observe_many(self._child(self.itl), interval_s, itl_count)
+
+    def finished(
+        self,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        e2e_s: float,
+        tpot_s: float | None,
+        streaming: bool,
+        structured: bool = False,
+    ) -> None:
         """One finished request."""
-        self.num_requests.inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        if output_tokens:
-            self.generation_tokens.inc(output_tokens)
-            self.throughput.add(output_tokens)
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s)
-            if output_tokens > 1:
-                self.itl.observe((e2e_s - ttft_s) / (output_tokens - 1))
-        self.e2e.observe(e2e_s)
+        child = self._child
+        child(self.num_requests, streaming).inc()
+        child(self.prompt_tokens, streaming).inc(prompt_tokens)
+        child(self.generation_tokens, streaming).inc(output_tokens)
+        child(self.e2e, streaming).observe(e2e_s)
+        if tpot_s is not None:
+            child(self.tpot, streaming).observe(tpot_s)
+        child(self.prompt_hist).observe(prompt_tokens)
+        child(self.uncached_hist).observe(prompt_tokens)
+        child(self.generation_hist).observe(output_tokens)
+        if structured:
+            child(self.num_so).inc()
 
-    def render(self, *, running: int, queued: int, token_usage: float) -> bytes:
+    def aborted(self) -> None:
+        self._child(self.num_aborted).inc()
+
+    def render(self, *, running: int, queued: int, used_tokens: int) -> bytes:
         self.num_running_reqs.set(running)
         self.num_queue_reqs.set(queued)
-        self.token_usage.set(token_usage)
+        usage = min(1.0, used_tokens / self.max_total_num_tokens) if self.max_total_num_tokens else 0.0
+        self.token_usage.set(usage)
+        self.full_token_usage.set(usage)
+        self.num_used_tokens.set(used_tokens)
+        self.kv_used_tokens.set(used_tokens)
+        self.kv_available_tokens.set(max(0, self.max_total_num_tokens - used_tokens))
+        self.decode_sum_seq_lens.set(used_tokens)
+        self.utilization.set(1.0 if running else 0.0)
         self.gen_throughput.set(self.throughput.rate())
         return generate_latest(self.registry)
+
+
+class HttpMetricsMiddleware:
+    """SGLang's HTTP request metrics (with --enable-metrics): requests, responses by status, active.
+
+    The endpoint label is the route's path template (the request's path for an unknown route),
+    as SGLang's _get_fastapi_request_path gives it.
+    """
+
+    _MAX_PATHS = 4096
+
+    def __init__(self, app: Callable, metrics: SimMetrics, routes: Callable[[], list]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+        self._endpoints: dict[tuple[str, str], str] = {}
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def _endpoint(self, scope: dict) -> str:
+        key = (scope["path"], scope["method"])
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            from starlette.routing import Match
+
+            endpoint = scope["path"]
+            for route in self.routes():
+                match, _ = route.matches(scope)
+                if match == Match.FULL:
+                    endpoint = getattr(route, "path", endpoint)
+                    break
+            if len(self._endpoints) < self._MAX_PATHS:
+                self._endpoints[key] = endpoint
+        return endpoint
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        endpoint, method = self._endpoint(scope), scope["method"]
+        series = self._series.get((endpoint, method))
+        if series is None:
+            series = (m.http_requests.labels(endpoint, method), m.http_active.labels(endpoint, method))
+            if len(self._series) < self._MAX_PATHS:
+                self._series[(endpoint, method)] = series
+        requests, active = series
+        requests.inc()
+        active.inc()
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                m.http_responses.labels(endpoint, str(message["status"]), method).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            active.dec()

@@ -135,7 +135,11 @@ class SimProcess:
         return self
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Poll /health until it answers 200; SimError (with the log tail) on exit or deadline."""
+        """Poll /health until it answers 200; SimError (with the log tail) on exit or deadline.
+
+        Like SGLang, the sim refuses connections while it "loads" (--startup-delay-s) and answers
+        503 while it warms up: both are "not yet", not errors.
+        """
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=1.0) as client:
             while True:

@@ -2,8 +2,8 @@
 
 The socket is bound here first, so a port in use is one clear error (exit 2)
 rather than a uvicorn traceback, and ``--port 0`` picks a free port that the
-startup line reports. Access logs are off and uvicorn logs at the chosen level
-(warning by default) to keep the per-request path lean.
+startup line reports. It listens only once the simulated weights are loaded.
+Access logs are off (SGLang logs no access lines either).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = ["bind_socket", "serve"]
 log = logging.getLogger(__name__)
 EXIT_WITH_PARENT_ENV = "MODEL_SERVER_SIM_EXIT_WITH_PARENT"  # set by SimProcess: no orphan if the test dies
 GRACEFUL_SHUTDOWN_S = 1  # in-flight (possibly hung) requests are dropped after this
+_PARENT_POLL_S = 0.25
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -48,22 +49,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: SimSettings) -> None:
-    """Serve until stopped. Logs one startup line that says this is a simulator."""
+    """Serve until stopped, starting the way SGLang does.
+
+    1. Log the resolved server args as SGLang 0.5.23 does
+       (``[time] server_args={...}``, API key included: the log's keeper redacts it).
+    2. "Load the weights" for ``--startup-delay-s``: the port is bound but not listening,
+       so a client is refused (connection refused), as by SGLang before its HTTP server runs.
+    3. Listen, warm up (/health* answer 503 meanwhile), then log that the server is ready.
+    """
     import uvicorn
     from prometheus_client import disable_created_metrics
 
     from model_server.sim.app import SIMULATOR_NOTICE, create_app
+    from model_server.sim.engine import SimEngine
 
     disable_created_metrics()  # SGLang exposes no *_created series
-    level = settings.log_level.upper()
+    level = getattr(logging, settings.log_level.upper())
+    logging.basicConfig(level=level, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S", force=True)
+    log.setLevel(logging.INFO)  # the startup lines always show
     logging.getLogger("model_server.sim").setLevel(level)
-    log.setLevel(logging.INFO)  # the startup line always shows
+    log.info("server_args=%s", settings.server_args())
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(settings)
+    engine = SimEngine(settings, warming_up=True)
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app,
-        log_level=settings.log_level,
+        log_level=_UVICORN_LEVELS.get(settings.log_level.lower(), "info"),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
@@ -72,40 +84,50 @@ def serve(settings: SimSettings) -> None:
     server = uvicorn.Server(config)
 
     async def run() -> None:
+        kind = "embedding" if settings.is_embedding else "completion"
+        log.info(
+            "%s | %s model %r as %r on http://%s:%d (pid %d, api key %s)",
+            SIMULATOR_NOTICE,
+            kind,
+            settings.model_path,
+            settings.model_name,
+            host,
+            port,
+            os.getpid(),
+            "required" if settings.api_key else "off",
+        )
+        watcher = asyncio.create_task(_exit_with_parent(server))
+        if settings.startup_delay_s:
+            log.info("Load weight begin (simulated: %g s, not listening meanwhile)", settings.startup_delay_s)
+            await asyncio.sleep(settings.startup_delay_s)
+        if server.should_exit:
+            return
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
-            kind = "embedding" if settings.is_embedding else "completion"
-            state = "ready"
-            if settings.startup_delay_s:
-                state = f"loading for {settings.startup_delay_s:g} s (503 until then)"
-            log.info(
-                "%s | serving %s model %r as %r on http://%s:%d (pid %d, api key %s); %s",
-                SIMULATOR_NOTICE,
-                kind,
-                settings.model_path,
-                settings.model_name,
-                host,
-                port,
-                os.getpid(),
-                "required" if settings.api_key else "off",
-                state,
-            )
-            if settings.startup_delay_s:
-                delay_s = max(0.0, app.state.engine.ready_at - app.state.engine.clock())
-                asyncio.get_running_loop().call_later(delay_s, log.info, "model-server sim: loaded; ready")
-        if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
-            parent = os.getppid()
-            while not task.done():
-                if os.getppid() != parent:
-                    log.warning("model-server sim: parent process %d is gone; shutting down", parent)
-                    server.should_exit = True
-                    break
-                await asyncio.wait({task}, timeout=1.0)
+            await engine.warm_up()
         await task
+        watcher.cancel()
 
     try:
         asyncio.run(run())
     finally:
         sock.close()
+
+
+_UVICORN_LEVELS = {"critical": "critical", "fatal": "critical", "error": "error", "warning": "warning",
+                   "warn": "warning", "info": "info", "debug": "debug", "notset": "debug"}  # fmt: skip
+
+
+async def _exit_with_parent(server: object) -> None:
+    """Under SimProcess: shut down when the parent (the test) is gone, so no sim outlives its test."""
+    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1":
+        return
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(_PARENT_POLL_S)
+    log.warning("model-server sim: parent process %d is gone; shutting down", parent)
+    server.should_exit = True  # type: ignore[attr-defined]
+    if not getattr(server, "started", False):
+        os._exit(0)

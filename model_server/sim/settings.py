@@ -4,13 +4,16 @@
 argparse: an unknown flag exits with status 2 and "unrecognized arguments", and
 ``--config FILE.yaml`` supplies options as YAML keys (``api-key`` or
 ``api_key``), the command line winning over the file. That is how the launcher
-passes the API key without putting it in ``ps``.
+passes the API key without putting it in ``ps``. As in SGLang, the file must be
+named ``*.yaml`` or ``*.yml``, and ``--log-level`` takes any name of a Python
+logging level.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,21 +37,25 @@ class SimSettings:
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = field(default=None, repr=False)  # never logged, never reported
+    api_key: str | None = field(default=None, repr=False)  # logged at startup like SGLang; never in repr
+    admin_api_key: str | None = field(default=None, repr=False)
     is_embedding: bool = False
-    # Accepted like SGLang's and reported in /server_info; only max_running_requests has an effect.
+    # Accepted like SGLang's and reported in /server_info; the memory ones size the simulated KV pool.
     tp_size: int = 1
     mem_fraction_static: float | None = None
     context_length: int | None = None
     chunked_prefill_size: int | None = None
     enable_metrics: bool = False
-    max_running_requests: int = 32
-    log_level: str = "warning"
+    max_running_requests: int | None = None  # None: derived from the simulated KV pool (engine.kv_pool)
+    max_total_tokens: int | None = None
+    log_level: str = "info"
     dtype: str = "auto"
     enable_p2p_check: bool = False
     trust_remote_code: bool = False
+    stream_response_default_include_usage: bool = False
     # The simulator's own.
     startup_delay_s: float = 0.0
+    health_generate_s: float = 1.0
     ttft_ms: float = 20.0
     ttft_per_prompt_token_ms: float = 0.02
     tpot_ms: float = 2.0
@@ -63,6 +70,9 @@ class SimSettings:
     crash_after: int | None = None
     malformed_rate: float = 0.0
     drop_stream_rate: float = 0.0
+    stall_after_tokens: int | None = None
+    crash_after_tokens: int | None = None
+    hang_before_first_token: bool = False
 
     @property
     def model_name(self) -> str:
@@ -73,11 +83,13 @@ class SimSettings:
     def effective_context_length(self) -> int:
         return self.context_length or 32768
 
-    def public_dict(self) -> dict[str, Any]:
-        """The settings as /server_info reports them: everything but the API key."""
+    def server_args(self) -> dict[str, Any]:
+        """The resolved settings under SGLang's names, as SGLang logs them at startup and /server_info
+        returns them: the API keys included, in clear (whoever keeps the log must redact them)."""
         data = dataclasses.asdict(self)
-        data.pop("api_key")
-        data["api_key_set"] = self.api_key is not None
+        data["served_model_name"] = self.model_name
+        data["tokenizer_path"] = self.model_path
+        data["context_length"] = self.effective_context_length
         return data
 
 
@@ -112,6 +124,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if not isinstance(getattr(logging, text.upper(), None), int):
+        raise argparse.ArgumentTypeError(f"{text} is not a logging level (debug, info, warning, error, critical)")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -130,7 +155,9 @@ _probability.__name__ = "probability"
 _non_negative_float.__name__ = "number >= 0"
 _positive_float.__name__ = "number > 0"
 _positive_int.__name__ = "integer >= 1"
+_non_negative_int.__name__ = "integer >= 0"
 _port.__name__ = "port"
+_log_level.__name__ = "log level"
 _http_error_status.__name__ = "HTTP error status"
 
 
@@ -147,23 +174,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=30000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer --config for secrets)")
+    s.add_argument("--admin-api-key", help="the key of the admin routes (/flush_cache, /sim/*), as SGLang's")
     s.add_argument("--is-embedding", action="store_true", help="serve embeddings instead of completions")
-    s.add_argument("--config", help="YAML file of options (keys with '_' or '-'); the command line wins")
+    s.add_argument(
+        "--config", help="YAML file (*.yaml, *.yml) of options (keys with '_' or '-'); the command line wins"
+    )
     s.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=_positive_int, default=1)
     s.add_argument("--mem-fraction-static", type=_probability)
     s.add_argument("--context-length", type=_positive_int)
     s.add_argument("--chunked-prefill-size", type=int)
-    s.add_argument("--enable-metrics", action="store_true", help="accepted; /metrics is always on here")
+    s.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics on /metrics")
     s.add_argument(
-        "--max-running-requests", type=_positive_int, default=32, help="running batch size; the rest queue"
+        "--max-running-requests",
+        type=_positive_int,
+        help="running batch size; the rest queue (default: from the simulated KV pool, as SGLang)",
     )
-    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error", "critical"])
+    s.add_argument("--max-total-tokens", type=_positive_int, help="KV pool size in tokens (default: simulated)")
+    s.add_argument("--log-level", default="info", type=_log_level)
+    s.add_argument("--stream-response-default-include-usage", action="store_true")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--enable-p2p-check", action="store_true")
     s.add_argument("--trust-remote-code", action="store_true")
 
     m = p.add_argument_group("latency model")
-    m.add_argument("--startup-delay-s", type=_non_negative_float, default=0.0, help="503 on health while 'loading'")
+    m.add_argument(
+        "--startup-delay-s",
+        type=_non_negative_float,
+        default=0.0,
+        help="'loading the weights': no listener (connection refused) for this long",
+    )
+    m.add_argument(
+        "--health-generate-s",
+        type=_non_negative_float,
+        default=1.0,
+        help="/health_generate's poll interval (SGLang: 1 s, so it takes at least that)",
+    )
     m.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="base time to first token")
     m.add_argument("--ttft-per-prompt-token-ms", type=_non_negative_float, default=0.02)
     m.add_argument("--tpot-ms", type=_non_negative_float, default=2.0, help="time per output token, 1 running")
@@ -178,13 +223,32 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--slow-factor", type=_positive_float, default=1.0, help="every latency x F")
     f.add_argument("--crash-after", type=_positive_int, help="exit on the N-th model request")
     f.add_argument("--malformed-rate", type=_probability, default=0.0, help="share of 200s with invalid JSON")
-    f.add_argument("--drop-stream-rate", type=_probability, default=0.0, help="share of streams cut mid-way")
+    f.add_argument(
+        "--drop-stream-rate", type=_probability, default=0.0, help="share of streams cut after their first text chunk"
+    )
+    f.add_argument(
+        "--stall-after-tokens",
+        type=_non_negative_int,
+        metavar="K",
+        help="streams send K tokens, then nothing (connection kept open); longer unstreamed replies never come",
+    )
+    f.add_argument(
+        "--crash-after-tokens", type=_non_negative_int, metavar="K", help="exit once a stream has sent K tokens"
+    )
+    f.add_argument(
+        "--hang-before-first-token",
+        action="store_true",
+        help="streams get their headers but no token; unstreamed requests never answer",
+    )
     return p
 
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """Read --config FILE.yaml into argparse defaults, converting each value like its flag would."""
     import yaml
+
+    if Path(path).suffix.lower() not in (".yaml", ".yml"):
+        parser.error(f"--config {path}: Config file must be YAML format, got: {Path(path).suffix or '(none)'}")
 
     try:
         text = Path(path).read_text(encoding="utf-8")

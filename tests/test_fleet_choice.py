@@ -1,0 +1,312 @@
+"""The embedded default: which fleet table runs with no --config (model_server/fleet_choice.py).
+
+The rule is a pure function, tested on every combination of facts; the facts
+are read from a real machine in a few in-process tests; and two real-process
+tests run ``python serve_llm_pipeline.py`` with no flags: here (no GPU) it
+brings up the simulated fleet and stops cleanly on SIGTERM, and with a fake
+NVML that sees a GPU it refuses, naming both fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from model_server import fleet_choice
+from model_server.config import CONFIG_ENV, load_fleet
+from model_server.fleet_choice import FleetFacts, Source, choose_fleet, default_fleet_path, gather_facts, nvml_sees_gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = Path("configs") / "servers.toml"
+LOCAL = Path("configs") / "local.toml"
+
+
+def facts(**kw) -> FleetFacts:
+    base = {"table": TABLE, "simulated": LOCAL, "table_hosts": ("192.0.2.11",), "this_machine": ("10.1.2.3", "box")}
+    return FleetFacts(**{**base, **kw})
+
+
+# ---- the rule (pure) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("for_client", [False, True])
+@pytest.mark.parametrize("in_table", [False, True])
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_named_table_wins_over_the_machine(gpu, in_table, for_client):
+    given = choose_fleet(facts(config=Path("my.toml"), env_config="env.toml", host_in_table=in_table, gpu_present=gpu), for_client=for_client)
+    assert (given.path, given.source) == (Path("my.toml"), Source.GIVEN)
+    env = choose_fleet(facts(env_config="env.toml", host_in_table=in_table, gpu_present=gpu), for_client=for_client)
+    assert (env.path, env.source) == (Path("env.toml"), Source.ENV)
+
+
+@pytest.mark.parametrize("for_client", [False, True])
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_host_of_the_table_runs_the_table(gpu, for_client):
+    choice = choose_fleet(facts(host_in_table=True, gpu_present=gpu), for_client=for_client)
+    assert (choice.path, choice.source) == (TABLE, Source.TABLE)
+
+
+@pytest.mark.parametrize("for_client", [False, True])
+def test_no_gpu_and_not_in_the_table_runs_the_simulated_fleet_and_says_so(for_client):
+    choice = choose_fleet(facts(), for_client=for_client)
+    assert (choice.path, choice.source, choice.refused) == (LOCAL, Source.SIMULATED, False)
+    assert choice.message == (
+        "no GPU here and this host is not in configs/servers.toml: running the simulated fleet configs/local.toml; "
+        "pass --config to choose"
+    )
+
+
+def test_a_gpu_machine_not_in_the_table_is_refused_with_both_fixes():
+    choice = choose_fleet(facts(gpu_present=True))
+    assert choice.refused and choice.source is Source.REFUSED and choice.path is None
+    m = choice.message
+    assert m.startswith("configs/servers.toml: this machine has an NVIDIA GPU but is not a host of this table")
+    assert "The table's hosts are 192.0.2.11; this machine is 10.1.2.3, box" in m
+    assert "put this machine's address in the 'host'" in m and "--host-ip" in m  # fix 1: the table
+    assert f"--config FILE or ${CONFIG_ENV}" in m and "--config configs/local.toml for the simulated fleet" in m  # fix 2
+
+
+def test_the_client_on_a_gpu_machine_not_in_the_table_still_reads_the_table():
+    choice = choose_fleet(facts(gpu_present=True), for_client=True)
+    assert (choice.path, choice.source) == (TABLE, Source.TABLE) and CONFIG_ENV in choice.message
+
+
+# ---- the facts of a machine (in process) ---------------------------------------------
+
+
+def _table_in(directory: Path, host: str) -> Path:
+    text = (ROOT / "configs" / "servers.toml").read_text(encoding="utf-8").replace('"192.0.2.11"', f'"{host}"')
+    (directory / "configs").mkdir()
+    (directory / "configs" / "servers.toml").write_text(text, encoding="utf-8")
+    return directory / "configs" / "servers.toml"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(fleet_choice, "nvml_sees_gpu", lambda: False)
+
+
+def test_a_named_table_does_not_look_at_the_machine(monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("looked at the machine")
+
+    monkeypatch.setattr(fleet_choice, "nvml_sees_gpu", boom)
+    monkeypatch.setattr(fleet_choice, "_table_facts", boom)
+    assert gather_facts("x.toml", environ={}) == FleetFacts(config=Path("x.toml"))
+    assert gather_facts(None, environ={CONFIG_ENV: "e.toml"}) == FleetFacts(env_config="e.toml")
+
+
+def test_facts_come_from_the_table_in_the_current_directory(tmp_path, monkeypatch, no_gpu):
+    monkeypatch.chdir(tmp_path)
+    _table_in(tmp_path, "192.0.2.200")
+    f = gather_facts(None, environ={CONFIG_ENV: ""})  # an empty variable is no table
+    assert (f.table, f.simulated, f.host_in_table, f.gpu_present) == (TABLE, LOCAL, False, False)
+    assert f.table_hosts == ("192.0.2.200",) and f.this_machine
+    assert gather_facts(None, ["192.0.2.200"], environ={}).host_in_table  # --host-ip counts
+
+
+def test_loopback_hosts_make_this_machine_a_host(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _table_in(tmp_path, "127.0.0.1")
+    monkeypatch.setattr(fleet_choice, "nvml_sees_gpu", lambda: pytest.fail("a host of the table needs no GPU check"))
+    assert choose_fleet(gather_facts(None, environ={})).source is Source.TABLE
+
+
+def test_a_broken_default_table_is_reported_not_skipped(tmp_path, monkeypatch, no_gpu):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "servers.toml").write_text("[[servers]\n", encoding="utf-8")
+    with pytest.raises(Exception, match="malformed TOML"):
+        gather_facts(None, environ={})
+
+
+def test_nvml_seen_through_the_gpu_inventory(monkeypatch):
+    import types
+
+    class Mem:
+        used, total = 0, 80 * 1024**3
+
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetCount = lambda: 1
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetMemoryInfo = lambda h: Mem()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    nvml_sees_gpu.cache_clear()
+    try:
+        assert nvml_sees_gpu() is True
+        nvml_sees_gpu.cache_clear()
+        fake.nvmlDeviceGetCount = lambda: 0
+        assert nvml_sees_gpu() is False
+        nvml_sees_gpu.cache_clear()
+
+        def fail() -> None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+        fake.nvmlInit = fail
+        assert nvml_sees_gpu() is False
+    finally:
+        nvml_sees_gpu.cache_clear()
+
+
+def test_default_fleet_path_follows_the_rule_and_logs_once_at_debug(tmp_path, monkeypatch, no_gpu, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    _table_in(tmp_path, "192.0.2.200")
+    monkeypatch.setattr(fleet_choice, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="model_server.fleet_choice"):
+        assert default_fleet_path() == LOCAL
+        assert default_fleet_path() == LOCAL
+        monkeypatch.setenv(CONFIG_ENV, "mine.toml")
+        assert default_fleet_path() == Path("mine.toml")
+    lines = [r for r in caplog.records if r.name == "model_server.fleet_choice"]
+    assert [r.levelno for r in lines] == [logging.DEBUG, logging.DEBUG]
+    assert "running the simulated fleet configs/local.toml" in lines[0].getMessage()
+    assert "mine.toml" in lines[1].getMessage()
+
+
+# ---- `python serve_llm_pipeline.py` with no flags (real processes) ---------------------
+
+
+def _env(first_on_path: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
+    if first_on_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(first_on_path), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _this_machine_serves_the_default_table() -> bool:
+    return gather_facts(None, environ={}).host_in_table
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+FAKE_NVML = """
+class _Mem:
+    used = 0
+    total = 80 * 1024 ** 3
+
+def nvmlInit():
+    pass
+
+def nvmlDeviceGetCount():
+    return 1
+
+def nvmlDeviceGetHandleByIndex(i):
+    return i
+
+def nvmlDeviceGetMemoryInfo(handle):
+    return _Mem()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_no_flags_on_a_gpu_machine_not_in_the_table_is_refused(tmp_path):
+    if _this_machine_serves_the_default_table():
+        pytest.skip("this machine is a host of configs/servers.toml: no refusal to see")
+    fake = tmp_path / "fake_nvml"
+    fake.mkdir()
+    (fake / "pynvml.py").write_text(FAKE_NVML, encoding="utf-8")  # a simulated GPU inventory: NVML sees one GPU
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "serve_llm_pipeline.py")], cwd=tmp_path, env=_env(first_on_path=fake),
+        capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert "Traceback" not in err and "simulated fleet configs/local.toml;" not in err
+    assert "this machine has an NVIDIA GPU but is not a host of this table" in err
+    assert "--host-ip" in err and "--config" in err and "local.toml for the simulated fleet" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "logs").exists()  # refused before anything started
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _status(path: Path, pid: int) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("servers", {}) if data.get("pipeline", {}).get("pid") == pid else {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_path):
+    if _this_machine_serves_the_default_table():
+        pytest.skip("this machine is a host of configs/servers.toml: no flags runs that table here")
+    if nvml_sees_gpu():
+        pytest.skip("this machine has an NVIDIA GPU: no flags is refused here (tested above)")
+    fleet = load_fleet(ROOT / "configs" / "local.toml")
+    busy = [f"{s.name} ({s.host}:{s.port})" for s in fleet.servers if _port_busy(s.host, s.port)]
+    if busy:
+        pytest.skip(f"the simulated fleet's fixed ports are in use: {', '.join(busy)}")
+    names = [s.name for s in fleet.servers]
+    log = tmp_path / "pipeline.log"
+    status_file = tmp_path / fleet.launch.status_file  # relative paths are taken from the working directory
+    seen: set[int] = set()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "serve_llm_pipeline.py")], cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def tree() -> None:
+        try:
+            seen.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+
+    try:
+        deadline = time.monotonic() + 90.0  # each sim refuses connections until loaded; 2 busy cores
+        while not all(_status(status_file, proc.pid).get(n, {}).get("state") == "READY" for n in names):
+            tree()
+            assert proc.poll() is None, f"the pipeline exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}"
+            assert time.monotonic() < deadline, f"not READY in 90 s: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}"
+            time.sleep(0.2)
+        tree()
+        first = log.read_text(errors="replace").splitlines()[0]
+        assert "INFO" in first and "no GPU here and this host is not in" in first and "running the simulated fleet" in first
+        assert first.rstrip().endswith("pass --config to choose")
+        assert (tmp_path / "logs").is_dir() and status_file.is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, log.read_text(errors="replace")[-4000:]
+        deadline = time.monotonic() + 20.0
+        while alive := _alive(seen):
+            assert time.monotonic() < deadline, f"processes left after the stop: {alive}"
+            time.sleep(0.1)
+    finally:
+        tree()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in seen:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
