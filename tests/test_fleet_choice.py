@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -258,6 +259,15 @@ def _status(path: Path, pid: int) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
+def _readme_quick_start_call() -> list[str]:
+    """The `python -c ...` client call that README.md's quick start tells a new user to run."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = text[text.index("## Quick start"):text.index("## Install")]
+    line = next(l for l in quick.splitlines() if l.startswith("python -c "))
+    argv = shlex.split(line)
+    return [sys.executable, *argv[1:]]
+
+
 def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_path):
     if _this_machine_serves_the_default_table():
         pytest.skip("this machine is a host of configs/servers.toml: no flags runs that table here")
@@ -290,6 +300,10 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
             assert time.monotonic() < deadline, f"not READY in 90 s: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}"
             time.sleep(0.2)
         tree()
+        # The README's quick start, in its order: the client call of its second shell, as printed there.
+        call = _readme_quick_start_call()
+        reply = subprocess.run(call, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+        assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr[-3000:]
         first = log.read_text(errors="replace").splitlines()[0]
         assert "INFO" in first and "no GPU here and this host is not in" in first and "running the simulated fleet" in first
         assert first.rstrip().endswith("pass --config to choose")
