@@ -137,6 +137,7 @@ class StreamAssembly:
             if choice.get("finish_reason") is not None:
                 self.finish_reason = str(choice["finish_reason"])
                 self.matched_stop = choice.get("matched_stop")
+                _no_abort(self.finish_reason)
         if text:
             self.pieces.append(text)
             self.segment_tokens += 1
@@ -175,14 +176,20 @@ class StreamAssembly:
         self._state.handle_chunk(chunk)
         text = ""
         for choice in chunk.choices:
-            if choice.finish_reason is not None and choice.index == 0:
-                self.finish_reason = choice.finish_reason
-            if choice.index == 0 and choice.delta is not None and choice.delta.content:
-                text += choice.delta.content
+            delta = choice.delta
+            if delta is not None and (delta.content or delta.tool_calls or delta.function_call
+                                      or getattr(delta, "reasoning_content", None)):
+                self.progressed = True  # any choice's token: text, a tool call, reasoning
+            if choice.finish_reason is not None:
+                _no_abort(choice.finish_reason)
+                if choice.index == 0:
+                    self.finish_reason = choice.finish_reason
+            if choice.index == 0 and delta is not None and delta.content:
+                text += delta.content
         if text:
             self.pieces.append(text)
+        if self.progressed:
             self.segment_tokens += 1
-            self.progressed = True
         return text
 
     # ---- the answer ----------------------------------------------------------------------
@@ -223,6 +230,12 @@ class StreamAssembly:
             return ChatCompletion.model_validate(data)
         except ValueError:  # e.g. a finish reason outside OpenAI's list ("abort"): keep it as sent
             return ChatCompletion.model_construct(**data)
+
+
+def _no_abort(finish_reason: str) -> None:
+    """SGLang ends a request it aborted (abort_request, pause_generation) with finish_reason "abort": a break."""
+    if finish_reason == "abort":
+        raise StreamEventError(None, "the engine aborted the request (finish_reason: abort)")
 
 
 def embedding_vectors(data: Any, count: int) -> list[list[float]]:

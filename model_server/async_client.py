@@ -19,11 +19,9 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
-from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
 from model_server.answer import StreamAssembly, embedding_vectors
@@ -32,17 +30,20 @@ from model_server.client_core import (
     POOL_KEEPALIVE,
     ChatRequest,
     ClientCore,
+    OpenedSegment,
+    SegmentOpening,
+    SegmentReading,
     SegmentTally,
+    StreamResult,
     parse_event,
 )
-from model_server.client_errors import GroupUnavailableError
+from model_server.client_errors import GroupUnavailableError, RequestRejectedError
 from model_server.config import ClientPolicy, Fleet, ServerKind
 from model_server.endpoint import EndpointSnapshot
 from model_server.probe import aprobe_group
 from model_server.replica_group import ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
-from model_server.retry import DeadlineExceeded, MalformedResponse, OutcomeKind
-from model_server.wire import sse_data
+from model_server.retry import DeadlineExceeded, OutcomeKind
 
 __all__ = ["AsyncChatStream", "AsyncModelServer"]
 
@@ -52,17 +53,7 @@ T = TypeVar("T")
 AsyncOp = Callable[[Call], Awaitable[tuple[Any, "int | None"]]]
 
 
-@dataclass
-class _Opened:
-    response: httpx.Response
-    lines: AsyncIterator[str] | None
-    first: str
-    first_at: float
-    stall_s: float
-    ended: bool = False
-
-
-class AsyncChatStream:
+class AsyncChatStream(StreamResult):
     """``async for`` over the text of a streamed chat answer; ``text``, ``usage``, ``resumes`` as ChatStream."""
 
     def __init__(self, pieces: AsyncIterator[str], assembly: StreamAssembly, state: RequestState) -> None:
@@ -86,19 +77,6 @@ class AsyncChatStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    @property
-    def text(self) -> str:
-        return self._assembly.text
-
-    @property
-    def usage(self) -> CompletionUsage | None:
-        usage = self._assembly.usage()
-        return CompletionUsage(**usage) if usage is not None else None
-
-    @property
-    def resumes(self) -> int:
-        return self._state.resumes
 
 
 class AsyncModelServer:
@@ -204,19 +182,19 @@ class AsyncModelServer:
     async def _segments(
         self, g: ReplicaGroup, req: ChatRequest, assembly: StreamAssembly, state: RequestState
     ) -> AsyncIterator[str]:
-        body = req.body
+        body: dict[str, Any] | None = req.body
         previous: str | None = None
-        while True:
+        while body is not None:
 
             async def op(call: Call, body: dict[str, Any] = body) -> tuple[Any, int | None]:
                 return await self._open(req, body, call, assembly), None
 
             try:
-                done = await self._drive(g, state, op, hold_lease=True, prompt_tokens=req.prompt_tokens)
-            except GroupUnavailableError as err:
-                self._core.raise_unresumed(g, err, assembly, state, previous)
-                raise
-            opened: _Opened = done.value
+                done = await self._drive(g, state, op, hold_lease=True, prompt_tokens=req.prompt_tokens + assembly.tokens)
+            except (GroupUnavailableError, RequestRejectedError) as err:
+                body, previous = self._core.after_refused(g, req, state, assembly, err, previous), None
+                continue
+            opened: OpenedSegment = done.value
             if previous is not None:
                 self._core.note_resumed(g, previous, done.lease, assembly)
             tally = self._core.segment(g, done.lease, opened.stall_s)
@@ -231,7 +209,7 @@ class AsyncModelServer:
             previous = done.lease.spec.name if assembly.text else None
             body = self._core.after_break(g, req, state, assembly, body, tally)
 
-    async def _open(self, req: ChatRequest, body: dict[str, Any], call: Call, assembly: StreamAssembly) -> _Opened:
+    async def _open(self, req: ChatRequest, body: dict[str, Any], call: Call, assembly: StreamAssembly) -> OpenedSegment:
         """Send one segment's request and read up to its first token, all within the first-token deadline."""
         spec = call.lease.spec
         client = self._pool()
@@ -245,21 +223,13 @@ class AsyncModelServer:
                 response = await client.send(request, stream=True)
                 if response.status_code >= 400:
                     raise self._core.http_error(response.status_code, await response.aread())
-                assembly.begin_segment()
                 lines = response.aiter_lines()
+                opening = SegmentOpening(self._core, call, assembly, response, lines)
                 async for line in lines:
-                    data = sse_data(line)
-                    if data is None:
-                        continue
-                    if data == "[DONE]":
-                        return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
-                    text = assembly.take(parse_event(data))
-                    if assembly.progressed:
-                        return _Opened(response, lines, text, self._core.clock(), call.deadlines.stall_s)
-                    self._core.check_first_token(call)  # chunks without a token (role only, empty) do not count
-                if assembly.finished:
-                    return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
-                raise MalformedResponse("the stream ended before its first token and without [DONE]")
+                    opened = opening.feed(line)
+                    if opened is not None:
+                        return opened
+                return opening.ended()
         except BaseException as err:
             if response is not None:
                 await response.aclose()
@@ -268,7 +238,7 @@ class AsyncModelServer:
             raise
 
     async def _relay(
-        self, g: ReplicaGroup, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly, state: RequestState,
+        self, g: ReplicaGroup, opened: OpenedSegment, tally: SegmentTally, assembly: StreamAssembly, state: RequestState,
         broken: list[BaseException],
     ) -> AsyncIterator[str]:
         """Yield one segment's text; on a break, append the error to ``broken`` and end."""
@@ -281,10 +251,13 @@ class AsyncModelServer:
                     yield text
             tally.ended()
         except Exception as err:
-            error = tally.broke(err)
-            if error is None:
-                raise
-            broken.append(error)
+            if self._core.ends_whole(assembly, err):
+                tally.ended()
+            else:
+                error = tally.broke(err)
+                if error is None:
+                    raise
+                broken.append(error)
         finally:
             try:
                 await opened.response.aclose()
@@ -292,33 +265,19 @@ class AsyncModelServer:
                 if tally.release(state, assembly.segment_tokens_so_far):
                     self._start_reprobe(g)
 
-    async def _rest(self, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly) -> AsyncIterator[str]:
-        lines = opened.lines
-        assert lines is not None
-        # The stall deadline runs from when this task starts waiting for the next token, never while
-        # the caller holds the text; chunks that carry no token (keep-alives, empty deltas) do not reset it.
-        waiting = self._core.stall_clock(opened.stall_s)
+    async def _rest(self, opened: OpenedSegment, tally: SegmentTally, assembly: StreamAssembly) -> AsyncIterator[str]:
+        reading = SegmentReading(self._core, tally, assembly, opened.stall_s)
         while True:
-            try:
-                line = await _within(lines.__anext__(), waiting.left_s())
+            try:  # the stall deadline runs while this task reads, never while the caller holds the text
+                line = await _within(opened.lines.__anext__(), reading.stall.left_s())
             except StopAsyncIteration:
-                if assembly.finished:
-                    return
-                raise MalformedResponse("the stream ended without [DONE]") from None
-            data = sse_data(line)
-            if data is None:
-                continue
-            if data == "[DONE]":
+                reading.ended()
                 return
-            assembly.progressed = False
-            text = assembly.take(parse_event(data))
-            if not assembly.progressed:
-                waiting.check(tally.lease.spec.name)
-                continue
-            tally.chunk(self._core.clock())
+            text = reading.feed(line)
+            if text is None:
+                return
             if text:
                 yield text
-            waiting = self._core.stall_clock(opened.stall_s)
 
     # ---- the plan's driver: each decision is in ClientCore or the plan; only the awaits are here ----------
 
@@ -421,11 +380,19 @@ else:  # pragma: no cover - Python 3.10
     async def _timeout(delay_s: float) -> AsyncIterator[None]:
         task = asyncio.current_task()
         assert task is not None
-        handle = asyncio.get_running_loop().call_later(delay_s, task.cancel)
+        fired: list[bool] = []
+
+        def fire() -> None:
+            fired.append(True)
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(delay_s, fire)
         try:
             yield
         except asyncio.CancelledError as err:
-            raise TimeoutError from err
+            if fired:  # our timer, not the caller's own cancellation
+                raise TimeoutError from err
+            raise
         finally:
             handle.cancel()
 

@@ -40,11 +40,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
 from model_server.answer import StreamAssembly, embedding_vectors
@@ -53,7 +51,11 @@ from model_server.client_core import (
     POOL_KEEPALIVE,
     ChatRequest,
     ClientCore,
+    OpenedSegment,
+    SegmentOpening,
+    SegmentReading,
     SegmentTally,
+    StreamResult,
     parse_event,
 )
 from model_server.client_errors import (
@@ -71,8 +73,7 @@ from model_server.errors import ClientError
 from model_server.probe import probe_group
 from model_server.replica_group import ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
-from model_server.retry import DeadlineExceeded, MalformedResponse, OutcomeKind
-from model_server.wire import sse_data
+from model_server.retry import DeadlineExceeded, OutcomeKind
 
 __all__ = [
     "AsyncModelServer",
@@ -92,19 +93,7 @@ log = logging.getLogger(__name__)
 SyncOp = Callable[[Call], tuple[Any, "int | None"]]
 
 
-@dataclass
-class _Opened:
-    """A stream that has sent its first token (or ended without one)."""
-
-    response: httpx.Response
-    lines: Iterator[str] | None
-    first: str
-    first_at: float
-    stall_s: float
-    ended: bool = False
-
-
-class ChatStream:
+class ChatStream(StreamResult):
     """The text of a streamed chat answer, chunk by chunk (an iterator of str).
 
     After the iteration: ``text`` (the whole answer), ``usage`` (prompt tokens once, completion
@@ -134,19 +123,6 @@ class ChatStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def text(self) -> str:
-        return self._assembly.text
-
-    @property
-    def usage(self) -> CompletionUsage | None:
-        usage = self._assembly.usage()
-        return CompletionUsage(**usage) if usage is not None else None
-
-    @property
-    def resumes(self) -> int:
-        return self._state.resumes
 
 
 class ModelServer:
@@ -279,18 +255,19 @@ class ModelServer:
     def _segments(
         self, g: ReplicaGroup, req: ChatRequest, assembly: StreamAssembly, state: RequestState
     ) -> Iterator[str]:
-        body = req.body
+        body: dict[str, Any] | None = req.body
         previous: str | None = None
-        while True:
+        while body is not None:
+            segment_body = body
             try:
                 done = self._drive(
-                    g, state, lambda call: (self._open(req, body, call, assembly), None), hold_lease=True,
-                    prompt_tokens=req.prompt_tokens,
+                    g, state, lambda call: (self._open(req, segment_body, call, assembly), None), hold_lease=True,
+                    prompt_tokens=req.prompt_tokens + assembly.tokens,
                 )
-            except GroupUnavailableError as err:
-                self._core.raise_unresumed(g, err, assembly, state, previous)
-                raise
-            opened: _Opened = done.value
+            except (GroupUnavailableError, RequestRejectedError) as err:
+                body, previous = self._core.after_refused(g, req, state, assembly, err, previous), None
+                continue
+            opened: OpenedSegment = done.value
             if previous is not None:
                 self._core.note_resumed(g, previous, done.lease, assembly)
             tally = self._core.segment(g, done.lease, opened.stall_s)
@@ -300,7 +277,7 @@ class ModelServer:
             previous = done.lease.spec.name if assembly.text else None
             body = self._core.after_break(g, req, state, assembly, body, tally)
 
-    def _open(self, req: ChatRequest, body: dict[str, Any], call: Call, assembly: StreamAssembly) -> _Opened:
+    def _open(self, req: ChatRequest, body: dict[str, Any], call: Call, assembly: StreamAssembly) -> OpenedSegment:
         """Send one segment's request and read up to its first token, all within the first-token deadline."""
         spec = call.lease.spec
         limit = time.monotonic() + call.deadlines.first_token_s
@@ -314,21 +291,13 @@ class ModelServer:
             response = self._http.send(request, stream=True)
             if response.status_code >= 400:
                 raise self._core.http_error(response.status_code, response.read())
-            assembly.begin_segment()
             lines = response.iter_lines()
+            opening = SegmentOpening(self._core, call, assembly, response, lines)
             for line in lines:
-                data = sse_data(line)
-                if data is None:
-                    continue
-                if data == "[DONE]":
-                    return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
-                text = assembly.take(parse_event(data))
-                if assembly.progressed:
-                    return _Opened(response, lines, text, self._core.clock(), call.deadlines.stall_s)
-                self._core.check_first_token(call)  # chunks without a token (role only, empty) do not count
-            if assembly.finished:
-                return _Opened(response, None, "", self._core.clock(), call.deadlines.stall_s, ended=True)
-            raise MalformedResponse("the stream ended before its first token and without [DONE]")
+                opened = opening.feed(line)
+                if opened is not None:
+                    return opened
+            return opening.ended()
         except BaseException as err:
             if response is not None:
                 response.close()
@@ -339,7 +308,7 @@ class ModelServer:
             set_deadline(None)
 
     def _relay(
-        self, g: ReplicaGroup, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly, state: RequestState
+        self, g: ReplicaGroup, opened: OpenedSegment, tally: SegmentTally, assembly: StreamAssembly, state: RequestState
     ) -> Generator[str, None, BaseException | None]:
         """Yield one segment's text to the caller; return None when it ended, else the error that broke it."""
         tally.started(opened.first_at)
@@ -351,9 +320,12 @@ class ModelServer:
                 yield from self._rest(opened, tally, assembly)
             tally.ended()
         except Exception as err:
-            broken = tally.broke(err)
-            if broken is None:
-                raise
+            if self._core.ends_whole(assembly, err):
+                tally.ended()
+            else:
+                broken = tally.broke(err)
+                if broken is None:
+                    raise
         finally:
             set_deadline(None)
             try:
@@ -363,36 +335,23 @@ class ModelServer:
                     self._start_reprobe(g)
         return broken
 
-    def _rest(self, opened: _Opened, tally: SegmentTally, assembly: StreamAssembly) -> Iterator[str]:
-        lines = opened.lines
-        assert lines is not None
-        # The stall deadline runs from when this thread starts waiting for the next token, never while
-        # the caller holds the text; chunks that carry no token (keep-alives, empty deltas) do not reset it.
-        waiting = self._core.stall_clock(opened.stall_s)
+    def _rest(self, opened: OpenedSegment, tally: SegmentTally, assembly: StreamAssembly) -> Iterator[str]:
+        reading = SegmentReading(self._core, tally, assembly, opened.stall_s)
         while True:
-            set_deadline(waiting.deadline)
+            # The stall deadline runs while this thread reads, never while the caller holds the text.
+            set_deadline(reading.stall.deadline)
             try:
-                line = next(lines)
+                line = next(opened.lines)
             except StopIteration:
-                if assembly.finished:
-                    return
-                raise MalformedResponse("the stream ended without [DONE]") from None
+                reading.ended()
+                return
             finally:
                 set_deadline(None)
-            data = sse_data(line)
-            if data is None:
-                continue
-            if data == "[DONE]":
+            text = reading.feed(line)
+            if text is None:
                 return
-            assembly.progressed = False
-            text = assembly.take(parse_event(data))
-            if not assembly.progressed:
-                waiting.check(tally.lease.spec.name)
-                continue
-            tally.chunk(self._core.clock())
             if text:
                 yield text
-            waiting = self._core.stall_clock(opened.stall_s)
 
     # ---- the plan's driver: each decision is in ClientCore or the plan; only the blocking calls are here ----
 

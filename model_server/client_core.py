@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openai.types import CompletionUsage
+
 from model_server.answer import StreamAssembly, needs_rich_assembly
 from model_server.client_errors import (
+    ClientError,
     GroupUnavailableError,
     InvalidRequestError,
     RequestRejectedError,
@@ -37,6 +40,7 @@ from model_server.deadlines import estimate_tokens
 from model_server.endpoint import EndpointSnapshot
 from model_server.replica_group import Lease, ReplicaGroup
 from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, note_failure, request_plan
+from model_server.client_errors import rejected_from
 from model_server.resume import continuation_body, why_no_resume, why_not_resumable
 from model_server.retry import Attempt, MalformedResponse, OutcomeKind, classify, describe
 from model_server.runstate import mark_not_running
@@ -49,6 +53,7 @@ from model_server.wire import (
     encode_body,
     error_message,
     normalize_embedding_input,
+    sse_data,
 )
 
 __all__ = [
@@ -57,7 +62,11 @@ __all__ = [
     "ChatRequest",
     "ClientCore",
     "EmbedRequest",
+    "OpenedSegment",
+    "SegmentOpening",
+    "SegmentReading",
     "SegmentTally",
+    "StreamResult",
     "parse_event",
 ]
 
@@ -288,45 +297,181 @@ class ClientCore:
     def after_break(
         self, group: ReplicaGroup, req: ChatRequest, state: RequestState, assembly: StreamAssembly, body: dict[str, Any],
         tally: SegmentTally,
-    ) -> dict[str, Any]:
-        """A stream broke after it began: the body that continues it, or StreamInterruptedError (raised)."""
+    ) -> dict[str, Any] | None:
+        """A stream broke after it began: the body that continues it, None if the answer was whole after all,
+        or the caller's error (raised)."""
         err = tally.error_obj
         received = assembly.text
+        replica = tally.lease.spec.name
+        if tally.outcome is OutcomeKind.REJECTED:  # the engine refused to go on (a 4xx error event): not its fault
+            if req.call == "chat" or not received:
+                raise rejected_from(err, replica) from err
+            raise StreamInterruptedError(
+                group.name, replica, received, tally.error, why_not_resumed="the replica refused to go on with it",
+                resumes=state.resumes,
+            ) from err
+        limit = req.body.get("max_tokens") or req.body.get("max_completion_tokens")
+        if isinstance(limit, int) and assembly.tokens >= limit:  # every token asked for had arrived
+            assembly.finish_reason = assembly.finish_reason or "length"
+            return None
         if not received:  # nothing reached the caller: start over, as a plain failover
             assembly.restart()
             return req.body
         why = why_no_resume(req.not_resumable, state.resumes, self.policy, state.spent(self.clock()) is None)
         if why is not None:
+            if req.call == "chat" and state.spent(self.clock()) is None:
+                # chat() has shown the caller nothing yet: the whole answer again, within the call's bounds
+                log.warning("group '%s': %s broke mid-answer (%s) and %s: asking again from the start",
+                            group.name, replica, tally.error, why)
+                assembly.restart()
+                return req.body
             raise StreamInterruptedError(
-                group.name, tally.lease.spec.name, received, tally.error, why_not_resumed=why, resumes=state.resumes
+                group.name, replica, received, tally.error, why_not_resumed=why, resumes=state.resumes
             ) from err
         state.resumes += 1
-        self.metrics.resume(group.name, tally.lease.spec.name)
+        self.metrics.resume(group.name, replica)
         log.warning(
             "resuming a stream of group '%s': %s broke after %d token(s) (%s); continuing on another replica "
-            "(resume %d/%d)", group.name, tally.lease.spec.name, assembly.tokens, tally.error, state.resumes,
-            self.policy.max_resumes,
+            "(resume %d/%d)", group.name, replica, assembly.tokens, tally.error, state.resumes, self.policy.max_resumes,
         )
         return continuation_body(req.kind, req.body, received, assembly.tokens)
 
     @staticmethod
-    def raise_unresumed(
-        group: ReplicaGroup, err: GroupUnavailableError, assembly: StreamAssembly, state: RequestState,
+    def after_refused(
+        group: ReplicaGroup, req: ChatRequest, state: RequestState, assembly: StreamAssembly, err: ClientError,
         previous: str | None,
-    ) -> None:
-        """No replica could continue a stream that had text: StreamInterruptedError (raised); else return."""
+    ) -> dict[str, Any]:
+        """No replica took a continuation (spent bounds, or a refusal): raise the caller's error, or start over."""
         if previous is None or not assembly.text:
-            return
+            raise err
+        if req.call == "chat":
+            if isinstance(err, RequestRejectedError):  # a continuation refused: the original may still be served
+                assembly.restart()
+                return req.body
+            raise err
         raise StreamInterruptedError(
             group.name, previous, assembly.text, str(state.last_error or "broken"),
             why_not_resumed=f"no replica could continue it ({err})", resumes=state.resumes,
         ) from err
+
+    @staticmethod
+    def ends_whole(assembly: StreamAssembly, err: BaseException) -> bool:
+        """A stream that broke after its finish reason arrived (before [DONE]) is a whole answer."""
+        return assembly.finished and classify(err) in (OutcomeKind.CONNECTION, OutcomeKind.TIMEOUT, OutcomeKind.MALFORMED)
 
     def note_resumed(self, group: ReplicaGroup, previous: str, lease: Lease, assembly: StreamAssembly) -> None:
         log.warning(
             "stream of group '%s' resumed on %s after %s broke (%d token(s) carried over)",
             group.name, lease.spec.name, previous, assembly.tokens_before,
         )
+
+
+@dataclass
+class OpenedSegment:
+    """A replica's stream that has sent its first token (or ended without one); ``lines`` is its line iterator."""
+
+    response: Any
+    lines: Any
+    first: str
+    first_at: float
+    stall_s: float
+    ended: bool = False
+
+
+_END = object()  # a line that ends the stream ([DONE])
+
+
+class SegmentOpening:
+    """The decisions while a segment waits for its first token, one line at a time (the drivers only read).
+
+    :meth:`feed` returns None to read on, or the :class:`OpenedSegment`; :meth:`ended` decides a stream
+    that closed first. A chunk without a token (role only, empty) does not count as the first token.
+    """
+
+    def __init__(self, core: ClientCore, call: Call, assembly: StreamAssembly, response: Any, lines: Any) -> None:
+        self.core, self.call, self.assembly, self.response, self.lines = core, call, assembly, response, lines
+        if not assembly.text:
+            assembly.restart()  # an earlier attempt that failed before any text leaves nothing behind
+        assembly.begin_segment()
+
+    def _opened(self, first: str, ended: bool = False) -> OpenedSegment:
+        lines = None if ended else self.lines
+        return OpenedSegment(self.response, lines, first, self.core.clock(), self.call.deadlines.stall_s, ended)
+
+    def feed(self, line: str) -> OpenedSegment | None:
+        data = sse_data(line)
+        if data is None:
+            return None
+        if data == "[DONE]":
+            return self._opened("", ended=True)
+        text = self.assembly.take(parse_event(data))
+        if self.assembly.progressed:
+            return self._opened(text)
+        self.core.check_first_token(self.call)
+        return None
+
+    def ended(self) -> OpenedSegment:
+        if self.assembly.finished:
+            return self._opened("", ended=True)
+        raise MalformedResponse("the stream ended before its first token and without [DONE]")
+
+
+class SegmentReading:
+    """The decisions while an opened segment streams, one line at a time.
+
+    :meth:`feed` returns the caller's text (maybe empty) or ``None`` at the end; :attr:`stall` is the
+    wait for the next token. It starts when the driver next reads, never while the caller holds the
+    text it was given, and a chunk that carries no token does not restart it.
+    """
+
+    def __init__(self, core: ClientCore, tally: SegmentTally, assembly: StreamAssembly, stall_s: float) -> None:
+        self.core, self.tally, self.assembly, self.stall_s = core, tally, assembly, stall_s
+        self._stall: StallClock | None = None
+
+    @property
+    def stall(self) -> StallClock:
+        if self._stall is None:
+            self._stall = self.core.stall_clock(self.stall_s)
+        return self._stall
+
+    def feed(self, line: str) -> str | None:
+        data = sse_data(line)
+        if data is None:
+            return ""
+        if data == "[DONE]":
+            return None
+        self.assembly.progressed = False
+        text = self.assembly.take(parse_event(data))
+        if not self.assembly.progressed:
+            self.stall.check(self.tally.lease.spec.name)
+            return ""
+        self.tally.chunk(self.core.clock())
+        self._stall = None  # the next wait starts when the driver reads again
+        return text
+
+    def ended(self) -> None:
+        if not self.assembly.finished:
+            raise MalformedResponse("the stream ended without [DONE]")
+
+
+class StreamResult:
+    """What a finished (or running) stream delivered: ``text``, ``usage``, ``resumes`` (ChatStream's and its twin's)."""
+
+    _assembly: StreamAssembly
+    _state: RequestState
+
+    @property
+    def text(self) -> str:
+        return self._assembly.text
+
+    @property
+    def usage(self) -> CompletionUsage | None:
+        usage = self._assembly.usage()
+        return CompletionUsage(**usage) if usage is not None else None
+
+    @property
+    def resumes(self) -> int:
+        return self._state.resumes
 
 
 class StallClock:
@@ -382,7 +527,7 @@ class SegmentTally:
             err = stalled
         if isinstance(err, DeadlineExceeded):
             self.core.metrics.stall(self.group.name, self.lease.spec.name, err.phase)
-        self.outcome = OutcomeKind.SERVER if kind is OutcomeKind.REJECTED else kind  # mid-stream: the replica's fault
+        self.outcome = kind  # REJECTED: the engine refused to go on (a 4xx error event), never charged
         self.error, self.error_obj = describe(err), err
         return err
 

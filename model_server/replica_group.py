@@ -146,10 +146,22 @@ class ReplicaGroup:
             return attempt_deadlines(self.policy, self.timing, prompt_tokens)
 
     def first_token(self, lease: Lease, seconds: float) -> None:
-        """The request of ``lease`` got its first text ``seconds`` after it was sent."""
+        """The request of ``lease`` got its first text ``seconds`` after it was sent.
+
+        A half-open trial that answers closes its breaker now: the rest of a long stream must not keep
+        the replica shut to every other request.
+        """
+        closed_from: BreakerState | None = None
         with self._lock:
-            self._endpoints[lease.spec.name].first_token(lease.token)
+            e = self._endpoints[lease.spec.name]
+            e.first_token(lease.token)
             self.timing.observe_ttft(seconds)
+            if lease.trial and e.breaker.state is not BreakerState.CLOSED:
+                closed_from = e.breaker.state
+                e.breaker = e.breaker.success(self._clock(), trial=True)
+        if closed_from is not None:
+            log.warning("breaker of %s (group '%s'): %s -> closed (the trial request is answering)",
+                        lease.spec.name, self.name, closed_from.value)
 
     def release(
         self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None,

@@ -94,6 +94,8 @@ class StreamEventError(Exception):
     def __init__(self, code: object, message: str) -> None:
         super().__init__(f"error event in the stream (code {code}): {message}")
         self.code = code
+        self.message = message
+        self.status_code = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else None
 
 
 class DeadlineExceeded(TimeoutError):
@@ -127,8 +129,9 @@ def classify(err: BaseException) -> OutcomeKind | None:
     """The outcome an exception raised by a request stands for; None if it is not a request failure (a bug)."""
     if isinstance(err, (openai.APIStatusError, ReplicaHTTPError)):
         return OutcomeKind.SERVER if is_retryable_status(err.status_code) else OutcomeKind.REJECTED
-    if isinstance(err, StreamEventError):
-        return OutcomeKind.SERVER  # the replica broke a stream it had begun
+    if isinstance(err, StreamEventError):  # a 4xx code: the engine refused the request; else it broke the stream
+        code = err.status_code
+        return OutcomeKind.REJECTED if code is not None and not is_retryable_status(code) else OutcomeKind.SERVER
     if isinstance(err, httpx.HTTPStatusError) or (httpx2 is not None and isinstance(err, httpx2.HTTPStatusError)):
         status = err.response.status_code
         return OutcomeKind.SERVER if is_retryable_status(status) else OutcomeKind.REJECTED
