@@ -445,7 +445,8 @@ class SegmentReading:
         if not self.assembly.progressed:
             self.stall.check(self.tally.lease.spec.name)
             return ""
-        self.tally.chunk(self.core.clock())
+        now = self.core.clock()
+        self.tally.chunk(now, now - self.stall.since)
         self._stall = None  # the next wait starts when the driver reads again
         return text
 
@@ -501,6 +502,7 @@ class SegmentTally:
     first_at: float | None = None
     last_at: float | None = None
     chunks: int = 0
+    waited_s: float = 0.0  # time spent waiting for tokens after the first (never the caller's time)
     outcome: OutcomeKind | None = None  # None until the end: a stream the caller dropped is a cancel
     error: str = ""
     error_obj: BaseException | None = field(default=None, repr=False)
@@ -509,8 +511,10 @@ class SegmentTally:
         self.first_at = self.last_at = now
         self.group.first_token(self.lease, now - self.lease.started_s)
 
-    def chunk(self, now: float) -> None:
+    def chunk(self, now: float, waited_s: float) -> None:
+        """A token arrived ``waited_s`` after this client began to wait for it (the caller's own time excluded)."""
         self.chunks += 1
+        self.waited_s += waited_s
         self.last_at = now
 
     def ended(self) -> None:
@@ -537,7 +541,7 @@ class SegmentTally:
     def release(self, state: RequestState, tokens: int) -> bool:
         """Report the outcome (and book a break in the call's state); True if a background re-probe should start."""
         state.receiving_s += self.receiving_s()
-        gap = self.receiving_s() / (self.chunks - 1) if self.chunks > 1 else None
+        gap = self.waited_s / self.chunks if self.chunks else None  # the replica's pace, not the caller's
         if self.outcome is not None and self.outcome is not OutcomeKind.OK:
             elapsed = (self.last_at or self.core.clock()) - self.lease.started_s
             note_failure(self.group, state, self.lease, self.outcome, self.error, elapsed, self.core.metrics)

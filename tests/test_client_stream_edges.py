@@ -185,3 +185,14 @@ def test_a_slow_reader_is_not_a_stalled_replica() -> None:
                 time.sleep(0.5)  # the caller holds each piece longer than the stall deadline
             stats = ms.stats()["8"]["8-0"]
     assert len(pieces) == 6 and stream.resumes == 0 and stats.failures == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_reader_does_not_lengthen_the_groups_stall_deadline() -> None:
+    with sims_running(1, args=("--ttft-ms", "5", "--tpot-ms", "2")) as sims:
+        fleet = fleet_of({"8": ("completion", [sims[0].port])})
+        with ModelServer(fleet) as ms:
+            for piece in ms.stream_chat("8", MESSAGES, max_tokens=5):
+                time.sleep(0.3)  # the caller's time, not the replica's
+            gap_s = ms._core.group("8").timing.gap_s
+    assert gap_s is not None and gap_s < 0.1  # the replica's pace (ms per token), not the caller's 0.3 s
