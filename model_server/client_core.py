@@ -90,9 +90,12 @@ class ChatRequest:
     prompt_tokens: int  # an estimate, for the first-token deadline
     not_resumable: str | None  # why a broken stream of it is not resumed (None: it is)
     rich: bool  # several choices, tools or logprobs: assembled by the SDK's accumulator
+    wire: bytes = b""  # ``body`` as JSON, encoded once at the edge
 
     def encoded(self, spec: ServerSpec, body: Mapping[str, Any] | None = None) -> bytes:
-        return encode_body(dict(body if body is not None else self.body, model=spec.model_name), self.call)
+        """The bytes one replica is sent: the body (a continuation's, or the request's own) with its model name."""
+        raw = self.wire if body is None or body is self.body else encode_body(body, self.call)
+        return with_model(raw, spec.model_name)
 
 
 @dataclass
@@ -103,15 +106,22 @@ class EmbedRequest:
     count: int
     single: bool
     prompt_tokens: int
+    wire: bytes = b""  # ``body`` as JSON, encoded once at the edge
 
     def encoded(self, spec: ServerSpec) -> bytes:
-        return encode_body(dict(self.body, model=spec.model_name), "embed")
+        return with_model(self.wire, spec.model_name)
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """A JSON object's bytes with ``"model"`` first: each replica's name, without encoding the body again."""
+    return b'{"model":' + json.dumps(model).encode() + (b"," + body[1:] if body != b"{}" else b"}")
 
 
 def _split_extras(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """(body fields, extra headers, extra query) as the openai SDK spreads extra_body/headers/query."""
     body = {k: v for k, v in params.items() if k not in ("extra_body", "extra_headers", "extra_query")}
     body.update(params.get("extra_body") or {})
+    body.pop("model", None)  # the client names each replica's model
     headers = {str(k): str(v) for k, v in (params.get("extra_headers") or {}).items()}
     return body, headers, dict(params.get("extra_query") or {})
 
@@ -213,11 +223,11 @@ class ClientCore:
         body["messages"] = [dict(m) for m in messages]
         body["stream"] = True
         body["stream_options"] = dict(STREAM_OPTIONS)
-        encode_body(body, call)  # every problem of the caller's arguments shows here, before any attempt
         return ChatRequest(
             call=call, kind="chat", path="/chat/completions", body=body, headers=headers, query=query,
             prompt_tokens=estimate_tokens(body["messages"]),
             not_resumable=why_not_resumable("chat", body, self.policy), rich=needs_rich_assembly(body),
+            wire=encode_body(body, call),  # every problem of the caller's arguments shows here, before any attempt
         )
 
     def embed_request(self, inputs: Any, params: dict[str, Any]) -> EmbedRequest:
@@ -225,8 +235,7 @@ class ClientCore:
         batch, single = normalize_embedding_input(inputs)
         body, headers, query = _split_extras(params)
         body.update(input=batch[0] if single and not isinstance(inputs, str) else batch, encoding_format="float")
-        encode_body(body, "embed")
-        return EmbedRequest(body, headers, query, len(batch), single, estimate_tokens(batch))
+        return EmbedRequest(body, headers, query, len(batch), single, estimate_tokens(batch), encode_body(body, "embed"))
 
     # ---- one call -------------------------------------------------------------------------
 

@@ -75,8 +75,8 @@ class GroupUnavailableError(ClientError):
         lines = "; ".join(f"#{i + 1} {a.replica}: {a.error} after {a.elapsed_s:.2f}s" for i, a in enumerate(self.attempts))
         super().__init__(
             f"group '{group}' is unavailable: {reason}. Attempts: {lines or 'none'}. "
-            f"Check that its servers are up (`model-server probe --group {group}`), or raise "
-            f"client.max_retry / client.initial_latency_s in the fleet table."
+            f"Check that its servers are up (`model-server probe --group {group}`); to wait longer for a fleet "
+            f"that restarts, raise client.wait_for_replica_s (or client.max_retry) in the fleet table."
         )
 
 

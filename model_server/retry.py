@@ -9,8 +9,8 @@
   either).
 - Backoff between attempts: "full jitter" exponential, uniform in
   ``[0, min(max, initial x 2^(n-1))]`` after the n-th failure of a request.
-- One :class:`AttemptBudget` per request counts every attempt, failovers and
-  probe rounds included, so a fallback can never multiply the budget.
+- What bounds a whole call (attempts, the wait for a replica, a deadline) is
+  :class:`model_server.request_plan.RequestState`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
@@ -35,7 +34,6 @@ from model_server.config import ClientPolicy
 
 __all__ = [
     "Attempt",
-    "AttemptBudget",
     "DeadlineExceeded",
     "MalformedResponse",
     "ReplicaHTTPError",
@@ -175,27 +173,3 @@ def request_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
 def probe_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
     """A probe must answer within the bound itself (never beyond the ceiling)."""
     return min(bound_s, policy.request_timeout_ceiling_s)
-
-
-@dataclass
-class AttemptBudget:
-    """Attempts and time left for one request (mutable, owned by that request only)."""
-
-    max_attempts: int
-    started_s: float
-    deadline_s: float | None = None  # absolute monotonic time, or None
-    used: int = 0
-
-    def spend(self) -> None:
-        self.used += 1
-
-    def exhausted(self, now: float) -> bool:
-        return self.used >= self.max_attempts or (self.deadline_s is not None and now >= self.deadline_s)
-
-    def remaining_s(self, now: float) -> float | None:
-        return None if self.deadline_s is None else max(0.0, self.deadline_s - now)
-
-    def cap(self, timeout_s: float, now: float) -> float:
-        """A timeout no longer than the time the request has left (at least 1 ms)."""
-        left = self.remaining_s(now)
-        return timeout_s if left is None else max(0.001, min(timeout_s, left))

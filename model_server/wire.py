@@ -13,7 +13,6 @@ no server could accept), splits a server-sent-event stream into events
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -158,7 +157,3 @@ def error_message(body: object, fallback: str) -> str:
         if body.get("detail"):
             return str(body["detail"])[:300]
     return fallback[:300]
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psutil
+from _waiting import wait_for  # noqa: F401 - the client tests import it from here
 
 from model_server.config import Fleet, parse_fleet
 from model_server.sim.process import SimProcess, free_port
@@ -96,9 +97,14 @@ def dead_ports(n: int) -> list[int]:
     return [free_port() for _ in range(n)]
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+def chat_chunk(content: str | None = None, *, role: bool = False, finish: str | None = None,
+               usage: tuple[int, int] | None = None) -> dict:
+    """One chat.completion.chunk event as SGLang streams it (usage: (prompt, completion) tokens so far)."""
+    delta: dict = {"role": "assistant", "content": ""} if role else {}
+    if content is not None:
+        delta["content"] = content
+    event: dict = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "chat",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        event["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return event

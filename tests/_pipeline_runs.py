@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import psutil
 import pytest
+from _waiting import wait_for
 
 from model_server import procs
 from model_server.launch import LaunchCommand
@@ -183,23 +184,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = [pid for pid in pids if alive(pid)]
-        if not left:
-            return
-        assert time.monotonic() < deadline, f"processes still alive: {left}"
-        time.sleep(0.05)
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s} s"
-        time.sleep(0.05)
+    wait_for(lambda: not [pid for pid in pids if alive(pid)], timeout_s, f"processes {pids} to end")
 
 
 @contextlib.contextmanager
@@ -209,7 +194,7 @@ def fake_engine(tmp_path: Path, *args: str, port: int | None = None) -> Iterator
     argv = (sys.executable, "-m", "sglang.launch_server", "--model-path", "m", "--port", str(port), *args)
     proc = procs.spawn_engine(LaunchCommand("fake", argv, FAKE), tmp_path / "fake.log")
     try:
-        wait_for(lambda: procs.port_in_use("127.0.0.1", port), "the fake engine listening")
+        wait_for(lambda: procs.port_in_use("127.0.0.1", port), what="the fake engine listening")
         yield port
     finally:
         procs.kill_groups([proc.pid], 2.0, reap=[proc])

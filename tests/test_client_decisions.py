@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+from _client_sims import chat_chunk
 
 from model_server.answer import StreamAssembly, embedding_vectors
 from model_server.client_errors import InvalidRequestError, UnexpectedAnswerError
@@ -112,29 +113,17 @@ def test_a_completion_continuation_extends_the_prompt() -> None:
 # ---- the stream assembly ---------------------------------------------------------------------
 
 
-def _chunk(text: str | None = None, *, finish: str | None = None, usage: tuple[int, int] | None = None,
-           role: bool = False) -> dict:
-    delta: dict = {"role": "assistant", "content": ""} if role else {}
-    if text is not None:
-        delta["content"] = text
-    event: dict = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    if usage is not None:
-        event["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
-    return event
-
-
 def test_a_resumed_stream_sums_completion_tokens_and_counts_the_prompt_once() -> None:
     a = StreamAssembly()
     a.begin_segment()
-    assert a.take(_chunk(role=True, usage=(10, 0))) == "" and not a.progressed
-    assert a.take(_chunk("Hello", usage=(10, 1))) == "Hello" and a.progressed
-    assert a.take(_chunk(" world", usage=(10, 2))) == " world"
+    assert a.take(chat_chunk(role=True, usage=(10, 0))) == "" and not a.progressed
+    assert a.take(chat_chunk("Hello", usage=(10, 1))) == "Hello" and a.progressed
+    assert a.take(chat_chunk(" world", usage=(10, 2))) == " world"
     assert a.tokens == 2
     a.begin_segment()  # a replica broke; another continues (its prompt includes the text so far)
-    a.take(_chunk(role=True, usage=(13, 0)))
-    a.take(_chunk(" again", usage=(13, 1)))
-    a.take(_chunk(None, finish="stop", usage=(13, 1)))
+    a.take(chat_chunk(role=True, usage=(13, 0)))
+    a.take(chat_chunk(" again", usage=(13, 1)))
+    a.take(chat_chunk(None, finish="stop", usage=(13, 1)))
     assert a.text == "Hello world again" and a.tokens == 3 and a.segment_tokens_so_far == 1
     completion = a.chat_completion()
     assert completion.choices[0].message.content == "Hello world again"
@@ -146,7 +135,7 @@ def test_without_usage_tokens_are_counted_by_text_chunks() -> None:
     a = StreamAssembly()
     a.begin_segment()
     for piece in ("a", " b", " c"):
-        a.take(_chunk(piece))
+        a.take(chat_chunk(piece))
     assert a.tokens == 3 and a.usage() is None and a.chat_completion().usage is None
 
 
@@ -157,7 +146,7 @@ def test_a_restart_forgets_what_never_reached_the_caller() -> None:
     assert a.progressed and a.text == ""
     a.restart()
     a.begin_segment()
-    a.take(_chunk("x", usage=(4, 1)))
+    a.take(chat_chunk("x", usage=(4, 1)))
     assert a.tokens == 1 and a.chat_completion().choices[0].message.content == "x"
 
 
@@ -175,7 +164,7 @@ def test_several_choices_are_assembled_by_the_sdk_accumulator() -> None:
     a = StreamAssembly(rich=True)
     a.begin_segment()
     for index, text in ((0, "a"), (1, "b"), (0, "c")):
-        event = _chunk(text)
+        event = chat_chunk(text)
         event["choices"][0]["index"] = index
         assert a.take(event) == (text if index == 0 else "")
     completion = a.chat_completion()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from _client_sims import MESSAGES, fleet_of, sims_running
+from _client_sims import MESSAGES, chat_chunk, fleet_of, sims_running
 
 from model_server.client import ModelServer, RequestRejectedError, StreamInterruptedError
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
@@ -22,16 +22,8 @@ from model_server.retry import OutcomeKind
 DONE = b"data: [DONE]\n\n"
 
 
-def _event(content: str | None = None, *, role: bool = False, finish: str | None = None,
-           usage: tuple[int, int] | None = None) -> bytes:
-    delta: dict = {"role": "assistant", "content": ""} if role else {}
-    if content is not None:
-        delta["content"] = content
-    event: dict = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "chat",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    if usage is not None:
-        event["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
+def _event(content: str | None = None, **fields) -> bytes:
+    return b"data: " + json.dumps(chat_chunk(content, **fields)).encode() + b"\n\n"
 
 
 def _error_event(code: int, message: str) -> bytes:

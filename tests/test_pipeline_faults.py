@@ -41,6 +41,17 @@ def one_paragraph_error(text: str) -> str:
     return lines[0]
 
 
+def refused(config: Path, cwd: Path) -> str:
+    """Run the pipeline on ``config`` (chat-1 only); assert it refuses with exit 2 and no traceback; its error line."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), *CHAT1],
+        cwd=cwd, capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    no_traceback(result.stdout + result.stderr)
+    assert result.returncode == 2, result.stderr
+    return one_paragraph_error(result.stderr)
+
+
 # ---- case 9: engine workers that outlive their leader ----------------------------------------
 
 
@@ -55,7 +66,7 @@ def test_workers_that_outlive_their_leader_are_stopped_by_the_next_pipeline(tmp_
     first = runs(config, tmp_path, CHAT1, env=FAKE)
     servers = first.wait(all_ready(["chat-1"]), "chat-1 READY")
     leader = servers["chat-1"]["pid"]
-    workers = wait_for(lambda: [p.pid for p in psutil.Process(leader).children()] if len(psutil.Process(leader).children()) == 2 else None, "two workers")
+    workers = wait_for(lambda: [p.pid for p in psutil.Process(leader).children()] if len(psutil.Process(leader).children()) == 2 else None, what="two workers")
 
     first.proc.kill()  # SIGKILL: the leader gets its parent-death signal, the workers do not
     first.proc.wait(10)
@@ -175,13 +186,7 @@ def test_a_status_file_with_wrong_types_is_refused_in_one_paragraph(tmp_path: Pa
     status_file = tmp_path / "run" / "status.json"
     status_file.parent.mkdir()
     status_file.write_text(json.dumps({"version": 1, "pipeline": {"pid": 1, "create_time": 0.0}, "servers": servers}))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), *CHAT1],
-        cwd=tmp_path, capture_output=True, text=True, timeout=50,
-    )  # fmt: skip
-    no_traceback(result.stdout + result.stderr)
-    assert result.returncode == 2, result.stderr
-    line = one_paragraph_error(result.stderr)
+    line = refused(config, tmp_path)
     assert str(status_file) in line and expected in line and "remove" in line.lower()
 
 
@@ -240,13 +245,7 @@ def test_an_unwritable_log_dir_is_named_not_blamed_on_python(tmp_path: Path) -> 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     config = local_copy(tmp_path, launch={"log_dir": json.dumps(str(blocker / "logs"))})
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), *CHAT1],
-        cwd=tmp_path, capture_output=True, text=True, timeout=50,
-    )  # fmt: skip
-    no_traceback(result.stdout + result.stderr)
-    assert result.returncode == 2, result.stderr
-    line = one_paragraph_error(result.stderr)
+    line = refused(config, tmp_path)
     assert "launch.log_dir" in line and str(blocker / "logs") in line and "cannot start" not in line
 
 
@@ -254,13 +253,7 @@ def test_an_unwritable_log_dir_is_named_not_blamed_on_python(tmp_path: Path) -> 
 @pytest.mark.parametrize("field", ["health_timeout_s", "gpu_poll_interval_s", "startup_timeout_s", "stop_grace_s"])
 def test_a_huge_duration_is_refused_before_anything_starts(tmp_path: Path, field: str) -> None:
     config = local_copy(tmp_path, launch={field: "1e10"})
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), *CHAT1],
-        cwd=tmp_path, capture_output=True, text=True, timeout=50,
-    )  # fmt: skip
-    no_traceback(result.stdout + result.stderr)
-    assert result.returncode == 2, result.stderr
-    assert f"field 'launch.{field}'" in one_paragraph_error(result.stderr)
+    assert f"field 'launch.{field}'" in refused(config, tmp_path)
     assert not (tmp_path / "run" / "status.json").exists()
 
 

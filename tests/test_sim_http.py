@@ -15,6 +15,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from _waiting import wait_for
 
 from model_server.sim.process import SimProcess, free_port
 
@@ -22,18 +23,6 @@ KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 FAST = ["--ttft-ms", "2", "--tpot-ms", "0.2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0.05"]
 CHAT = [{"role": "user", "content": "Say hello, please."}]
-
-
-def poll(condition, timeout_s: float = 20.0, interval_s: float = 0.02):
-    """Return condition()'s first truthy value; fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +355,7 @@ def test_refuses_connections_while_loading_then_503_while_warming_up() -> None:
                 return None
 
         assert status("/health") is None and status("/v1/models") is None  # nothing listens while loading
-        assert poll(lambda: status("/health")) == 503  # warming up: its warm-up request takes the 0.8 s TTFT
+        assert wait_for(lambda: status("/health"), 20.0, "/health to answer") == 503  # warming up: its warm-up request takes the 0.8 s TTFT
         assert time.monotonic() - started >= 0.9
         assert status("/health_generate") == 503 and status("/ready") == 503
         assert status("/v1/models") == 200  # the other routes answer, as SGLang's do
@@ -425,7 +414,7 @@ def test_running_batch_is_bounded_and_metrics_move() -> None:
 
         with ThreadPoolExecutor(5) as pool:
             results = pool.map(one, range(5))
-            poll(loaded)
+            wait_for(loaded, 20.0, "the sim to load")
             stats = sim.stats()
             assert stats["running"] == 2 and stats["queued"] >= 1
             assert metric(sim, "sglang:token_usage") > 0
@@ -477,7 +466,7 @@ def test_sim_exits_when_its_test_process_dies() -> None:
             except psutil.NoSuchProcess:
                 return True
 
-        poll(gone, timeout_s=20)
+        wait_for(gone, 20.0, "the orphaned sim to exit")
         pid = None
     finally:
         parent.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _waiting import wait_for as wait_until
 from _pipeline_runs import fake_engine, free_port
 
 from model_server import procs
@@ -42,13 +43,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout_s} s"
-        time.sleep(0.05)
 
 
 @pytest.fixture

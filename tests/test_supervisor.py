@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _waiting import wait_for as wait_until
 
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.gpu import GpuReading
@@ -159,13 +160,6 @@ def run_in_thread(sup: ServerSupervisor) -> tuple[threading.Thread, list]:
     thread = threading.Thread(target=lambda: result.append(sup.run()), daemon=True)
     thread.start()
     return thread, result
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 @pytest.mark.timeout(20)

@@ -71,6 +71,28 @@ def register(server: SimServer) -> None:
     route = server.route
     created = int(time.time())
 
+    async def run_unstreamed(replies: list[tuple[int, Reply]], prompt_tokens: int, sampling: Any) -> int:
+        """Hold (stall faults) and run an unstreamed answer through the engine; its completion tokens."""
+        completion_tokens = sum(r.tokens for _, r in replies)
+        await engine.hold_unstreamed(max(r.tokens for _, r in replies))
+        timing = Timing(engine.clock(), structured=sampling.structured is not None)
+        await engine.run(prompt_tokens, completion_tokens, timing=timing)
+        return completion_tokens
+
+    def answer(obj: str, rid: str, model: str, choices: list, prompt_tokens: int, completion_tokens: int) -> Response:
+        """The body of an unstreamed chat or completions answer, as SGLang's serializer writes it."""
+        return json_response(
+            {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": model,
+                "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens),
+                "metadata": None,
+            }
+        )
+
     @route("/v1/chat/completions", "POST")
     async def chat(request: Request) -> Response:
         server.require_json(request)
@@ -109,10 +131,7 @@ def register(server: SimServer) -> None:
                 include_usage=include, continuous_usage=continuous, logprobs=top,
             )  # fmt: skip
             return await server.start_stream(body)
-        completion_tokens = sum(r.tokens for _, r in replies)
-        await engine.hold_unstreamed(max(r.tokens for _, r in replies))
-        timing = Timing(engine.clock(), structured=sampling.structured is not None)
-        await engine.run(prompt_tokens, completion_tokens, timing=timing)
+        completion_tokens = await run_unstreamed(replies, prompt_tokens, sampling)
         choices = []
         for i, reply in replies:
             message: dict[str, Any] = {"role": "assistant", "content": reply.text, "reasoning_content": None}
@@ -130,17 +149,7 @@ def register(server: SimServer) -> None:
                     "matched_stop": reply.matched,
                 }
             )
-        return json_response(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens),
-                "metadata": None,
-            }
-        )
+        return answer("chat.completion", rid, model, choices, prompt_tokens, completion_tokens)
 
     @route("/v1/completions", "POST")
     async def completions(request: Request) -> Response:
@@ -174,10 +183,7 @@ def register(server: SimServer) -> None:
                 include_usage=include, continuous_usage=continuous, logprobs=top,
             )  # fmt: skip
             return await server.start_stream(body)
-        completion_tokens = sum(r.tokens for _, r in replies)
-        await engine.hold_unstreamed(max(r.tokens for _, r in replies))
-        timing = Timing(engine.clock(), structured=sampling.structured is not None)
-        await engine.run(prompt_tokens, completion_tokens, timing=timing)
+        completion_tokens = await run_unstreamed(replies, prompt_tokens, sampling)
         choices = [
             {
                 "index": i,
@@ -188,17 +194,7 @@ def register(server: SimServer) -> None:
             }
             for i, r in replies
         ]
-        return json_response(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens),
-                "metadata": None,
-            }
-        )
+        return answer("text_completion", rid, model, choices, prompt_tokens, completion_tokens)
 
     @route("/v1/embeddings", "POST")
     async def embeddings(request: Request) -> Response:
