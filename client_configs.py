@@ -6,7 +6,7 @@ is imported, so code written against the original keeps working; new code
 should use :class:`model_server.ModelServer` and :func:`model_server.load_fleet`.
 
 The probe helpers keep the original's names and return values, on top of
-:mod:`model_server.probe`: every server is probed at once (one small request
+:mod:`model_server.client.probe`: every server is probed at once (one small request
 each, under ``initial_latency`` seconds) instead of one after the other, and
 nothing is printed; results are returned and logged.
 """
@@ -18,7 +18,7 @@ import math
 from collections import namedtuple
 
 from model_server.config import Fleet, ServerKind, ServerSpec, load_fleet
-from model_server.probe import probe_group
+from model_server.client.probe import probe_group
 
 __all__ = [
     "INF",

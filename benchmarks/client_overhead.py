@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 import _common
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, OpenAITarget, RequestSource, build_result, run_load
 from model_server.bench.runner import warm_up
 from model_server.config import load_fleet

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _common
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, RequestSource, RoundRobinTarget, build_result, build_schedule, run_load
 from model_server.bench.runner import warm_up
 from model_server.config import load_fleet

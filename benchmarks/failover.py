@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import _common
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.bench import (FaultInjector, FaultTarget, LengthRange, LoadPlan, ModelServerTarget, RequestSource, build_result,
                                 build_schedule, parse_faults, run_load)
 from model_server.bench.injector import pid_from_status_file

@@ -20,10 +20,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _common
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.client import ModelServer
 from model_server.config import load_fleet
-from model_server.probe import probe_group
+from model_server.client.probe import probe_group
 
 SIZES = (1, 4, 8, 16)
 REPEATS = 5

@@ -10,23 +10,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from model_server.config import Fleet, ServerSpec, load_fleet
-from model_server.errors import ClientError, ConfigError, LaunchError, ModelServerError
+from model_server.errors import (
+    BenchError,
+    ClientError,
+    ConfigError,
+    GroupUnavailableError,
+    InvalidRequestError,
+    LaunchError,
+    ModelServerError,
+    RequestRejectedError,
+    SimError,
+    StreamInterruptedError,
+    UnexpectedAnswerError,
+    UnknownGroupError,
+)
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = (
-    "AsyncModelServer",
-    "GroupUnavailableError",
-    "InvalidRequestError",
-    "ModelServer",
-    "RequestRejectedError",
-    "StreamInterruptedError",
-    "UnexpectedAnswerError",
-    "UnknownGroupError",
-)
+_CLIENT_NAMES = ("AsyncChatStream", "AsyncModelServer", "ChatStream", "ModelServer")
 
 __all__ = [
+    "AsyncChatStream",
     "AsyncModelServer",
+    "BenchError",
+    "ChatStream",
     "ClientError",
     "ConfigError",
     "Fleet",
@@ -37,6 +44,7 @@ __all__ = [
     "ModelServerError",
     "RequestRejectedError",
     "ServerSpec",
+    "SimError",
     "StreamInterruptedError",
     "UnexpectedAnswerError",
     "UnknownGroupError",
@@ -45,16 +53,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from model_server.client import (
-        AsyncModelServer,
-        GroupUnavailableError,
-        InvalidRequestError,
-        ModelServer,
-        RequestRejectedError,
-        StreamInterruptedError,
-        UnexpectedAnswerError,
-        UnknownGroupError,
-    )
+    from model_server.client import AsyncChatStream, AsyncModelServer, ChatStream, ModelServer
 
 
 def __getattr__(name: str) -> Any:

@@ -28,8 +28,8 @@ import psutil
 import pytest
 from _waiting import wait_for
 
-from model_server import procs
-from model_server.launch import LaunchCommand
+from model_server.launcher import processes as procs
+from model_server.launcher.command import LaunchCommand
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SGLANG = Path(__file__).resolve().parent / "fake_sglang"

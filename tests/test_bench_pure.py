@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import model_server.bench as bench
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.faults import FaultAction, parse_duration_s, parse_fault, parse_faults
 from model_server.bench.lengths import LengthRange, RequestSource, load_dataset, parse_length, request_index, synthetic_prompt
 from model_server.bench.report import build_result, result_lines, result_table, write_json

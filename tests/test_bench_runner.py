@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from model_server.bench.arrivals import build_schedule
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.faults import parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file
 from model_server.bench.lengths import LengthRange, RequestSource, request_index

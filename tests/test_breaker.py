@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from model_server.breaker import Breaker, BreakerState
+from model_server.client.breaker import Breaker, BreakerState
 
 
 def _fail(b: Breaker, n: int, now: float) -> Breaker:

@@ -28,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.bench.arrivals import build_schedule
 from model_server.bench.chaos import CHAOS_KINDS, ChaosFault, chaos_schedule, healthy_at
 from model_server.bench.lengths import LengthRange, RequestSource

@@ -9,7 +9,7 @@ from _client_sims import MESSAGES, fleet_of, start_sims, stop_sims
 from openai.types.chat import ChatCompletion
 from prometheus_client import CollectorRegistry
 
-from model_server.breaker import BreakerState
+from model_server.client.breaker import BreakerState
 from model_server.client import (
     GroupUnavailableError,
     ModelServer,

@@ -8,15 +8,15 @@ import random
 import pytest
 from _client_sims import chat_chunk
 
-from model_server.answer import StreamAssembly, embedding_vectors
-from model_server.client_errors import InvalidRequestError, UnexpectedAnswerError
+from model_server.client.answer import StreamAssembly, embedding_vectors
+from model_server.errors import InvalidRequestError, UnexpectedAnswerError
 from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
-from model_server.deadlines import StreamTiming, attempt_deadlines, estimate_tokens, first_token_timeout_s, stall_timeout_s
-from model_server.replica_group import ProbeResult, ReplicaGroup
-from model_server.resume import continuation_body, why_no_resume, why_not_resumable
-from model_server.retry import MalformedResponse, OutcomeKind, StreamEventError
-from model_server.routing import Candidate, choose
-from model_server.wire import CHAT_PARAMS, check_params, encode_body, error_message, normalize_embedding_input
+from model_server.client.deadlines import StreamTiming, attempt_deadlines, estimate_tokens, first_token_timeout_s, stall_timeout_s
+from model_server.client.replica_group import ProbeResult, ReplicaGroup
+from model_server.client.resume import continuation_body, why_no_resume, why_not_resumable
+from model_server.client.retry import MalformedResponse, OutcomeKind, StreamEventError
+from model_server.client.routing import Candidate, choose
+from model_server.client.wire import CHAT_PARAMS, check_params, encode_body, error_message, normalize_embedding_input
 
 POLICY = ClientPolicy()
 

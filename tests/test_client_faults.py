@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from _client_sims import MESSAGES, dead_ports, fleet_of, sims_running, wait_for
 
-from model_server.breaker import BreakerState
+from model_server.client.breaker import BreakerState
 from model_server.client import GroupUnavailableError, ModelServer
 
 

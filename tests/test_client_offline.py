@@ -14,11 +14,11 @@ import httpx
 import pytest
 from _client_sims import MESSAGES, fleet_of
 
-import model_server.async_client
-import model_server.client
-from model_server.async_client import AsyncModelServer
+import model_server.client.async_driver
+import model_server.client.sync_driver
+from model_server.client.async_driver import AsyncModelServer
 from model_server.client import GroupUnavailableError, ModelServer
-from model_server.replica_group import ProbeResult
+from model_server.client.replica_group import ProbeResult
 
 
 class FakeClock:
@@ -141,7 +141,7 @@ DEADLINED = fleet_of({"8": ("completion", [1, 2])}, initial_latency_s=100, reque
 def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(monkeypatch) -> None:
     seen: list[float] = []
     clock = FakeClock()
-    monkeypatch.setattr(model_server.client, "probe_group", _refusing_probes(seen, clock))
+    monkeypatch.setattr(model_server.client.sync_driver, "probe_group", _refusing_probes(seen, clock))
     with ModelServer(DEADLINED, clock=clock, sleep=_advance(clock)) as ms:
         with pytest.raises(GroupUnavailableError):
             ms.chat("8", MESSAGES)
@@ -170,7 +170,7 @@ def test_async_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(m
     async def asleep(delay_s: float) -> None:
         clock.now += delay_s
 
-    monkeypatch.setattr(model_server.async_client, "aprobe_group", aprobe)
+    monkeypatch.setattr(model_server.client.async_driver, "aprobe_group", aprobe)
 
     async def main() -> float:
         async with AsyncModelServer(DEADLINED, clock=clock, sleep=asleep) as ms:

@@ -6,10 +6,10 @@ import json
 import os
 
 import model_server.client as client
-from model_server.client_errors import GroupUnavailableError, RequestRejectedError, StreamInterruptedError, UnknownGroupError
+from model_server.errors import GroupUnavailableError, RequestRejectedError, StreamInterruptedError, UnknownGroupError
 from model_server.errors import ClientError
-from model_server.retry import Attempt
-from model_server.runstate import mark_not_running, update_run_state
+from model_server.client.retry import Attempt
+from model_server.client.runstate import mark_not_running, update_run_state
 
 
 def test_is_running_is_cleared_keeping_every_other_key(tmp_path) -> None:

@@ -16,8 +16,8 @@ from _client_sims import MESSAGES, chat_chunk, fleet_of, sims_running
 
 from model_server.client import ModelServer, RequestRejectedError, StreamInterruptedError
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
-from model_server.replica_group import ProbeResult, ReplicaGroup
-from model_server.retry import OutcomeKind
+from model_server.client.replica_group import ProbeResult, ReplicaGroup
+from model_server.client.retry import OutcomeKind
 
 DONE = b"data: [DONE]\n\n"
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from _client_sims import fleet_of, sims_running, wait_for
 
-from model_server.async_client import AsyncModelServer
+from model_server.client.async_driver import AsyncModelServer
 from model_server.client import ModelServer, StreamInterruptedError
 from model_server.config import parse_fleet
 

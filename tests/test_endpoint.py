@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from model_server.breaker import Breaker, BreakerState
+from model_server.client.breaker import Breaker, BreakerState
 from model_server.config import ServerKind, ServerSpec
-from model_server.endpoint import Endpoint
+from model_server.client.replica import Endpoint
 
 SPEC = ServerSpec(name="r", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")
 
@@ -86,8 +86,8 @@ def test_replicas_known_only_from_probes_compete_fairly_with_busy_ones() -> None
     import random
 
     from model_server.config import ClientPolicy, RoutingPolicy
-    from model_server.replica_group import ProbeResult, ReplicaGroup
-    from model_server.retry import OutcomeKind
+    from model_server.client.replica_group import ProbeResult, ReplicaGroup
+    from model_server.client.retry import OutcomeKind
 
     specs = [ServerSpec(name=n, group="8", kind=ServerKind.completion, host="127.0.0.1", port=9100 + i, model="m")
              for i, n in enumerate(["busy", "idle", "slow"])]

@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from model_server import fleet_choice
+from model_server.common import fleet_choice
 from model_server.config import CONFIG_ENV, load_fleet
-from model_server.fleet_choice import FleetFacts, Source, choose_fleet, default_fleet_path, gather_facts, nvml_sees_gpu
+from model_server.common.fleet_choice import FleetFacts, Source, choose_fleet, default_fleet_path, gather_facts, nvml_sees_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = Path("configs") / "servers.toml"
@@ -165,12 +165,12 @@ def test_default_fleet_path_follows_the_rule_and_logs_once_at_debug(tmp_path, mo
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     _table_in(tmp_path, "192.0.2.200")
     monkeypatch.setattr(fleet_choice, "_logged", set())
-    with caplog.at_level(logging.DEBUG, logger="model_server.fleet_choice"):
+    with caplog.at_level(logging.DEBUG, logger="model_server.common.fleet_choice"):
         assert default_fleet_path() == LOCAL
         assert default_fleet_path() == LOCAL
         monkeypatch.setenv(CONFIG_ENV, "mine.toml")
         assert default_fleet_path() == Path("mine.toml")
-    lines = [r for r in caplog.records if r.name == "model_server.fleet_choice"]
+    lines = [r for r in caplog.records if r.name == "model_server.common.fleet_choice"]
     assert [r.levelno for r in lines] == [logging.DEBUG, logging.DEBUG]
     assert "running the simulated fleet configs/local.toml" in lines[0].getMessage()
     assert "mine.toml" in lines[1].getMessage()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model_server.config import LaunchPolicy, ServerSpec, load_fleet
-from model_server.launch import build_command
+from model_server.launcher.command import build_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

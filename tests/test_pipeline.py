@@ -17,8 +17,8 @@ import psutil
 import pytest
 from _pipeline_runs import LOCAL, all_ready, free_port, local_copy, runs, wait_gone  # noqa: F401
 
-from model_server import procs
-from model_server.launch import LaunchCommand
+from model_server.launcher import processes as procs
+from model_server.launcher.command import LaunchCommand
 
 CRASHY = """
 [[servers]]

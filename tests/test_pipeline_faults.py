@@ -24,7 +24,7 @@ import psutil
 import pytest
 from _pipeline_runs import FAKE, ROOT, all_ready, alive, fake_engine, local_copy, port_of, runs, wait_for, wait_gone  # noqa: F401
 
-from model_server import procs
+from model_server.launcher import processes as procs
 
 SGLANG = {"engine": '"sglang"'}
 CHAT1 = ("--only", "chat-1")

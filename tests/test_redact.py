@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_server.enginelog import IDLE_FLUSH_S, LogPump, open_log
-from model_server.redact import MASK, RedactingFilter, Redactor, Secret
+from model_server.launcher.engine_log import IDLE_FLUSH_S, LogPump, open_log
+from model_server.launcher.redact import MASK, RedactingFilter, Redactor, Secret
 
 KEY = "sk-'q\"7f3a-Do-Not-Leak"
 
@@ -119,8 +119,8 @@ def test_log_files_are_0600_in_a_0700_directory(tmp_path: Path) -> None:
 def test_spawned_engine_output_reaches_its_log_redacted(tmp_path: Path) -> None:
     import sys
 
-    from model_server import procs
-    from model_server.launch import LaunchCommand
+    from model_server.launcher import processes as procs
+    from model_server.launcher.command import LaunchCommand
 
     code = "import os, sys; k = os.environ['K']; print(f'server_args=ServerArgs(api_key={k!r})'); sys.stderr.write(f'key {k}\\n')"
     command = LaunchCommand("e", (sys.executable, "-c", code), {"K": KEY})  # the header shows K shell-quoted

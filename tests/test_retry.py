@@ -9,12 +9,12 @@ import httpx
 import openai
 import pytest
 
-from model_server.client_errors import GroupUnavailableError, RequestRejectedError
-from model_server.client_metrics import ClientMetrics
+from model_server.errors import GroupUnavailableError, RequestRejectedError
+from model_server.client.metrics import ClientMetrics
 from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
-from model_server.replica_group import ProbeResult, ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep, request_plan
-from model_server.retry import (
+from model_server.client.replica_group import ProbeResult, ReplicaGroup
+from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep, request_plan
+from model_server.client.retry import (
     MalformedResponse,
     OutcomeKind,
     backoff_s,

@@ -14,10 +14,10 @@ import pytest
 from _waiting import wait_for as wait_until
 from _pipeline_runs import fake_engine, free_port
 
-from model_server import procs
+from model_server.launcher import processes as procs
 from model_server.errors import LaunchError
-from model_server.launch import LaunchCommand
-from model_server.status import (
+from model_server.launcher.command import LaunchCommand
+from model_server.launcher.status_file import (
     ServerStatus,
     StatusBoard,
     StatusFile,
@@ -203,7 +203,7 @@ def test_load_status_of_missing_corrupt_and_foreign_files(tmp_path: Path) -> Non
 
 
 def test_the_board_redacts_what_it_writes(tmp_path: Path) -> None:
-    from model_server.redact import Redactor
+    from model_server.launcher.redact import Redactor
 
     path = tmp_path / "status.json"
     board = StatusBoard(path, [ServerStatus("a", "8", "h", 1)], {}, redact=Redactor(["sk-secret"]).redact)

@@ -12,16 +12,16 @@ import pytest
 from _waiting import wait_for as wait_until
 
 from model_server.config import LaunchPolicy, ServerSpec
-from model_server.gpu import GpuReading
-from model_server.server_state import (
+from model_server.launcher.gpu import GpuReading
+from model_server.launcher.lifecycle import (
     RestartHistory,
     ServerState,
     can_transition,
     decide_after_failure,
     transition,
 )
-from model_server.status import ServerStatus, StatusBoard
-from model_server.supervisor import Deps, ServerSupervisor, health_url
+from model_server.launcher.status_file import ServerStatus, StatusBoard
+from model_server.launcher.supervisor import Deps, ServerSupervisor, health_url
 
 S = ServerState
 
@@ -174,7 +174,7 @@ def test_crash_loop_ends_failed_after_max_restarts(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 def test_hung_engine_is_killed_and_restarted_then_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    caplog.set_level(logging.INFO, logger="model_server.launcher.supervisor")
     world = World(["hang", "ok"])
     sup, board = make(world, tmp_path, POLICY.model_copy(update={"startup_timeout_s": 0.05}))
     thread, result = run_in_thread(sup)
@@ -207,7 +207,7 @@ def test_failed_probes_in_a_row_after_ready_mean_hung(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 def test_waits_for_busy_gpus_then_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    caplog.set_level(logging.INFO, logger="model_server.launcher.supervisor")
     world = World(["ok"], busy_reads=3)
     sup, board = make(world, tmp_path)
     thread, _ = run_in_thread(sup)
@@ -235,7 +235,7 @@ def test_gpu_wait_deadline_and_busy_port_fail_without_spawning(tmp_path: Path) -
 
 def fake_pipeline(world: World, tmp_path: Path):
     from model_server.config import parse_fleet
-    from model_server.pipeline import Pipeline, Plan
+    from model_server.launcher.pipeline import Pipeline, Plan
 
     fleet = parse_fleet(
         f'[launch]\nengine = "sim"\nbind_host = "127.0.0.1"\nstatus_file = "{tmp_path / "status.json"}"\n'
@@ -256,7 +256,7 @@ def test_pipeline_exits_1_when_every_server_failed(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 def test_pipeline_exits_0_when_all_were_ready_until_the_stop(tmp_path: Path) -> None:
-    from model_server.status import read_status
+    from model_server.launcher.status_file import read_status
 
     pipeline = fake_pipeline(World(["ok", "ok"]), tmp_path)
     result: list[int] = []
@@ -311,7 +311,7 @@ def test_a_port_freed_during_the_restart_budget_lets_the_server_start(tmp_path: 
 
 @pytest.mark.timeout(20)
 def test_the_key_file_exists_only_while_the_engine_starts(tmp_path: Path) -> None:
-    from model_server.redact import Secret
+    from model_server.launcher.redact import Secret
 
     events: list[str] = []
     world = World(["crash", "ok"])
@@ -337,9 +337,9 @@ def test_the_key_file_exists_only_while_the_engine_starts(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(20)
 def test_waiting_for_a_gpu_names_the_processes_that_hold_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from model_server.gpu import GpuProcess
+    from model_server.launcher.gpu import GpuProcess
 
-    caplog.set_level(logging.INFO, logger="model_server.supervisor")
+    caplog.set_level(logging.INFO, logger="model_server.launcher.supervisor")
     world = World(["ok"], busy_reads=2)
     deps = fake_deps(
         world,
@@ -371,7 +371,7 @@ def test_workers_are_recorded_in_the_status_file(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 def test_a_pipeline_removes_the_key_files_an_earlier_run_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="model_server.pipeline")
+    caplog.set_level(logging.WARNING, logger="model_server.launcher.pipeline")
     left = tmp_path / "secrets" / "s1.yaml"
     left.parent.mkdir()
     left.write_text("api-key: sk-left\n")
@@ -380,10 +380,10 @@ def test_a_pipeline_removes_the_key_files_an_earlier_run_left(tmp_path: Path, ca
 
 
 def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pytest.LogCaptureFixture) -> None:
-    from model_server.gpu import GpuProcess
-    from model_server.pipeline import _report_gpu_holders
+    from model_server.launcher.gpu import GpuProcess
+    from model_server.launcher.pipeline import _report_gpu_holders
 
-    caplog.set_level(logging.ERROR, logger="model_server.pipeline")
+    caplog.set_level(logging.ERROR, logger="model_server.launcher.pipeline")
     world = World([])
     deps = fake_deps(
         world,
@@ -397,7 +397,10 @@ def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pyte
 
 
 def test_the_launcher_modules_pin_their_surface() -> None:
-    from model_server import enginelog, pipeline, procs, redact, rundir, status, supervisor
+    from model_server.launcher import engine_log as enginelog
+    from model_server.launcher import pipeline, redact, rundir, supervisor
+    from model_server.launcher import processes as procs
+    from model_server.launcher import status_file as status
 
     assert sorted(supervisor.__all__) == ["Deps", "ServerSupervisor", "hang_bounds_s", "health_url", "probe_health"]
     assert sorted(pipeline.__all__) == ["Pipeline", "Plan", "STOP_SIGNALS", "dry_run_commands", "fleet_redactor", "plan"]
@@ -413,7 +416,7 @@ def test_the_launcher_modules_pin_their_surface() -> None:
 
 
 def test_hang_bounds_follow_the_settings() -> None:
-    from model_server.supervisor import hang_bounds_s
+    from model_server.launcher.supervisor import hang_bounds_s
 
     assert hang_bounds_s(LaunchPolicy(engine="sim", health_interval_s=1, health_timeout_s=3, health_failures_to_restart=2)) == (4, 8)
     assert hang_bounds_s(LaunchPolicy()) == (70, 105)  # configs/servers.toml's: every 10 s, 25 s timeout, 3 in a row

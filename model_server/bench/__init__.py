@@ -11,7 +11,7 @@ per fault), ``stats`` (TTFT/TPOT/E2E percentiles, SLO, goodput), ``report``
 from __future__ import annotations
 
 from model_server.bench.arrivals import ArrivalKind, ArrivalSchedule, build_schedule, read_trace
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.faults import FaultAction, FaultEvent, parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget
 from model_server.bench.lengths import BenchRequest, LengthRange, RequestSource, load_dataset, parse_length

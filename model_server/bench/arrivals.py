@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 
 __all__ = ["ArrivalKind", "ArrivalSchedule", "build_schedule", "read_trace"]
 

@@ -31,7 +31,7 @@ import signal
 from dataclasses import dataclass
 from enum import Enum
 
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 
 __all__ = ["FaultAction", "FaultEvent", "parse_duration_s", "parse_fault", "parse_faults"]
 

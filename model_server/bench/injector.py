@@ -23,7 +23,7 @@ import psutil
 
 from model_server.bench.faults import FaultEvent
 from model_server.errors import LaunchError
-from model_server.status import read_status, same_process
+from model_server.launcher.status_file import read_status, same_process
 
 __all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "StalePid", "pid_from_status_file", "pid_listening_on"]
 

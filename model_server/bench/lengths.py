@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 
 __all__ = ["BenchRequest", "LengthRange", "RequestSource", "load_dataset", "parse_length", "synthetic_prompt"]
 

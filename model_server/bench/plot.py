@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.stats import RequestRecord
 
 __all__ = ["plot_run"]

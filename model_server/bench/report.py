@@ -26,7 +26,7 @@ from typing import Any
 from rich.table import Table
 
 from model_server.bench.clientlog import ClientEventLog, fault_effects
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.runner import RunOutcome
 from model_server.bench.stats import SloPolicy, summarize
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from model_server.bench.arrivals import ArrivalSchedule
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.injector import AppliedFault, FaultInjector
 from model_server.bench.lengths import BenchRequest, RequestSource
 from model_server.bench.stats import RequestRecord

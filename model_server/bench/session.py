@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
 from model_server.bench.clientlog import ClientEventLog
-from model_server.bench.errors import BenchError
+from model_server.errors import BenchError
 from model_server.bench.faults import FaultEvent, parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file, pid_listening_on
 from model_server.bench.lengths import RequestSource, load_dataset, parse_length
@@ -98,7 +98,7 @@ class BenchSession:
         self.fleet = None
         if o.config is not None or o.group is not None:
             from model_server.config import load_fleet
-            from model_server.fleet_choice import default_fleet_path
+            from model_server.common.fleet_choice import default_fleet_path
 
             self.fleet = load_fleet(o.config if o.config is not None else default_fleet_path())  # as ModelServer() picks
             if o.group is not None and not self.fleet.group(o.group):
@@ -232,6 +232,6 @@ class BenchSession:
 
 
 def _default_client_factory(fleet: Any) -> Any:
-    from model_server.async_client import AsyncModelServer
+    from model_server.client.async_driver import AsyncModelServer
 
     return AsyncModelServer(fleet)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from model_server.cli._app import CONFIG_HELP, app
 from model_server.config import Fleet, load_fleet
-from model_server.supervisor import hang_bounds_s
+from model_server.launcher.supervisor import hang_bounds_s
 
 
 def summary_table(fleet: Fleet) -> Table:

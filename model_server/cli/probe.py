@@ -23,8 +23,8 @@ def probe(
     ),
 ) -> None:
     """Probe every replica of the table's groups at once (one small request each); exit 1 if a group has no live replica."""
-    from model_server.client_errors import UnknownGroupError
-    from model_server.probe import probe_group
+    from model_server.errors import UnknownGroupError
+    from model_server.client.probe import probe_group
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the table says it all; no line per request
     fleet = load_fleet(config)

@@ -27,8 +27,8 @@ def serve(
     Exit status: 0 if every server was READY until the stop, 1 otherwise, 2 for a bad table or option.
     """
     from model_server.errors import LaunchError
-    from model_server.fleet_choice import Source, resolve_fleet
-    from model_server.pipeline import Pipeline, dry_run_commands, plan
+    from model_server.common.fleet_choice import Source, resolve_fleet
+    from model_server.launcher.pipeline import Pipeline, dry_run_commands, plan
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe is noise
     choice = resolve_fleet(config, host_ip or ())

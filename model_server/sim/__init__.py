@@ -98,6 +98,7 @@ FastAPI or uvicorn.
 
 from __future__ import annotations
 
-from model_server.sim.settings import SimError, SimSettings, parse_sim_args
+from model_server.errors import SimError
+from model_server.sim.settings import SimSettings, parse_sim_args
 
 __all__ = ["SimError", "SimSettings", "parse_sim_args"]

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import httpx
 
-from model_server.atomic import atomic_write_text
-from model_server.sim.settings import SimError
+from model_server.common.atomic import atomic_write_text
+from model_server.errors import SimError
 
 __all__ = ["SimProcess", "free_port"]
 

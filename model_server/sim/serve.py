@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 
-from model_server.sim.settings import SimError, SimSettings
+from model_server.errors import SimError
+from model_server.sim.settings import SimSettings
 
 __all__ = ["bind_socket", "serve"]
 

@@ -18,15 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from model_server.errors import ModelServerError
+from model_server.errors import SimError
 
 __all__ = ["SimError", "SimSettings", "build_parser", "parse_sim_args"]
 
 PROG = "model-server sim"
-
-
-class SimError(ModelServerError):
-    """The simulated engine cannot start (bad settings file, port in use, ...)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ latency grew past ``degraded_factor`` x the best smoothed latency it has shown
 since the last probe. A degraded replica is routed to only when nothing better
 is left, and the group is re-probed.
 
-An :class:`Endpoint` is not locked on its own: its :class:`~model_server.replica_group.ReplicaGroup`
+An :class:`Endpoint` is not locked on its own: its :class:`~model_server.client.replica_group.ReplicaGroup`
 mutates it under the group's lock.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model_server.breaker import Breaker, BreakerState
+from model_server.client.breaker import Breaker, BreakerState
 from model_server.config import ServerSpec
 
 __all__ = ["Endpoint", "EndpointSnapshot"]

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from model_server.redact import Redactor
+from model_server.launcher.redact import Redactor
 
 __all__ = ["IDLE_FLUSH_S", "LogPump", "open_log", "write_redacted"]
 

@@ -1,6 +1,6 @@
 """AsyncModelServer: the asyncio twin of :class:`model_server.client.ModelServer`.
 
-Same groups, policies, exceptions, retry plan (:mod:`model_server.request_plan`),
+Same groups, policies, exceptions, retry plan (:mod:`model_server.client.request_plan`),
 deadlines and resumes; only the waiting differs: requests go through one
 shared ``httpx.AsyncClient``, each read of a stream is bounded by the
 attempt's deadline with ``asyncio.timeout``, probes run as concurrent tasks,
@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import httpx
 from openai.types.chat import ChatCompletion
 
-from model_server.answer import StreamAssembly, embedding_vectors
-from model_server.client_core import (
+from model_server.client.answer import StreamAssembly, embedding_vectors
+from model_server.client.base import (
     POOL_CONNECTIONS,
     POOL_KEEPALIVE,
     ChatRequest,
@@ -37,13 +37,13 @@ from model_server.client_core import (
     StreamResult,
     parse_event,
 )
-from model_server.client_errors import GroupUnavailableError, RequestRejectedError
+from model_server.errors import GroupUnavailableError, RequestRejectedError
 from model_server.config import ClientPolicy, Fleet, ServerKind
-from model_server.endpoint import EndpointSnapshot
-from model_server.probe import aprobe_group
-from model_server.replica_group import ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
-from model_server.retry import DeadlineExceeded, OutcomeKind
+from model_server.client.replica import EndpointSnapshot
+from model_server.client.probe import aprobe_group
+from model_server.client.replica_group import ReplicaGroup
+from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
+from model_server.client.retry import DeadlineExceeded, OutcomeKind
 
 __all__ = ["AsyncChatStream", "AsyncModelServer"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from model_server.client_errors import UnexpectedAnswerError
-from model_server.retry import MalformedResponse
-from model_server.wire import StreamEventError, error_message
+from model_server.errors import UnexpectedAnswerError
+from model_server.client.retry import MalformedResponse
+from model_server.client.wire import StreamEventError, error_message
 
 __all__ = ["StreamAssembly", "embedding_vectors", "needs_rich_assembly"]
 

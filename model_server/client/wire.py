@@ -3,9 +3,9 @@
 The client talks to SGLang's OpenAI-compatible routes with httpx directly
 (the openai SDK's types describe the answers): that is what lets it hold
 every attempt to its own deadlines, byte by byte (see
-:mod:`model_server.deadline_transport`). This module turns the caller's
+:mod:`model_server.client.deadline_transport`). This module turns the caller's
 arguments into a JSON body, once, at the edge (:func:`encode_body`, with a
-clear :class:`~model_server.client_errors.InvalidRequestError` for anything
+clear :class:`~model_server.errors.InvalidRequestError` for anything
 no server could accept), splits a server-sent-event stream into events
 (:func:`sse_data`), and turns an error answer into :class:`ReplicaHTTPError`.
 """
@@ -16,8 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from model_server.client_errors import InvalidRequestError
-from model_server.retry import DeadlineExceeded, ReplicaHTTPError, StreamEventError
+from model_server.errors import InvalidRequestError
+from model_server.client.retry import DeadlineExceeded, ReplicaHTTPError, StreamEventError
 
 __all__ = [
     "CHAT_PARAMS",

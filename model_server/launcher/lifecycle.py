@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
-from model_server.backoff import jittered_backoff_s
+from model_server.common.backoff import jittered_backoff_s
 
 __all__ = [
     "FailureDecision",

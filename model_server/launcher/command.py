@@ -3,7 +3,7 @@
 No I/O here: the same function feeds ``--dry-run`` and the real spawn, so what
 the dry run prints is exactly what runs. The API key never appears: the
 engine gets the path of a 0600 YAML file (``--config``) that the I/O layer
-writes (:func:`model_server.rundir.write_key_file`).
+writes (:func:`model_server.launcher.rundir.write_key_file`).
 """
 
 from __future__ import annotations

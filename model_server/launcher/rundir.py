@@ -19,7 +19,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from model_server.atomic import atomic_write_text
+from model_server.common.atomic import atomic_write_text
 from model_server.config import LaunchPolicy
 from model_server.errors import LaunchError
 

@@ -1,7 +1,7 @@
 """One server's supervision: wait for its GPUs, spawn, readiness, watch, restart, stop.
 
 A :class:`ServerSupervisor` runs in its own thread (one per server, see
-pipeline.py). Its decisions come from :mod:`model_server.server_state`; every
+pipeline.py). Its decisions come from :mod:`model_server.launcher.lifecycle`; every
 OS call goes through :class:`Deps`, so a test can replace the spawner, the
 prober, the GPU inventory and the clock. Stopping is done from outside:
 :meth:`ServerSupervisor.request_stop` hands the running engine over and the
@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from model_server import procs, rundir
+from model_server.launcher import processes as procs, rundir
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.errors import LaunchError
-from model_server.gpu import GpuInventory, GpuProcess, GpuReading, busy_gpus, choose_mem_fraction, gpu_processes
-from model_server.launch import build_command
-from model_server.redact import Redactor, Secret
-from model_server.server_state import RestartHistory, ServerState, decide_after_failure, transition
-from model_server.status import StatusBoard, Worker
+from model_server.launcher.gpu import GpuInventory, GpuProcess, GpuReading, busy_gpus, choose_mem_fraction, gpu_processes
+from model_server.launcher.command import build_command
+from model_server.launcher.redact import Redactor, Secret
+from model_server.launcher.lifecycle import RestartHistory, ServerState, decide_after_failure, transition
+from model_server.launcher.status_file import StatusBoard, Worker
 
 __all__ = ["Deps", "ServerSupervisor", "hang_bounds_s", "health_url", "probe_health"]
 

@@ -3,7 +3,7 @@
 Nothing here waits on the network: :class:`ClientCore` resolves groups and
 policies, turns the caller's arguments into a checked request
 (:class:`ChatRequest`, :class:`EmbedRequest`), starts a call's
-:class:`~model_server.request_plan.RequestState` and plan, turns an
+:class:`~model_server.client.request_plan.RequestState` and plan, turns an
 attempt's exception into its outcome, decides whether a broken stream is
 resumed, and marks the run-state file. :class:`SegmentTally` keeps one
 replica's part of a stream (first token, gaps, outcome). The two clients
@@ -25,8 +25,8 @@ from typing import Any
 
 from openai.types import CompletionUsage
 
-from model_server.answer import StreamAssembly, needs_rich_assembly
-from model_server.client_errors import (
+from model_server.client.answer import StreamAssembly, needs_rich_assembly
+from model_server.errors import (
     ClientError,
     GroupUnavailableError,
     InvalidRequestError,
@@ -34,17 +34,17 @@ from model_server.client_errors import (
     StreamInterruptedError,
     UnknownGroupError,
 )
-from model_server.client_metrics import ClientMetrics
+from model_server.client.metrics import ClientMetrics
 from model_server.config import ClientPolicy, Fleet, ServerKind, ServerSpec, load_fleet
-from model_server.deadlines import estimate_tokens
-from model_server.endpoint import EndpointSnapshot
-from model_server.replica_group import Lease, ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, note_failure, request_plan
-from model_server.client_errors import rejected_from
-from model_server.resume import continuation_body, why_no_resume, why_not_resumable
-from model_server.retry import Attempt, MalformedResponse, OutcomeKind, classify, describe
-from model_server.runstate import mark_not_running
-from model_server.wire import (
+from model_server.client.deadlines import estimate_tokens
+from model_server.client.replica import EndpointSnapshot
+from model_server.client.replica_group import Lease, ReplicaGroup
+from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState, note_failure, request_plan
+from model_server.client.retry import rejected_from
+from model_server.client.resume import continuation_body, why_no_resume, why_not_resumable
+from model_server.client.retry import Attempt, MalformedResponse, OutcomeKind, classify, describe
+from model_server.client.runstate import mark_not_running
+from model_server.client.wire import (
     CHAT_PARAMS,
     EMBED_PARAMS,
     DeadlineExceeded,
@@ -142,7 +142,7 @@ class ClientCore:
         policy: ClientPolicy | None, metrics_registry: Any, clock: Callable[[], float], rng: random.Random | None,
     ) -> None:
         if config is None:
-            from model_server.fleet_choice import default_fleet_path
+            from model_server.common.fleet_choice import default_fleet_path
 
             config = default_fleet_path()  # $MODEL_SERVER_CONFIG, servers.toml on its hosts, else (no GPU) local.toml
         self.fleet = config if isinstance(config, Fleet) else load_fleet(config)

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 
 from model_server.config import ServerKind, ServerSpec
-from model_server.replica_group import ProbeResult
-from model_server.retry import is_retryable_status
+from model_server.client.replica_group import ProbeResult
+from model_server.client.retry import is_retryable_status
 
 __all__ = ["PROBE_TEXT", "aprobe_group", "check_probe_answer", "probe_group", "probe_one", "probe_request"]
 
@@ -68,7 +68,7 @@ def check_probe_answer(spec: ServerSpec, response: httpx.Response) -> tuple[int 
 
 
 def is_rejection(status: int) -> bool:
-    """A 4xx that refuses the request itself (the server is up): see model_server.retry."""
+    """A 4xx that refuses the request itself (the server is up): see model_server.client.retry."""
     return 400 <= status < 500 and not is_retryable_status(status)
 
 

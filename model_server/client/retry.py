@@ -10,7 +10,7 @@
 - Backoff between attempts: "full jitter" exponential, uniform in
   ``[0, min(max, initial x 2^(n-1))]`` after the n-th failure of a request.
 - What bounds a whole call (attempts, the wait for a replica, a deadline) is
-  :class:`model_server.request_plan.RequestState`.
+  :class:`model_server.client.request_plan.RequestState`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ try:  # the openai SDK of this project's pin runs on httpx2; older ones on httpx
 except ImportError:  # pragma: no cover
     httpx2 = None  # type: ignore[assignment]
 
-from model_server.backoff import jittered_backoff_s
+from model_server.common.backoff import jittered_backoff_s
 from model_server.config import ClientPolicy
+from model_server.errors import RequestRejectedError
 
 __all__ = [
+    "rejected_from",
     "Attempt",
     "DeadlineExceeded",
     "MalformedResponse",
@@ -173,3 +175,22 @@ def request_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
 def probe_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
     """A probe must answer within the bound itself (never beyond the ceiling)."""
     return min(bound_s, policy.request_timeout_ceiling_s)
+
+
+def rejected_from(err: BaseException, replica: str) -> RequestRejectedError:
+    """The caller-facing error for a request the server refused (a non-retryable 4xx)."""
+    status = getattr(err, "status_code", None)
+    if status is None:
+        response = getattr(err, "response", None)
+        status = getattr(response, "status_code", None)
+    body = getattr(err, "body", None)
+    detail = getattr(err, "message", None) or str(err)
+    hint = "Fix the request (its parameters, model name or size)."
+    if status in (401, 403):
+        hint = "The API key is wrong or missing: export the variable named by api_key_env in the fleet table."
+    return RequestRejectedError(
+        f"replica {replica} rejected the request with HTTP {status}: {str(detail)[:300]}. {hint}",
+        status=status,
+        body=body,
+        replica=replica,
+    )

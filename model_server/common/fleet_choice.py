@@ -13,7 +13,7 @@ and for ``ModelServer()``::
 
 :func:`choose_fleet` is the decision, a pure function of :class:`FleetFacts`;
 :func:`gather_facts` reads the machine (interface addresses through
-:mod:`model_server.hosts`, NVML through :mod:`model_server.gpu`) and
+:mod:`model_server.common.hosts`, NVML through :mod:`model_server.launcher.gpu`) and
 :func:`resolve_fleet` / :func:`default_fleet_path` put the two together.
 """
 
@@ -127,7 +127,7 @@ def choose_fleet(facts: FleetFacts, *, for_client: bool = False) -> FleetChoice:
 def nvml_sees_gpu() -> bool:
     """True if NVML initialises and reports GPU 0 (no driver, no library or no GPU: False). Asked once."""
     from model_server.errors import LaunchError
-    from model_server.gpu import NvmlInventory
+    from model_server.launcher.gpu import NvmlInventory
 
     try:
         NvmlInventory().read([0])
@@ -139,7 +139,7 @@ def nvml_sees_gpu() -> bool:
 
 def _table_facts(table: Path, host_ip: Iterable[str]) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
     """(is this machine a host of ``table``, the table's hosts, this machine's names)."""
-    from model_server.hosts import ALWAYS_LOCAL, local_identities, match_servers
+    from model_server.common.hosts import ALWAYS_LOCAL, local_identities, match_servers
 
     identities = local_identities(tuple(host_ip))
     shown = tuple(sorted(i for i in identities if i not in ALWAYS_LOCAL))

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from model_server.atomic import atomic_write_text
+from model_server.common.atomic import atomic_write_text
 
 __all__ = ["mark_not_running", "update_run_state"]
 

@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from model_server.breaker import Breaker, BreakerState
+from model_server.client.breaker import Breaker, BreakerState
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
-from model_server.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
-from model_server.endpoint import Endpoint, EndpointSnapshot
-from model_server.retry import OutcomeKind, probe_timeout_s, request_timeout_s
-from model_server.routing import Candidate, choose
+from model_server.client.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
+from model_server.client.replica import Endpoint, EndpointSnapshot
+from model_server.client.retry import OutcomeKind, probe_timeout_s, request_timeout_s
+from model_server.client.routing import Candidate, choose
 
 __all__ = ["Lease", "ProbeResult", "ReplicaGroup"]
 
@@ -141,7 +141,7 @@ class ReplicaGroup:
         return lease
 
     def attempt_deadlines(self, prompt_tokens: int = 0) -> AttemptDeadlines:
-        """The deadlines of the next attempt, from what the group has shown (see model_server.deadlines)."""
+        """The deadlines of the next attempt, from what the group has shown (see model_server.client.deadlines)."""
         with self._lock:
             return attempt_deadlines(self.policy, self.timing, prompt_tokens)
 

@@ -14,7 +14,7 @@ Before it starts anything, a run checks that its log and status directories
 can be written, takes the status file's lock (one pipeline per status file),
 refuses a damaged status file, stops whatever an earlier run left alive and
 removes the key files it left. Its own log records, the engines' logs and the
-status file all go through one :class:`~model_server.redact.Redactor`.
+status file all go through one :class:`~model_server.launcher.redact.Redactor`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model_server import procs, rundir
+from model_server.launcher import processes as procs, rundir
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
-from model_server.gpu import make_inventory
-from model_server.hosts import select_local_servers
-from model_server.launch import LaunchCommand, build_command
-from model_server.redact import RedactingFilter, Redactor, Secret
-from model_server.server_state import ServerState
-from model_server.status import ServerStatus, StatusBoard, StatusLock, cleanup_stale, load_status, owner_tag
-from model_server.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
+from model_server.launcher.gpu import make_inventory
+from model_server.common.hosts import select_local_servers
+from model_server.launcher.command import LaunchCommand, build_command
+from model_server.launcher.redact import RedactingFilter, Redactor, Secret
+from model_server.launcher.lifecycle import ServerState
+from model_server.launcher.status_file import ServerStatus, StatusBoard, StatusLock, cleanup_stale, load_status, owner_tag
+from model_server.launcher.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
 
 __all__ = ["STOP_SIGNALS", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
 

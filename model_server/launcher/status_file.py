@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from model_server.atomic import atomic_write_text
+from model_server.common.atomic import atomic_write_text
 from model_server.errors import LaunchError
-from model_server.server_state import ServerState
+from model_server.launcher.lifecycle import ServerState
 
 __all__ = [
     "ServerStatus",

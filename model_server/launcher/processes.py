@@ -19,7 +19,7 @@ recorded in the status file, and a tag in the environment that every process
 of the engine inherits (``MODEL_SERVER_ENGINE=<pipeline>/<run>/<server>``,
 see :func:`tagged_processes`); :func:`kill_groups` ends all of them.
 
-Output. An engine writes to a pipe read by a :class:`~model_server.enginelog.LogPump`
+Output. An engine writes to a pipe read by a :class:`~model_server.launcher.engine_log.LogPump`
 that redacts secrets into its log file (see enginelog.py).
 """
 
@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from model_server.enginelog import LogPump, open_log, write_redacted
+from model_server.launcher.engine_log import LogPump, open_log, write_redacted
 from model_server.errors import LaunchError
-from model_server.launch import LaunchCommand
-from model_server.redact import Redactor
+from model_server.launcher.command import LaunchCommand
+from model_server.launcher.redact import Redactor
 
 __all__ = [
     "ENGINE_TAG_ENV",

@@ -35,12 +35,13 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from model_server.client_errors import GroupUnavailableError, rejected_from
-from model_server.client_metrics import ClientMetrics
+from model_server.errors import GroupUnavailableError
+from model_server.client.retry import rejected_from
+from model_server.client.metrics import ClientMetrics
 from model_server.config import ClientPolicy
-from model_server.deadlines import AttemptDeadlines
-from model_server.replica_group import Lease, ReplicaGroup
-from model_server.retry import Attempt, OutcomeKind, backoff_s, describe
+from model_server.client.deadlines import AttemptDeadlines
+from model_server.client.replica_group import Lease, ReplicaGroup
+from model_server.client.retry import Attempt, OutcomeKind, backoff_s, describe
 
 __all__ = ["Call", "CallResult", "Done", "Probe", "RequestState", "Sleep", "request_plan"]
 

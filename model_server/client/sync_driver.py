@@ -3,12 +3,12 @@
 Application code names a *group* of the fleet table ("8" for the 8B chat
 replicas, "7" for embeddings, ...); the client picks a replica by the routing
 policy, holds every attempt to a first-token deadline and a stall deadline
-(:mod:`model_server.deadlines`), fails over to the next replica on a
+(:mod:`model_server.client.deadlines`), fails over to the next replica on a
 connection error, a missed deadline, a 5xx, 429 or malformed answer (with
-jittered backoff, inside one budget per call: :mod:`model_server.request_plan`),
+jittered backoff, inside one budget per call: :mod:`model_server.client.request_plan`),
 keeps a circuit breaker per replica, re-probes replicas that are degraded or
 out of rotation, and resumes a stream that breaks after text arrived on
-another replica (:mod:`model_server.resume`). A chat answer is streamed under
+another replica (:mod:`model_server.client.resume`). A chat answer is streamed under
 the hood even when the caller wants it whole, so that the same deadlines and
 resumes protect it. One ``ModelServer`` is meant to be shared by every thread
 of a process.
@@ -27,7 +27,7 @@ Exceptions (all under :class:`model_server.errors.ModelServerError`)::
     └── StreamInterruptedError       a stream broke after text arrived and was not resumed;
                                      .text = what arrived, .why_not_resumed
 
-:class:`AsyncModelServer` (in :mod:`model_server.async_client`) has the same
+:class:`AsyncModelServer` (in :mod:`model_server.client.async_driver`) has the same
 methods for asyncio code.
 """
 
@@ -45,8 +45,8 @@ from typing import Any
 import httpx
 from openai.types.chat import ChatCompletion
 
-from model_server.answer import StreamAssembly, embedding_vectors
-from model_server.client_core import (
+from model_server.client.answer import StreamAssembly, embedding_vectors
+from model_server.client.base import (
     POOL_CONNECTIONS,
     POOL_KEEPALIVE,
     ChatRequest,
@@ -58,7 +58,7 @@ from model_server.client_core import (
     StreamResult,
     parse_event,
 )
-from model_server.client_errors import (
+from model_server.errors import (
     GroupUnavailableError,
     InvalidRequestError,
     RequestRejectedError,
@@ -67,16 +67,15 @@ from model_server.client_errors import (
     UnknownGroupError,
 )
 from model_server.config import ClientPolicy, Fleet, ServerKind
-from model_server.deadline_transport import deadline_transport, set_deadline
-from model_server.endpoint import EndpointSnapshot
+from model_server.client.deadline_transport import deadline_transport, set_deadline
+from model_server.client.replica import EndpointSnapshot
 from model_server.errors import ClientError
-from model_server.probe import probe_group
-from model_server.replica_group import ReplicaGroup
-from model_server.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
-from model_server.retry import DeadlineExceeded, OutcomeKind
+from model_server.client.probe import probe_group
+from model_server.client.replica_group import ReplicaGroup
+from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep
+from model_server.client.retry import DeadlineExceeded, OutcomeKind
 
 __all__ = [
-    "AsyncModelServer",
     "ChatStream",
     "ClientError",
     "GroupUnavailableError",
@@ -88,7 +87,7 @@ __all__ = [
     "UnknownGroupError",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("model_server.client")
 
 SyncOp = Callable[[Call], tuple[Any, "int | None"]]
 
@@ -131,7 +130,7 @@ class ModelServer:
     ``config``: a fleet table path or a :class:`Fleet`; default ``$MODEL_SERVER_CONFIG``,
     else ``configs/servers.toml``. ``state_path`` overrides ``client.run_state_file``;
     ``policy`` overrides the table's ``[client]`` section; ``metrics_registry`` turns on
-    Prometheus metrics (see :mod:`model_server.client_metrics`). ``clock``, ``rng``,
+    Prometheus metrics (see :mod:`model_server.client.metrics`). ``clock``, ``rng``,
     ``sleep`` and ``transport`` (an httpx transport, e.g. ``httpx.MockTransport``) are seams for tests.
     """
 
@@ -439,11 +438,3 @@ class ModelServer:
             thread = threading.Thread(target=run, name=f"model-server-reprobe-{g.name}", daemon=True)
             self._reprobes.add(thread)
             thread.start()
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AsyncModelServer":  # defined in its own module, re-exported here
-        from model_server.async_client import AsyncModelServer
-
-        return AsyncModelServer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
