@@ -18,7 +18,8 @@ FAST_ARGS = ("--ttft-ms", "5", "--tpot-ms", "1", "--tpot-growth", "0.01")
 # Short timeouts and cooldowns: a hung replica costs request_timeout = 0.5 x 4 = 2 s per attempt.
 TEST_POLICY = {
     "initial_latency_s": 0.5,
-    "latency_growing_rate": 4,
+    "probe_bound_growth": 4,
+    "degraded_latency_factor": 4,
     "request_timeout_floor_s": 0.5,
     "request_timeout_ceiling_s": 4,
     "connect_timeout_s": 1,

@@ -13,6 +13,7 @@ from model_server.errors import InvalidRequestError, UnexpectedAnswerError
 from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
 from model_server.client.deadlines import StreamTiming, attempt_deadlines, estimate_tokens, first_token_timeout_s, stall_timeout_s
 from model_server.client.replica_group import ProbeResult, ReplicaGroup
+from model_server.client.probe import RoundWatch
 from model_server.client.resume import continuation_body, why_no_resume, why_not_resumable
 from model_server.client.retry import MalformedResponse, OutcomeKind, StreamEventError
 from model_server.client.routing import Candidate, choose
@@ -285,3 +286,27 @@ def test_a_probe_round_that_ended_early_says_nothing_of_the_replicas_still_probi
     group.apply_probes([ProbeResult(specs[0], 0.01, 1), ProbeResult(specs[1], None, error="x", pending=True)])
     snap = group.snapshot()["r1"]
     assert snap.latency_s is None and snap.consecutive_failures == 0 and snap.last_error is None
+
+
+def _specs(n: int):
+    return [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+            for i in range(n)]
+
+
+def test_a_probe_round_ends_soon_after_the_first_good_answer() -> None:
+    specs = _specs(3)
+    watch = RoundWatch(specs, timeout_s=10, connect_timeout_s=3, suspects=(), patient=False, now=0.0)
+    assert watch.left_s(0.0) == 14.0  # the bound, the connect time and a second of slack
+    assert not watch.stop_after([ProbeResult(specs[0], 0.2, output_tokens=1)], specs[1:], now=0.2)
+    assert watch.left_s(0.2) == 0.2  # as long again as the fastest answer took
+    assert watch.unfinished(specs[2]).pending  # cut short: nothing learned of it, not a timeout
+
+
+def test_a_probe_round_stops_when_only_suspects_are_left_but_a_patient_one_waits() -> None:
+    specs = _specs(2)
+    refused = [ProbeResult(specs[0], None, error="connection error: refused")]
+    hasty = RoundWatch(specs, timeout_s=10, connect_timeout_s=3, suspects={"r1"}, patient=False, now=0.0)
+    assert hasty.stop_after(refused, specs[1:], now=0.1)
+    patient = RoundWatch(specs, timeout_s=10, connect_timeout_s=3, suspects={"r1"}, patient=True, now=0.0)
+    assert not patient.stop_after(refused, specs[1:], now=0.1)
+    assert patient.unfinished(specs[1]).timed_out  # waited the whole bound: a real timeout

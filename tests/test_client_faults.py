@@ -166,7 +166,7 @@ def test_hung_replicas_give_up_within_the_deadline_and_retry_budget(tmp_path) ->
 @pytest.mark.timeout(90)
 def test_a_replica_that_slows_down_is_marked_degraded_and_traffic_moves(caplog) -> None:
     with sims_running(2) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, latency_growing_rate=4)
+        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, degraded_latency_factor=4)
         with ModelServer(fleet) as ms:
             ms.warmup()
             for _ in range(10):

@@ -1,4 +1,4 @@
-"""ModelServer and AsyncModelServer without sockets: fake SDK clients and probes, a fake clock.
+"""ModelServer and AsyncModelServer without sockets: a fake transport, fake probes, a fake clock (public seams only).
 
 Each test here pins a review finding and failed before its fix.
 """
@@ -14,10 +14,11 @@ import httpx
 import pytest
 from _client_sims import MESSAGES, fleet_of
 
-import model_server.client.async_driver
-import model_server.client.sync_driver
-from model_server.client.async_driver import AsyncModelServer
-from model_server.client import GroupUnavailableError, ModelServer
+import threading
+
+from _waiting import wait_for
+
+from model_server.client import AsyncModelServer, GroupUnavailableError, ModelServer
 from model_server.client.replica_group import ProbeResult
 
 
@@ -66,12 +67,13 @@ def _transport(clock: FakeClock, is_async: bool) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
-def _built(client, clock: FakeClock):
-    """The client with group "8" (8-0 fastest, then 8-1) built from fake probes."""
-    g = client._core.group("8")
-    specs = g.specs
-    g.apply_probes([ProbeResult(specs[0], 0.01, output_tokens=1), ProbeResult(specs[1], 0.02, output_tokens=1)])
-    return g
+def _fastest_first(specs, timeout_s, **kwargs):
+    """Probes that find group "8" up, 8-0 the fastest, then 8-1."""
+    return [ProbeResult(s, 0.01 * (i + 1), output_tokens=1) for i, s in enumerate(specs)]
+
+
+async def _afastest_first(specs, timeout_s, **kwargs):
+    return _fastest_first(specs, timeout_s)
 
 
 FLEET = fleet_of({"8": ("completion", [1, 2])}, routing="fastest", retry_backoff_initial_ms=0, retry_backoff_max_ms=0)
@@ -80,9 +82,9 @@ FLEET = fleet_of({"8": ("completion", [1, 2])}, routing="fastest", retry_backoff
 @pytest.mark.timeout(20)
 def test_sync_stream_of_endless_empty_chunks_misses_its_first_token_deadline_and_fails_over() -> None:
     clock = FakeClock()
-    ms = ModelServer(FLEET, clock=clock, transport=_transport(clock, is_async=False))
+    ms = ModelServer(FLEET, clock=clock, transport=_transport(clock, is_async=False), prober=_fastest_first)
     try:
-        _built(ms, clock)
+        ms.warmup()
         assert "".join(ms.stream_chat("8", MESSAGES)) == "hi"
         stats = ms.stats()["8"]
         assert stats["8-0"].failures == 1 and "first token" in (stats["8-0"].last_error or "")
@@ -96,8 +98,9 @@ def test_async_stream_of_endless_empty_chunks_misses_its_first_token_deadline_an
     clock = FakeClock()
 
     async def main() -> tuple[str, dict]:
-        async with AsyncModelServer(FLEET, clock=clock, transport=_transport(clock, is_async=True)) as ms:
-            _built(ms, clock)
+        transport = _transport(clock, is_async=True)
+        async with AsyncModelServer(FLEET, clock=clock, transport=transport, prober=_afastest_first) as ms:
+            await ms.warmup()
             text = "".join([piece async for piece in ms.stream_chat("8", MESSAGES)])
             return text, ms.stats()["8"]
 
@@ -108,8 +111,8 @@ def test_async_stream_of_endless_empty_chunks_misses_its_first_token_deadline_an
 @pytest.mark.timeout(20)
 def test_bad_chat_parameters_are_refused_before_any_attempt() -> None:
     clock = FakeClock()
-    with ModelServer(FLEET, clock=clock) as ms:
-        _built(ms, clock)
+    with ModelServer(FLEET, clock=clock, prober=_fastest_first) as ms:
+        ms.warmup()
         with pytest.raises(TypeError, match="stream"):
             ms.chat("8", MESSAGES, stream=True)
         with pytest.raises(TypeError, match="model"):
@@ -137,17 +140,37 @@ DEADLINED = fleet_of({"8": ("completion", [1, 2])}, initial_latency_s=100, reque
                      request_deadline_s=0.3, build_rounds=1)
 
 
+class _HangingProbes:
+    """Probes that refuse, except the round started while ``hang`` is set: it holds the lock until ``release``."""
+
+    def __init__(self, seen: list[float], clock: FakeClock) -> None:
+        self.refuse = _refusing_probes(seen, clock)
+        self.hang = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, specs, timeout_s, **kwargs):
+        if self.hang:
+            self.hang = False
+            self.entered.set()
+            self.release.wait(10)
+            return [ProbeResult(s, None, error="connection error: refused") for s in specs]  # not a request's round
+        return self.refuse(specs, timeout_s)
+
+
 @pytest.mark.timeout(20)
-def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(monkeypatch) -> None:
+def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline() -> None:
     seen: list[float] = []
     clock = FakeClock()
-    monkeypatch.setattr(model_server.client.sync_driver, "probe_group", _refusing_probes(seen, clock))
-    with ModelServer(DEADLINED, clock=clock, sleep=_advance(clock)) as ms:
+    probes = _HangingProbes(seen, clock)
+    with ModelServer(DEADLINED, clock=clock, sleep=_advance(clock), prober=probes) as ms:
         with pytest.raises(GroupUnavailableError):
             ms.chat("8", MESSAGES)
         assert seen and max(seen) <= 0.3  # not the 100 s bound
-        lock = ms._probe_locks["8"]
-        assert lock.acquire(timeout=5)  # another caller's probe round is running (and hangs)
+        probes.hang = True  # another caller's probe round is running (and hangs), holding the probe lock
+        other = threading.Thread(target=lambda: pytest.raises(GroupUnavailableError, ms.warmup), daemon=True)
+        other.start()
+        wait_for(probes.entered.is_set, 5, "the other caller's probe round to start")
         try:
             clock.now = 0.0
             started = time.monotonic()
@@ -155,36 +178,46 @@ def test_sync_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(mo
                 ms.chat("8", MESSAGES)
             assert time.monotonic() - started < 5  # waited about the 0.3 s left, not 100 s + slack
         finally:
-            lock.release()
+            probes.release.set()
+            other.join(10)
 
 
 @pytest.mark.timeout(20)
-def test_async_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline(monkeypatch) -> None:
+def test_async_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline() -> None:
     seen: list[float] = []
     clock = FakeClock()
-    sync_probe = _refusing_probes(seen, clock)
-
-    async def aprobe(specs, timeout_s, **kwargs):
-        return sync_probe(specs, timeout_s)
+    refuse = _refusing_probes(seen, clock)
 
     async def asleep(delay_s: float) -> None:
         clock.now += delay_s
 
-    monkeypatch.setattr(model_server.client.async_driver, "aprobe_group", aprobe)
-
     async def main() -> float:
-        async with AsyncModelServer(DEADLINED, clock=clock, sleep=asleep) as ms:
+        release, entered = asyncio.Event(), asyncio.Event()
+        hang = [False]
+
+        async def aprobe(specs, timeout_s, **kwargs):
+            if hang[0]:
+                hang[0] = False
+                entered.set()
+                await asyncio.wait_for(release.wait(), 10)
+                return [ProbeResult(s, None, error="connection error: refused") for s in specs]  # not a request's
+            return refuse(specs, timeout_s)
+
+        async with AsyncModelServer(DEADLINED, clock=clock, sleep=asleep, prober=aprobe) as ms:
             with pytest.raises(GroupUnavailableError):
                 await ms.chat("8", MESSAGES)
-            lock = ms._probe_locks["8"]
-            await lock.acquire()  # another task's probe round is running (and hangs)
+            hang[0] = True  # another task's probe round is running (and hangs), holding the probe lock
+            other = asyncio.ensure_future(ms.warmup())
+            await asyncio.wait_for(entered.wait(), 5)
             clock.now = 0.0
             started = time.monotonic()
             try:
                 with pytest.raises(GroupUnavailableError):
                     await ms.chat("8", MESSAGES)
             finally:
-                lock.release()
+                release.set()
+                with pytest.raises(GroupUnavailableError):
+                    await asyncio.wait_for(other, 10)
             return time.monotonic() - started
 
     assert asyncio.run(asyncio.wait_for(main(), 15)) < 5

@@ -56,7 +56,7 @@ def test_exception_tree_and_messages() -> None:
 
 def test_client_all_is_pinned() -> None:
     assert sorted(client.__all__) == sorted([
-        "AsyncModelServer", "ChatStream", "ClientError", "GroupUnavailableError", "InvalidRequestError",
+        "AsyncChatStream", "AsyncModelServer", "ChatStream", "ClientError", "GroupUnavailableError", "InvalidRequestError",
         "ModelServer", "RequestRejectedError", "StreamInterruptedError", "UnexpectedAnswerError", "UnknownGroupError",
     ])
     for name in client.__all__:

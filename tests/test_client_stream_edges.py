@@ -54,12 +54,16 @@ def _broken_after(events: list[bytes]) -> Iterator[bytes]:
     raise httpx.ReadError("connection reset by peer")
 
 
+def _fastest_first(specs, timeout_s, **kwargs):
+    """Probes that find the group up, its first replica the fastest."""
+    return [ProbeResult(s, 0.01 * (i + 1), output_tokens=1) for i, s in enumerate(specs)]
+
+
 def _client(replicas: Replicas, **policy) -> ModelServer:
     fleet = fleet_of({"8": ("completion", [1, 2])}, routing="fastest", retry_backoff_initial_ms=0,
                      retry_backoff_max_ms=0, **policy)
-    ms = ModelServer(fleet, transport=replicas.transport())
-    g = ms._core.group("8")
-    g.apply_probes([ProbeResult(g.specs[0], 0.01, output_tokens=1), ProbeResult(g.specs[1], 0.02, output_tokens=1)])
+    ms = ModelServer(fleet, transport=replicas.transport(), prober=_fastest_first)
+    ms.warmup()
     return ms
 
 
@@ -144,9 +148,8 @@ def test_a_tool_call_counts_as_the_first_token() -> None:
 
     replicas = Replicas(p1=slow_tool, p2=slow_tool)
     fleet = fleet_of({"8": ("completion", [1, 2])}, routing="fastest")
-    with ModelServer(fleet, transport=replicas.transport(), clock=lambda: clock[0]) as ms:
-        g = ms._core.group("8")
-        g.apply_probes([ProbeResult(s, 0.01, output_tokens=1) for s in g.specs])
+    with ModelServer(fleet, transport=replicas.transport(), clock=lambda: clock[0], prober=_fastest_first) as ms:
+        ms.warmup()
         reply = ms.chat("8", MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}])
         assert reply.choices[0].message.tool_calls[0].function.name == "f"
         assert all(s.failures == 0 for s in ms.stats()["8"].values())
@@ -186,5 +189,5 @@ def test_a_slow_reader_does_not_lengthen_the_groups_stall_deadline() -> None:
         with ModelServer(fleet) as ms:
             for piece in ms.stream_chat("8", MESSAGES, max_tokens=5):
                 time.sleep(0.3)  # the caller's time, not the replica's
-            gap_s = ms._core.group("8").timing.gap_s
+            gap_s = ms.timing("8").gap_s
     assert gap_s is not None and gap_s < 0.1  # the replica's pace (ms per token), not the caller's 0.3 s

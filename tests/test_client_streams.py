@@ -127,7 +127,7 @@ def test_a_replica_that_stalls_after_5_tokens_is_resumed_within_the_stall_deadli
             for piece in stream:
                 pieces.append(piece)
                 arrivals.append(time.monotonic())
-            stall_s = ms._core.group("8").attempt_deadlines().stall_s
+            stall_s = ms.timing("8").stall_s
             policy = ms.policy
         assert "".join(pieces) == expected and stream.resumes == 1
         gap = arrivals[5] - arrivals[4]  # from the 5th token to the first token of the resumed stream

@@ -20,7 +20,6 @@ from model_server.client.retry import (
     backoff_s,
     classify,
     probe_timeout_s,
-    request_timeout_s,
 )
 
 REQ = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
@@ -63,12 +62,28 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert max(draws) > 0.8 * cap_s and min(draws) < 0.2 * cap_s  # spread over the whole range
 
 
-def test_timeouts_follow_the_bound_within_floor_and_ceiling() -> None:
-    policy = ClientPolicy(latency_growing_rate=20, request_timeout_floor_s=5, request_timeout_ceiling_s=600)
-    assert request_timeout_s(3.0, policy) == 60.0
-    assert request_timeout_s(0.01, policy) == 5.0
-    assert request_timeout_s(1200.0, policy) == 600.0
+def test_probe_timeouts_follow_the_bound_below_the_ceiling() -> None:
+    policy = ClientPolicy(request_timeout_ceiling_s=600)
     assert probe_timeout_s(3.0, policy) == 3.0 and probe_timeout_s(10_000, policy) == 600.0
+
+
+def test_latency_growing_rate_sets_both_factors_it_used_to_mean_unless_they_are_given() -> None:
+    assert ClientPolicy().probe_bound_growth == 20 and ClientPolicy().degraded_latency_factor == 20
+    old = ClientPolicy(latency_growing_rate=4)  # a table from the original: one knob, two meanings
+    assert (old.probe_bound_growth, old.degraded_latency_factor) == (4, 4)
+    split = ClientPolicy(latency_growing_rate=4, degraded_latency_factor=8)
+    assert (split.probe_bound_growth, split.degraded_latency_factor) == (4, 8)
+    assert ClientPolicy(degraded_latency_factor=3).probe_bound_growth == 20  # each knob on its own
+    with pytest.raises(ValueError):
+        ClientPolicy(latency_growing_rate=1)
+
+
+def test_the_bound_grows_by_probe_bound_growth_and_degradation_follows_its_own_factor() -> None:
+    policy = ClientPolicy(initial_latency_s=3, probe_bound_growth=2, degraded_latency_factor=100)
+    specs = [ServerSpec(name="r0", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")]
+    group = ReplicaGroup("8", specs, policy, clock=FakeClock())
+    group.apply_probes([ProbeResult(specs[0], None, error="timeout", timed_out=True)])
+    assert group.bound_s == 6  # x2, not x100
 
 
 def test_the_state_counts_attempts_and_caps_timeouts_by_the_deadline_and_the_wait() -> None:
@@ -254,17 +269,17 @@ def test_the_latency_bound_comes_back_down_once_probes_find_replicas_again() -> 
     silent = [ProbeResult(s, None, error="timeout", timed_out=True) for s in specs]
     group.apply_probes(silent)
     group.apply_probes(silent)
-    assert group.bound_s == pytest.approx(1200) and group.request_timeout_s() == 600
+    assert group.bound_s == pytest.approx(1200) and group.probe_timeout_s() == 600
     group.apply_probes([ProbeResult(specs[0], 0.2, output_tokens=1), silent[1]])
-    assert group.bound_s == pytest.approx(3.0)  # back to the initial bound: a hung replica costs 60 s, not 600 s
-    assert group.request_timeout_s() == pytest.approx(60) and group.probe_timeout_s() == pytest.approx(3.0)
+    assert group.bound_s == pytest.approx(3.0)  # back to the initial bound: a hung replica costs 3 s, not 600 s
+    assert group.probe_timeout_s() == pytest.approx(3.0)
     group.apply_probes(silent)
     group.apply_probes([ProbeResult(specs[0], 25.0, output_tokens=1), ProbeResult(specs[1], 40.0, output_tokens=1)])
     assert group.bound_s == pytest.approx(50.0)  # a slow fleet: twice the fastest answer, not the grown 60 s
 
 
 def test_a_degraded_replica_gets_its_reprobe_even_if_one_was_running_when_it_degraded() -> None:
-    group, policy, clock = _group(n=2, latency_ewma_alpha=1.0, latency_growing_rate=4, reprobe_interval_s=10)
+    group, policy, clock = _group(n=2, latency_ewma_alpha=1.0, degraded_latency_factor=4, reprobe_interval_s=10)
     rng = random.Random(0)
 
     def answer(name: str, elapsed_s: float) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 from model_server.config import ClientPolicy
 
-__all__ = ["AttemptDeadlines", "StreamTiming", "attempt_deadlines", "estimate_tokens", "first_token_timeout_s",
+__all__ = ["AttemptDeadlines", "GroupTiming", "StreamTiming", "attempt_deadlines", "estimate_tokens", "first_token_timeout_s",
            "stall_timeout_s"]
 
 CHARS_PER_TOKEN = 4.0  # a rough, tokenizer-free estimate (English text with a BPE tokenizer)
@@ -36,6 +36,16 @@ TIMING_ALPHA = 0.2
 class AttemptDeadlines:
     first_token_s: float  # from the send to the first text (the whole answer, unstreamed)
     stall_s: float  # between two chunks once text flows
+
+
+@dataclass(frozen=True)
+class GroupTiming:
+    """What a group has shown (smoothed time to first token and gap between chunks) and the deadlines it gives."""
+
+    ttft_s: float | None
+    gap_s: float | None
+    first_token_s: float
+    stall_s: float
 
 
 class StreamTiming:

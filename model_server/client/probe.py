@@ -20,11 +20,12 @@ from typing import Any
 
 import httpx
 
+from model_server.common.urls import bearer_headers
 from model_server.config import ServerKind, ServerSpec
 from model_server.client.replica_group import ProbeResult
 from model_server.client.retry import is_retryable_status
 
-__all__ = ["PROBE_TEXT", "aprobe_group", "check_probe_answer", "probe_group", "probe_one", "probe_request"]
+__all__ = ["PROBE_TEXT", "RoundWatch", "aprobe_group", "check_probe_answer", "probe_group", "probe_one", "probe_request"]
 
 PROBE_TEXT = "Reply with one word: ready?"
 
@@ -82,10 +83,6 @@ def _result(spec: ServerSpec, response: httpx.Response, elapsed: float, timeout_
     return ProbeResult(spec, elapsed, output_tokens=tokens or 1, rejected=rejected)
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def _timeout(timeout_s: float, connect_timeout_s: float) -> httpx.Timeout:
     return httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
 
@@ -100,7 +97,7 @@ def probe_one(
     http = client or httpx.Client()
     started = time.monotonic()
     try:
-        response = http.post(url, json=body, headers=_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s))
+        response = http.post(url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s))
         elapsed = time.monotonic() - started
     except httpx.TimeoutException:
         return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
@@ -112,17 +109,53 @@ def probe_one(
     return _result(spec, response, elapsed, timeout_s)
 
 
-def probe_group(
-    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
-    connect_timeout_s: float = 3.0, suspects: Collection[str] = (), patient: bool = False,
-) -> list[ProbeResult]:
-    """Probe every replica concurrently; results in the order of ``specs``, within about ``timeout_s``.
+class RoundWatch:
+    """When a probe round stops waiting (pure; the clock is the caller's): both probe_group twins ask it.
 
     The round ends soon after the first good answer (see :func:`round_grace_s`), or once every
     replica but the ``suspects`` (names of replicas that last timed out) has answered: a hung
     replica must not hold every caller waiting on the round for the whole bound. Probes still
     running then come back ``pending`` (nothing learned of them). A ``patient`` round (a
     background re-probe, which no caller waits for) waits for every probe.
+    """
+
+    def __init__(
+        self, specs: Sequence[ServerSpec], timeout_s: float, connect_timeout_s: float, suspects: Collection[str],
+        patient: bool, now: float,
+    ) -> None:
+        self.total, self.timeout_s, self.suspects, self.patient = len(specs), timeout_s, suspects, patient
+        self.end = now + timeout_s + connect_timeout_s + 1.0  # each probe bounds itself; this bounds the round
+        self.early = False
+
+    def left_s(self, now: float) -> float:
+        return max(0.0, self.end - now)
+
+    def stop_after(self, finished: Sequence[ProbeResult], waiting: Sequence[ServerSpec], now: float) -> bool:
+        """Some probes finished: whether to stop waiting for the others now (the end may move closer too)."""
+        if self.patient:
+            return False
+        good = [r.latency_s for r in finished if r.usable]
+        if good and not self.early:
+            self.early, self.end = True, min(self.end, now + round_grace_s(min(good)))
+        if waiting and _only_suspects(waiting, self.suspects, self.total):
+            self.early = True
+            return True
+        return False
+
+    def unfinished(self, spec: ServerSpec) -> ProbeResult:
+        """What a probe still running at the end of the round says."""
+        if self.early:
+            return ProbeResult(spec, None, error="still probing when the round ended", pending=True)
+        return ProbeResult(spec, None, error=f"timeout: no answer within {self.timeout_s:.2f}s", timed_out=True)
+
+
+def probe_group(
+    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
+    connect_timeout_s: float = 3.0, suspects: Collection[str] = (), patient: bool = False,
+) -> list[ProbeResult]:
+    """Probe every replica concurrently (threads); results in the order of ``specs``, within about ``timeout_s``.
+
+    The round may end early: see :class:`RoundWatch`.
     """
     if not specs:
         return []
@@ -134,25 +167,16 @@ def probe_group(
             pool.submit(probe_one, s, timeout_s, api_key=api_key, client=http, connect_timeout_s=connect_timeout_s): s
             for s in specs
         }
-        # Each probe bounds itself with its httpx timeout; the waits below bound the round.
-        end = time.monotonic() + timeout_s + connect_timeout_s + 1.0
-        early = False  # the round ends early once some replica answered well, or only suspects are left
+        watch = RoundWatch(specs, timeout_s, connect_timeout_s, suspects, patient, time.monotonic())
         waiting = set(futures)
         while waiting:
             done, waiting = concurrent.futures.wait(
-                waiting, timeout=max(0.0, end - time.monotonic()), return_when=concurrent.futures.FIRST_COMPLETED
+                waiting, timeout=watch.left_s(time.monotonic()), return_when=concurrent.futures.FIRST_COMPLETED
             )
-            if not done:
+            finished = [f.result() for f in futures if f.done()]
+            if not done or watch.stop_after(finished, [futures[f] for f in waiting], time.monotonic()):
                 break
-            good = [f.result().latency_s for f in futures if f.done() and f.result().usable]
-            if patient:
-                continue
-            if good and not early:
-                early, end = True, min(end, time.monotonic() + round_grace_s(min(good)))
-            if waiting and _only_suspects([futures[f] for f in waiting], suspects, len(specs)):
-                early = True
-                break
-        return [_finished(f, spec, timeout_s, early) for f, spec in futures.items()]
+        return [f.result() if f.done() else watch.unfinished(spec) for f, spec in futures.items()]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         if own:
@@ -169,14 +193,6 @@ def round_grace_s(fastest_s: float | None) -> float:
     return max(0.05, fastest_s or 0.0)
 
 
-def _finished(future: concurrent.futures.Future, spec: ServerSpec, timeout_s: float, early: bool) -> ProbeResult:
-    if future.done():
-        return future.result()
-    if early:
-        return ProbeResult(spec, None, error="still probing when the round ended", pending=True)
-    return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
-
-
 async def _aprobe_one(
     spec: ServerSpec, timeout_s: float, api_key: str | None, client: httpx.AsyncClient, connect_timeout_s: float
 ) -> ProbeResult:
@@ -184,7 +200,7 @@ async def _aprobe_one(
     started = time.monotonic()
     try:
         response = await asyncio.wait_for(
-            client.post(url, json=body, headers=_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)),
+            client.post(url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)),
             timeout=timeout_s + connect_timeout_s,
         )
         elapsed = time.monotonic() - started
@@ -200,37 +216,23 @@ async def aprobe_group(
     client: httpx.AsyncClient | None = None, connect_timeout_s: float = 3.0, suspects: Collection[str] = (),
     patient: bool = False,
 ) -> list[ProbeResult]:
-    """The asyncio twin of :func:`probe_group`: every replica at once, results in order, the same early end."""
+    """The asyncio twin of :func:`probe_group`: every replica at once (tasks), results in order, the same early end."""
     if not specs:
         return []
     own = client is None
     http = client or httpx.AsyncClient()
-    tasks = [asyncio.ensure_future(_aprobe_one(s, timeout_s, api_key, http, connect_timeout_s)) for s in specs]
+    tasks = {asyncio.ensure_future(_aprobe_one(s, timeout_s, api_key, http, connect_timeout_s)): s for s in specs}
     try:
         loop = asyncio.get_running_loop()
-        end = loop.time() + timeout_s + connect_timeout_s + 1.0
-        early = False
+        watch = RoundWatch(specs, timeout_s, connect_timeout_s, suspects, patient, loop.time())
         waiting = set(tasks)
         while waiting:
-            done, waiting = await asyncio.wait(waiting, timeout=max(0.0, end - loop.time()),
+            done, waiting = await asyncio.wait(waiting, timeout=watch.left_s(loop.time()),
                                                return_when=asyncio.FIRST_COMPLETED)
-            if not done:
+            finished = [t.result() for t in tasks if t.done()]
+            if not done or watch.stop_after(finished, [tasks[t] for t in waiting], loop.time()):
                 break
-            good = [t.result().latency_s for t in tasks if t.done() and t.result().usable]
-            if patient:
-                continue
-            if good and not early:
-                early, end = True, min(end, loop.time() + round_grace_s(min(good)))
-            if waiting and _only_suspects([s for t, s in zip(tasks, specs) if t in waiting], suspects, len(specs)):
-                early = True
-                break
-        return [
-            t.result() if t.done() else (
-                ProbeResult(s, None, error="still probing when the round ended", pending=True) if early
-                else ProbeResult(s, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
-            )
-            for t, s in zip(tasks, specs)
-        ]
+        return [t.result() if t.done() else watch.unfinished(spec) for t, spec in tasks.items()]
     finally:
         for t in tasks:
             t.cancel()

@@ -22,7 +22,7 @@ from model_server.client.breaker import Breaker, BreakerState
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
 from model_server.client.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
 from model_server.client.replica import Endpoint, EndpointSnapshot
-from model_server.client.retry import OutcomeKind, probe_timeout_s, request_timeout_s
+from model_server.client.retry import OutcomeKind, probe_timeout_s
 from model_server.client.routing import Candidate, choose
 
 __all__ = ["Lease", "ProbeResult", "ReplicaGroup"]
@@ -87,7 +87,7 @@ class ReplicaGroup:
                 s,
                 breaker=Breaker(policy.breaker_failures, policy.breaker_cooldown_s),
                 ewma_alpha=policy.latency_ewma_alpha,
-                degraded_factor=policy.latency_growing_rate,
+                degraded_factor=policy.degraded_latency_factor,
             )
             for s in specs
         }
@@ -289,7 +289,7 @@ class ReplicaGroup:
                 # one (else one slow spell would pin every timeout at the ceiling for good).
                 self.bound_s = max(self.policy.initial_latency_s, min(self.bound_s, BOUND_HEADROOM * min(usable)))
             elif grow:
-                self.bound_s = min(self.bound_s * self.policy.latency_growing_rate, self.policy.latency_bound_max_s)
+                self.bound_s = min(self.bound_s * self.policy.probe_bound_growth, self.policy.latency_bound_max_s)
             self.probe_rounds += 1
             self.last_round_found = found
             self.last_round_summary = _summary(results)
@@ -305,10 +305,6 @@ class ReplicaGroup:
         return found
 
     # ---- queries -------------------------------------------------------------------------
-
-    def request_timeout_s(self) -> float:
-        with self._lock:
-            return request_timeout_s(self.bound_s, self.policy)
 
     def probe_timeout_s(self) -> float:
         with self._lock:

@@ -47,7 +47,6 @@ __all__ = [
     "describe",
     "is_retryable_status",
     "probe_timeout_s",
-    "request_timeout_s",
 ]
 
 RETRY_STATUSES = frozenset({408, 409, 429})
@@ -164,12 +163,6 @@ def backoff_s(failures: int, policy: ClientPolicy, rng: random.Random) -> float:
     return jittered_backoff_s(
         failures, policy.retry_backoff_initial_ms / 1000.0, policy.retry_backoff_max_ms / 1000.0, rng.random
     )
-
-
-def request_timeout_s(bound_s: float, policy: ClientPolicy) -> float:
-    """A request may take latency_growing_rate x the bound (the original's rebuild threshold), clamped."""
-    raw = bound_s * policy.latency_growing_rate
-    return min(max(raw, policy.request_timeout_floor_s), policy.request_timeout_ceiling_s)
 
 
 def probe_timeout_s(bound_s: float, policy: ClientPolicy) -> float:

@@ -1,0 +1,27 @@
+"""URLs and auth headers for a server at (host, port): one home, IPv6-correct.
+
+An IPv6 literal needs brackets in a URL (``http://[::1]:30000``) and none in a
+bind address or a ``--host`` flag; every URL of a replica, a health check, a
+probe or a control API is built here so none forgets them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["bearer_headers", "host_for_url", "server_url"]
+
+
+def host_for_url(host: str) -> str:
+    """``host`` as it goes between ``//`` and ``:port``: IPv6 literals in brackets, once."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+def server_url(host: str, port: int, path: str = "") -> str:
+    """``http://host:port`` plus ``path`` (which starts with ``/`` when given)."""
+    return f"http://{host_for_url(host)}:{port}{path}"
+
+
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header SGLang (and our control API) expect, or none without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
