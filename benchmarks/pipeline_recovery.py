@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from model_server.config import load_fleet  # noqa: E402
-from model_server.launcher.supervisor import hang_bounds_s  # noqa: E402
+from model_server.launcher.steps import hang_bounds_s  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["chat-1", "chat-2", "chat-3"]

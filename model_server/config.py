@@ -14,6 +14,7 @@ import re
 import reprlib
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from model_server.errors import ConfigError
+from model_server.gateway_table import GatewaySpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -271,7 +273,15 @@ class ClientPolicy(_Strict):
 
     routing: RoutingPolicy = RoutingPolicy.p2c  # 1.45x fastest's throughput at 32 concurrent, equal at 1 (benchmarks)
     initial_latency_s: float = Field(default=3.0, gt=0, le=86400)
-    latency_growing_rate: float = Field(default=20.0, gt=1, le=1e6)
+    # After a probe round in which every replica timed out, the latency bound (the probe timeout) grows
+    # by this factor, never past latency_bound_max_s.
+    probe_bound_growth: float = Field(default=20.0, gt=1, le=1e6)
+    # A replica whose smoothed latency per output token grows past this x its own best is degraded:
+    # routed to only when nothing better is left, and re-probed in the background.
+    degraded_latency_factor: float = Field(default=20.0, gt=1, le=1e6)
+    # The original's single knob (LATENCY_GROWING_RATE): sets both factors above unless they are given.
+    # (Its third use, request timeout = rate x bound, is now the first-token and stall deadlines below.)
+    latency_growing_rate: float | None = Field(default=None, gt=1, le=1e6)
     build_rounds: int = Field(default=3, ge=1, le=1000)  # probe rounds, the bound growing each time
     max_retry: int = Field(default=20, ge=1, le=100000)  # attempts per request, fallbacks included
     request_timeout_floor_s: float = Field(default=5.0, gt=0, le=86400)
@@ -308,6 +318,15 @@ class ClientPolicy(_Strict):
     resume_streams: bool = True
     max_resumes: int = Field(default=2, ge=0, le=1000)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_growing_rate_sets_both(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("latency_growing_rate") is not None:
+            data = dict(data)
+            data.setdefault("probe_bound_growth", data["latency_growing_rate"])
+            data.setdefault("degraded_latency_factor", data["latency_growing_rate"])
+        return data
+
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ClientPolicy:
         pairs = (
@@ -341,6 +360,7 @@ class GpuInventoryConfig(_Strict):
 class Fleet(_Strict):
     """The whole fleet table."""
 
+    gateways: tuple[GatewaySpec, ...] = ()  # [[gateways]]: one SGLang Model Gateway per group
     api_key_env: str | None = None  # the NAME of the variable holding the key
     launch: LaunchPolicy = LaunchPolicy()
     client: ClientPolicy = ClientPolicy()

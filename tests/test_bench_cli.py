@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,21 +17,26 @@ FAST = ("--ttft-ms", "2", "--tpot-ms", "0.5", "--ttft-per-prompt-token-ms", "0")
 
 
 def _bench(*args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_server", "bench", *args], capture_output=True, text=True, timeout=timeout_s)
+    command = [sys.executable, "-m", "model_server", "bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+
+
+URL = ["--url", "http://127.0.0.1:9/v1"]  # nothing listens there: every run below stops before it sends
+OPEN = [*URL, "--model", "m", "--rate", "5", "--requests", "5"]  # a complete open-loop run
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--rate", "10", "--requests", "5"], "give the target: --group NAME"),
-        (["--url", "http://127.0.0.1:9/v1", "--rate", "10", "--requests", "5"], "--url needs --model NAME"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--requests", "5"], "give the load: --rate R"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--concurrency", "2", "--requests", "5"], "not both"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--prompt-len", "0"], "--prompt-len is '0'"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--fault", "soon kill x"], "not a duration"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--fault", "1s kill other"], "The servers are: 127.0.0.1:9"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--arrival", "trace"], "needs --trace FILE"),
-        (["--url", "http://127.0.0.1:9/v1", "--model", "m", "--rate", "5", "--requests", "5", "--api-key-env", "MS_BENCH_UNSET_KEY"], "MS_BENCH_UNSET_KEY, which is unset"),
+        ([*URL, "--rate", "10", "--requests", "5"], "--url needs --model NAME"),
+        ([*URL, "--model", "m", "--requests", "5"], "give the load: --rate R"),
+        ([*OPEN, "--concurrency", "2"], "not both"),
+        ([*OPEN, "--prompt-len", "0"], "--prompt-len is '0'"),
+        ([*OPEN, "--fault", "soon kill x"], "not a duration"),
+        ([*OPEN, "--fault", "1s kill other"], "The servers are: 127.0.0.1:9"),
+        ([*OPEN, "--arrival", "trace"], "needs --trace FILE"),
+        ([*OPEN, "--api-key-env", "MS_BENCH_UNSET_KEY"], "MS_BENCH_UNSET_KEY, which is unset"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_paragraph(args, message):
@@ -72,15 +79,25 @@ def _fleet(path: Path, sims: list[SimProcess]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _two_replicas(tmp_path: Path, args: tuple[str, ...]) -> Iterator[tuple[Path, SimProcess, SimProcess]]:
+    """A fleet table of two simulated replicas of group "8" (model "chat"), and the replicas."""
+    with SimProcess(served_model_name="chat", args=args) as a, SimProcess(served_model_name="chat", args=args) as b:
+        yield _fleet(tmp_path / "fleet.toml", [a, b]), a, b
+
+
+def _group_bench(fleet: Path, *args: str) -> subprocess.CompletedProcess:
+    """``model-server bench`` of group 8 at concurrency 4."""
+    return _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", *args)
+
+
 @pytest.mark.timeout(90)
 def test_group_run_through_model_server(tmp_path):
     out = tmp_path / "g.json"
-    with SimProcess(served_model_name="chat", args=FAST) as a, SimProcess(served_model_name="chat", args=FAST) as b:
-        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
-        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--requests", "40", "--output-len", "6",
-                      "--output", str(out))
+    with _two_replicas(tmp_path, FAST) as (fleet, a, b):
+        done = _group_bench(fleet, "--requests", "40", "--output-len", "6", "--output", str(out))
         assert done.returncode == 0, done.stderr
-        served = a.stats()["by_route"].get("/v1/chat/completions", 0) + b.stats()["by_route"].get("/v1/chat/completions", 0)
+        served = sum(sim.stats()["by_route"].get("/v1/chat/completions", 0) for sim in (a, b))
     result = json.loads(out.read_text())
     assert (result["ok"], result["failed"]) == (40, 0), result["errors"]
     assert result["run"]["mode"] == "closed" and result["run"]["concurrency"] == 4
@@ -88,16 +105,18 @@ def test_group_run_through_model_server(tmp_path):
     assert served >= 40
 
 
-PACED = ("--ttft-ms", "5", "--tpot-ms", "5", "--ttft-per-prompt-token-ms", "0")  # ~0.15 s an answer: streams in flight at a kill
+# ~0.15 s an answer: streams in flight at a kill
+PACED = ("--ttft-ms", "5", "--tpot-ms", "5", "--ttft-per-prompt-token-ms", "0")
 
 
 @pytest.mark.timeout(120)
 def test_a_kill_keeps_client_warnings_off_the_terminal_and_sums_them_up(tmp_path):
     out, log = tmp_path / "k.json", tmp_path / "bench.log"
-    with SimProcess(served_model_name="chat", args=PACED) as a, SimProcess(served_model_name="chat", args=PACED) as b:
-        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
-        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--duration", "4", "--output-len", "24",
-                      "--fault", "1.5s kill r0", "--output", str(out), "--log-file", str(log))
+    with _two_replicas(tmp_path, PACED) as (fleet, a, _):
+        done = _group_bench(
+            fleet, "--duration", "4", "--output-len", "24", "--fault", "1.5s kill r0", "--output", str(out),
+            "--log-file", str(log),
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert a.wait_exit(10) is not None  # the kill happened
     assert "WARNING" not in done.stdout + done.stderr
@@ -107,7 +126,8 @@ def test_a_kill_keeps_client_warnings_off_the_terminal_and_sums_them_up(tmp_path
     kill = result["faults"][0]
     assert kill["spec"] == "1.5s kill r0" and kill["ok"] and kill["client"]["seen"]
     lines = done.stdout.splitlines()
-    assert lines[lines.index(next(x for x in lines if x.startswith("fault 1.5s kill r0"))) + 1].startswith("  client saw: ")
+    fault_line = lines.index(next(x for x in lines if x.startswith("fault 1.5s kill r0")))
+    assert lines[fault_line + 1].startswith("  client saw: ")
     assert any(x.startswith("client: failovers ") and "r0" in x for x in lines)
     assert f"log: {log} (" in done.stdout
     text = log.read_text()
@@ -117,10 +137,11 @@ def test_a_kill_keeps_client_warnings_off_the_terminal_and_sums_them_up(tmp_path
 @pytest.mark.timeout(90)
 def test_verbose_puts_the_client_warnings_back_on_the_terminal(tmp_path):
     log = tmp_path / "bench.log"
-    with SimProcess(served_model_name="chat", args=PACED) as a, SimProcess(served_model_name="chat", args=PACED) as b:
-        fleet = _fleet(tmp_path / "fleet.toml", [a, b])
-        done = _bench("--config", str(fleet), "--group", "8", "--concurrency", "4", "--duration", "2", "--output-len", "8",
-                      "--fault", "0.5s 500s r0 1 for 1s", "--fault", "0.5s 500s r1 1 for 1s", "--log-file", str(log), "--verbose")
+    with _two_replicas(tmp_path, PACED) as (fleet, _, _):
+        done = _group_bench(
+            fleet, "--duration", "2", "--output-len", "8", "--fault", "0.5s 500s r0 1 for 1s",
+            "--fault", "0.5s 500s r1 1 for 1s", "--log-file", str(log), "--verbose",
+        )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "WARNING model_server.client: " in done.stderr
     assert "WARNING model_server.client: " in log.read_text()

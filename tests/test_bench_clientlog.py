@@ -36,17 +36,27 @@ def _classify(template: str, *args, level: int = logging.WARNING) -> ClientEvent
 
 def test_a_failover_names_the_replica_it_left():
     event = _classify(FAILOVER, "8", 2, 20, "chat-10", "connection error: chat-1 is down", 35)
-    assert (event.kind, event.replica) == (EventKind.FAILOVER, "chat-10")  # the first name, and not chat-1 inside chat-10
+    # the first name, and not chat-1 inside chat-10
+    assert (event.kind, event.replica) == (EventKind.FAILOVER, "chat-10")
 
 
 def test_a_breaker_change_carries_both_states_at_any_level():
     event = _classify(BREAKER, "chat-2", "8", "closed", "open", " after HTTP 500")
     assert (event.kind, event.replica, event.old, event.new) == (EventKind.BREAKER, "chat-2", "closed", "open")
-    trial = _classify("breaker of %s (group '%s'): %s -> %s (trial request)", "8@127.0.0.1:18056", "8", "open", "half_open", level=logging.INFO)
+    trial = _classify(
+        "breaker of %s (group '%s'): %s -> %s (trial request)",
+        "8@127.0.0.1:18056",
+        "8",
+        "open",
+        "half_open",
+        level=logging.INFO,
+    )
     assert (trial.kind, trial.replica, trial.new) == (EventKind.BREAKER, "8@127.0.0.1:18056", "half_open")
 
 
-RESUMING = "resuming a stream of group '%s': %s broke after %d token(s) (%s); continuing on another replica (resume %d/%d)"
+RESUMING = (
+    "resuming a stream of group '%s': %s broke after %d token(s) (%s); continuing on another replica (resume %d/%d)"
+)
 RESUMED = "stream of group '%s' resumed on %s after %s broke (%d token(s) carried over)"
 
 
@@ -149,7 +159,8 @@ def test_a_quiet_run_leaves_no_file_and_an_unwritable_one_is_reported(tmp_path, 
 
 def test_default_log_path_is_dated_in_the_log_dir(tmp_path):
     assert default_log_path(tmp_path, now=0).parent == tmp_path
-    assert default_log_path("logs", now=0).name.startswith("bench-") and default_log_path("logs", now=0).suffix == ".log"
+    path = default_log_path("logs", now=0)
+    assert path.name.startswith("bench-") and path.suffix == ".log"
 
 
 # ---- what each fault did (pure) ----------------------------------------------------------
@@ -162,7 +173,16 @@ def _ev(t: float, kind: EventKind, replica: str | None, old: str | None = None, 
 
 
 def _fault(at: float, action: str, server: str, undo: bool = False, ok: bool = True) -> dict:
-    return {"at_s": at, "action": action, "server": server, "spec": f"{at:g}s {action} {server}", "undo": undo, "applied_s": at + 0.01, "ok": ok, "detail": ""}
+    return {
+        "at_s": at,
+        "action": action,
+        "server": server,
+        "spec": f"{at:g}s {action} {server}",
+        "undo": undo,
+        "applied_s": at + 0.01,
+        "ok": ok,
+        "detail": "",
+    }
 
 
 def test_fault_effects_per_fault_window():
@@ -174,7 +194,8 @@ def test_fault_effects_per_fault_window():
         _ev(10.3, EventKind.FAILOVER, "chat-1"),
         _ev(10.3, EventKind.BREAKER, "chat-1", "closed", "open"),
         _ev(20.3, EventKind.BREAKER, "chat-1", "open", "half_open"),
-        _ev(20.35, EventKind.BREAKER, "chat-1", "half_open", "closed"),  # after the next fault, on another server: still chat-1's
+        # after the next fault, on another server: still chat-1's
+        _ev(20.35, EventKind.BREAKER, "chat-1", "half_open", "closed"),
         _ev(21.0, EventKind.FAILOVER, "chat-2"),
         _ev(21.5, EventKind.RESUME, "chat-3"),
         _ev(24.0, EventKind.FAILOVER, "chat-2"),
@@ -184,7 +205,11 @@ def test_fault_effects_per_fault_window():
     kill, stop, undo, not_applied = fault_effects(faults, events, failed, start_wall_s=START, end_s=30.0)
     assert undo is None and not_applied is None
     assert kill["seen"] and kill["failovers"] == 2 and kill["last_failover_after_s"] == pytest.approx(0.29)
-    assert [(b["from"], b["to"]) for b in kill["breaker"]] == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    assert [(b["from"], b["to"]) for b in kill["breaker"]] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert kill["recovered_after_s"] == pytest.approx(10.34)
     assert (kill["failed_requests"], kill["resumes"]) == (2, 0)  # until the next fault on any server (20.01)
     assert kill["window_s"] == pytest.approx(20.0 - 0.01)  # no later fault on chat-1
@@ -193,16 +218,28 @@ def test_fault_effects_per_fault_window():
 
 
 def test_a_fault_the_client_did_not_see():
-    (quiet,) = fault_effects([_fault(1, "kill", "chat-1")], [_ev(2, EventKind.FAILOVER, "chat-2")], [], start_wall_s=START, end_s=5)
+    (quiet,) = fault_effects(
+        [_fault(1, "kill", "chat-1")], [_ev(2, EventKind.FAILOVER, "chat-2")], [], start_wall_s=START, end_s=5
+    )
     assert not quiet["seen"] and quiet["recovered_after_s"] is None and quiet["failovers"] == 0
     assert "noticed nothing" in client_seen_line("chat-1", quiet)
 
 
 def test_the_summary_lists_what_the_client_saw():
-    outcome = RunOutcome(records=[RequestRecord(0, sent_s=0.0, done_s=11.0, ok=True, output_tokens=3)], faults=[], wall_s=30.0, start_wall_s=START)
+    outcome = RunOutcome(
+        records=[RequestRecord(0, sent_s=0.0, done_s=11.0, ok=True, output_tokens=3)],
+        faults=[],
+        wall_s=30.0,
+        start_wall_s=START,
+    )
     log = ClientEventLog(SERVERS)
-    log.events.extend([_ev(10.1, EventKind.FAILOVER, "chat-1"), _ev(10.3, EventKind.BREAKER, "chat-1", "closed", "open"),
-                       _ev(20.4, EventKind.BREAKER, "chat-1", "half_open", "closed")])
+    log.events.extend(
+        [
+            _ev(10.1, EventKind.FAILOVER, "chat-1"),
+            _ev(10.3, EventKind.BREAKER, "chat-1", "closed", "open"),
+            _ev(20.4, EventKind.BREAKER, "chat-1", "half_open", "closed"),
+        ]
+    )
     log.failovers["chat-1"] = 1
     log.breaker_changes["chat-1"] = 2
     log.breaker_state["chat-1"] = "closed"
@@ -220,5 +257,6 @@ def test_the_summary_lists_what_the_client_saw():
         "  client saw: 1 failover off chat-1 (the last 0.09 s after); 0 resumed streams; 0 failed requests; "
         "breaker closed->open +0.29 s, half_open->closed +10.39 s; recovered after 10.39 s"
     )
-    assert lines[-1] == client_totals_line(result["client"]) == "client: failovers chat-1 1; breaker changes chat-1 2; resumed streams 0"
+    totals = "client: failovers chat-1 1; breaker changes chat-1 2; resumed streams 0"
+    assert lines[-1] == client_totals_line(result["client"]) == totals
     assert "client" not in build_result(outcome, asked_rate=None)  # --url runs: no client

@@ -7,6 +7,8 @@ import math
 import re
 import signal
 import statistics
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,12 +16,19 @@ from hypothesis import strategies as st
 
 import model_server.bench as bench
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
-from model_server.errors import BenchError
-from model_server.bench.faults import FaultAction, parse_duration_s, parse_fault, parse_faults
-from model_server.bench.lengths import LengthRange, RequestSource, load_dataset, parse_length, request_index, synthetic_prompt
+from model_server.bench.faults import ServerAction, parse_duration_s, parse_fault, parse_faults
+from model_server.bench.lengths import (
+    LengthRange,
+    RequestSource,
+    load_dataset,
+    parse_length,
+    request_index,
+    synthetic_prompt,
+)
 from model_server.bench.report import build_result, result_lines, result_table, write_json
 from model_server.bench.runner import RunOutcome
 from model_server.bench.stats import RequestRecord, SloPolicy, percentile, summarize, summarize_values, within
+from model_server.errors import BenchError
 
 # ---- arrivals -------------------------------------------------------------------------
 
@@ -72,7 +81,12 @@ def test_trace_keeps_its_gaps_and_can_be_rescaled(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("", "holds 0 arrival"), ("1.0\n", "holds 1 arrival"), ("1\nabc\n", "line 2: 'abc' is not a number"), ("3\n3\n", "all arrival times are equal")],
+    [
+        ("", "holds 0 arrival"),
+        ("1.0\n", "holds 1 arrival"),
+        ("1\nabc\n", "line 2: 'abc' is not a number"),
+        ("3\n3\n", "all arrival times are equal"),
+    ],
 )
 def test_bad_trace_files_are_named(tmp_path, text, message):
     trace = tmp_path / "t.txt"
@@ -128,8 +142,12 @@ def test_synthetic_prompts_have_the_asked_word_count_and_differ():
 
 
 def test_request_source_uniform_is_seeded_and_in_range():
-    a = [RequestSource(prompt_len=LengthRange(10, 20), output_len=LengthRange(1, 5), seed=9).make(i) for i in range(200)]
-    b = [RequestSource(prompt_len=LengthRange(10, 20), output_len=LengthRange(1, 5), seed=9).make(i) for i in range(200)]
+    a = [
+        RequestSource(prompt_len=LengthRange(10, 20), output_len=LengthRange(1, 5), seed=9).make(i) for i in range(200)
+    ]
+    b = [
+        RequestSource(prompt_len=LengthRange(10, 20), output_len=LengthRange(1, 5), seed=9).make(i) for i in range(200)
+    ]
     assert a == b
     assert {r.max_tokens for r in a} == {1, 2, 3, 4, 5}
     assert min(r.prompt_words for r in a) >= 10 and max(r.prompt_words for r in a) <= 20
@@ -243,12 +261,12 @@ def test_durations():
 
 def test_fault_kinds_and_their_effects():
     (kill,) = parse_fault("10s kill chat-1")
-    assert (kill.at_s, kill.action, kill.server, kill.signal) == (10.0, FaultAction.kill, "chat-1", signal.SIGKILL)
+    assert (kill.at_s, kill.action, kill.server, kill.signal) == (10.0, ServerAction.kill, "chat-1", signal.SIGKILL)
     assert kill.sim_faults() is None
     (stop,) = parse_fault("20 stop chat-2")
     assert stop.signal == signal.SIGSTOP
     (resume,) = parse_fault("25s cont chat-2")
-    assert resume.action is FaultAction.resume and resume.signal == signal.SIGCONT
+    assert resume.action is ServerAction.resume and resume.signal == signal.SIGCONT
     (errors,) = parse_fault("5s 503s chat-3 0.5")
     assert errors.sim_faults() == {"error_rate": 0.5, "error_status": 503} and errors.signal is None
     assert parse_fault("5s 500s chat-3")[0].sim_faults() == {"error_rate": 1.0, "error_status": 500}
@@ -262,7 +280,7 @@ def test_fault_kinds_and_their_effects():
 
 def test_for_duration_adds_the_undo_event():
     stop, resume = parse_fault("20s stop chat-2 for 5s")
-    assert (resume.at_s, resume.action) == (25.0, FaultAction.resume)
+    assert (resume.at_s, resume.action) == (25.0, ServerAction.resume)
     hang, unhang = parse_fault("1s hang a for 500ms")
     assert unhang.at_s == 1.5 and unhang.sim_faults() == {"hang": False}
     slow, unslow = parse_fault("2s slow a 8 for 1s")
@@ -273,9 +291,15 @@ def test_for_duration_adds_the_undo_event():
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("kill chat-1", "at least a time"), ("x kill a", "not a duration"), ("1s explode a", "'explode' is not a fault action"),
-     ("1s kill a for 3s", "'kill' cannot be given a duration"), ("1s 500s a 2", "not a share between 0 and 1"),
-     ("1s slow a 0", "must be positive"), ("1s kill a 3", "'3' is not understood")],
+    [
+        ("kill chat-1", "at least a time"),
+        ("x kill a", "not a duration"),
+        ("1s explode a", "'explode' is not a fault action"),
+        ("1s kill a for 3s", "'kill' cannot be given a duration"),
+        ("1s 500s a 2", "not a share between 0 and 1"),
+        ("1s slow a 0", "must be positive"),
+        ("1s kill a 3", "'3' is not understood"),
+    ],
 )
 def test_bad_fault_specs_explain_the_grammar(spec, message):
     with pytest.raises(BenchError) as info:
@@ -314,15 +338,48 @@ def test_result_json_shape_and_table(tmp_path):
 
 
 def test_public_names_are_pinned():
-    assert sorted(bench.__all__) == sorted(
-        ["ArrivalKind", "ArrivalSchedule", "BenchError", "BenchRequest", "FaultAction", "FaultEvent", "FaultInjector",
-         "FaultTarget", "LengthRange", "LoadPlan", "ModelServerTarget", "OpenAITarget", "Progress", "RawTarget", "RequestRecord",
-         "RequestSource", "RoundRobinTarget", "RunOutcome", "SloPolicy", "StreamPiece", "Target", "build_result",
-         "build_schedule", "load_dataset", "parse_faults", "parse_length", "read_trace", "result_table", "run_load",
-         "summarize", "write_json"]
+    pinned = (
+        "ArrivalKind ArrivalSchedule BenchError BenchRequest FaultEvent FaultInjector FaultTarget LengthRange LoadPlan "
+        "ModelServerTarget OpenAITarget Progress RawTarget RequestRecord RequestSource RoundRobinTarget RunOutcome "
+        "ServerAction SloPolicy StreamPiece Target build_result build_schedule load_dataset parse_faults parse_length "
+        "read_trace result_table run_load summarize write_json"
     )
+    assert sorted(bench.__all__) == sorted(pinned.split())
     for name in bench.__all__:
         assert hasattr(bench, name)
+
+
+def test_light_modules_do_not_load_the_http_stack():
+    """The CLI imports bench.options at every start: it (and chaos) must not pull in httpx or openai."""
+    code = (
+        "import sys, model_server.bench.options, model_server.bench.chaos; "
+        "print(sorted(m for m in ('httpx', 'openai', 'model_server.bench.targets') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_cli_defaults_are_the_options_defaults():
+    import typer.main
+
+    from model_server.bench.options import BenchOptions
+    from model_server.cli import app
+
+    command = typer.main.get_command(app).commands["bench"]
+    given = {param.name: param.default for param in command.params}
+    o = BenchOptions()
+    fields = ("transport", "prompt_len", "output_len", "arrival", "cv", "timeout", "seed", "warmup")
+    assert tuple(given[f] for f in fields) == (
+        o.transport, o.prompt_len, o.output_len, o.arrival, o.cv, o.timeout_s, o.seed, o.warmup_requests
+    )  # fmt: skip
+
+
+def test_raw_pool_brackets_an_ipv6_host_header():
+    from model_server.bench.rawhttp import RawPool
+
+    assert RawPool("http://[::1]:30000/v1")._host_header == b"[::1]:30000"
+    assert RawPool("http://127.0.0.1:30000/v1")._host_header == b"127.0.0.1:30000"
 
 
 def test_steady_rate_ratio_ignores_one_stall_but_sees_falling_behind():
@@ -330,9 +387,13 @@ def test_steady_rate_ratio_ignores_one_stall_but_sees_falling_behind():
 
     on_time = [RequestRecord(i, scheduled_s=i * 0.01, sent_s=i * 0.01 + 0.001) for i in range(1000)]
     assert steady_rate_ratio(on_time) == pytest.approx(1.0)
-    stalled = [RequestRecord(r.index, scheduled_s=r.scheduled_s, sent_s=r.sent_s + (0.5 if r.index == 990 else 0)) for r in on_time]
+    stalled = [
+        RequestRecord(r.index, scheduled_s=r.scheduled_s, sent_s=r.sent_s + (0.5 if r.index == 990 else 0))
+        for r in on_time
+    ]
     assert steady_rate_ratio(stalled) == pytest.approx(1.0)
-    assert summarize(stalled)["achieved_rate"] < 0.97 * summarize(on_time)["achieved_rate"]  # the plain figure sees the stall
+    # the plain figure sees the stall
+    assert summarize(stalled)["achieved_rate"] < 0.97 * summarize(on_time)["achieved_rate"]
     behind = [RequestRecord(i, scheduled_s=i * 0.01, sent_s=i * 0.0105) for i in range(1000)]  # 5% slower throughout
     assert steady_rate_ratio(behind) == pytest.approx(1 / 1.05, rel=1e-3)
     assert steady_rate_ratio(on_time[:50]) is None
@@ -370,11 +431,17 @@ def test_session_builds_plans_and_fault_targets_from_options(tmp_path):
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
         '[launch]\nstatus_file = "%s"\n' % (tmp_path / "status.json")
-        + "".join(f'[[servers]]\nname = "c{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {9000 + i}\nmodel = "m"\n' for i in (1, 2)),
+        + "".join(
+            f'[[servers]]\nname = "c{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\n'
+            f'port = {9000 + i}\nmodel = "m"\n'
+            for i in (1, 2)
+        ),
         encoding="utf-8",
     )
     (tmp_path / "status.json").write_text(json.dumps({"servers": {"c1": {"pid": 4321, "state": "READY"}}}))
-    open_loop = BenchSession(BenchOptions(config=fleet, group="8", rate=50.0, duration_s=2.0, faults=("1s kill c1", "1.5s slow c2 3")))
+    open_loop = BenchSession(
+        BenchOptions(config=fleet, group="8", rate=50.0, duration_s=2.0, faults=("1s kill c1", "1.5s slow c2 3"))
+    )
     assert open_loop.plan.mode == "open" and len(open_loop.plan.schedule) == 100
     assert sorted(open_loop.fault_targets) == ["c1", "c2"]
     assert open_loop.fault_targets["c1"].pid() == 4321  # from the pipeline's status file
@@ -385,7 +452,9 @@ def test_session_builds_plans_and_fault_targets_from_options(tmp_path):
     assert closed.run_description()["transport"] == "sdk"
     trace = tmp_path / "trace.txt"
     trace.write_text("\n".join(str(t * 0.5) for t in range(11)))  # 0 .. 5 s
-    traced = BenchSession(BenchOptions(url="http://127.0.0.1:9/v1", model="m", arrival="trace", trace=trace, duration_s=2.0))
+    traced = BenchSession(
+        BenchOptions(url="http://127.0.0.1:9/v1", model="m", arrival="trace", trace=trace, duration_s=2.0)
+    )
     assert len(traced.plan.schedule) == 5  # the arrivals in the first 2 s
     with pytest.raises(BenchError, match="there is no group '9'"):
         BenchSession(BenchOptions(config=fleet, group="9", rate=1.0, requests=1))

@@ -9,12 +9,12 @@ import signal
 import pytest
 
 from model_server.bench.arrivals import build_schedule
-from model_server.errors import BenchError
 from model_server.bench.faults import parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file
 from model_server.bench.lengths import LengthRange, RequestSource, request_index
 from model_server.bench.runner import LoadPlan, Progress, run_load
 from model_server.bench.targets import IncompleteStream, StreamPiece
+from model_server.errors import BenchError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -89,7 +89,9 @@ def test_closed_loop_holds_the_concurrency_and_the_count():
     async def main():
         target = FakeTarget(gate=gate)
         plan = LoadPlan(concurrency=4, requests=50, request_timeout_s=5.0)
-        run = asyncio.create_task(run_load(target, RequestSource(output_len=LengthRange(2, 2)), plan, progress=progress))
+        run = asyncio.create_task(
+            run_load(target, RequestSource(output_len=LengthRange(2, 2)), plan, progress=progress)
+        )
         for _ in range(1000):  # let the workers block on the gate
             if progress.in_flight == 4:
                 break
@@ -113,8 +115,12 @@ def test_closed_loop_by_duration_stops_sending():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({}, "either --rate"), ({"concurrency": 2}, "needs --requests N or --duration S"),
-     ({"concurrency": 0, "requests": 1}, "--concurrency is 0"), ({"concurrency": 1, "requests": 1, "request_timeout_s": 0}, "--timeout")],
+    [
+        ({}, "either --rate"),
+        ({"concurrency": 2}, "needs --requests N or --duration S"),
+        ({"concurrency": 0, "requests": 1}, "--concurrency is 0"),
+        ({"concurrency": 1, "requests": 1, "request_timeout_s": 0}, "--timeout"),
+    ],
 )
 def test_bad_plans_are_explained(kwargs, message):
     with pytest.raises(BenchError, match=message):
@@ -134,7 +140,11 @@ def test_injector_applies_each_event_at_its_time_and_records_failures():
     injector = FaultInjector(events, targets, send_signal=lambda pid, sig: sent.append((pid, sig)))
     applied = asyncio.run(injector.run(100.0, clock=lambda: now[0], sleep=fake_sleep))
     assert [(a.event.describe(), a.applied_s, a.ok) for a in applied] == [
-        ("10s kill a", 10.0, True), ("12s slow a 3", 12.0, False), ("20s stop b", 20.0, False), ("25s resume b", 25.0, False)]
+        ("10s kill a", 10.0, True),
+        ("12s slow a 3", 12.0, False),
+        ("20s stop b", 20.0, False),
+        ("25s resume b", 25.0, False),
+    ]
     assert sent == [(4242, signal.SIGKILL)]
     assert "no simulator control URL" in applied[1].detail
     assert "no pid known for b" in applied[2].detail
@@ -144,7 +154,9 @@ def test_injector_applies_each_event_at_its_time_and_records_failures():
 
 def test_pid_from_status_file(tmp_path):
     status = tmp_path / "status.json"
-    status.write_text(json.dumps({"pipeline": {}, "servers": {"chat-1": {"pid": 123, "state": "READY"}, "chat-2": {"pid": None}}}))
+    status.write_text(
+        json.dumps({"pipeline": {}, "servers": {"chat-1": {"pid": 123, "state": "READY"}, "chat-2": {"pid": None}}})
+    )
     assert pid_from_status_file(status, "chat-1") == 123
     assert pid_from_status_file(status, "chat-2") is None
     assert pid_from_status_file(status, "chat-9") is None
@@ -183,8 +195,12 @@ def test_pending_undos_are_applied_when_the_run_ends():
 
     async def main():
         schedule = build_schedule("constant", rate=100.0, requests=20)
-        return await run_load(FakeTarget(), RequestSource(output_len=LengthRange(1, 1)), LoadPlan(schedule=schedule, request_timeout_s=5.0),
-                              injector=injector)
+        return await run_load(
+            FakeTarget(),
+            RequestSource(output_len=LengthRange(1, 1)),
+            LoadPlan(schedule=schedule, request_timeout_s=5.0),
+            injector=injector,
+        )
 
     outcome = asyncio.run(main())
     assert sent == [(4242, signal.SIGSTOP), (4242, signal.SIGCONT)]
@@ -203,26 +219,35 @@ def test_a_status_file_pid_is_signalled_only_if_it_is_still_that_process(tmp_pat
 
     me = psutil.Process()
     status = tmp_path / "status.json"
-    status.write_text(json.dumps({"servers": {"same": {"pid": os.getpid(), "create_time": me.create_time()},
-                                              "reused": {"pid": os.getpid(), "create_time": me.create_time() - 1000.0}}}))
+    status.write_text(
+        json.dumps(
+            {
+                "servers": {
+                    "same": {"pid": os.getpid(), "create_time": me.create_time()},
+                    "reused": {"pid": os.getpid(), "create_time": me.create_time() - 1000.0},
+                }
+            }
+        )
+    )
     assert pid_from_status_file(status, "same") == os.getpid()
     with pytest.raises(StalePid):
         pid_from_status_file(status, "reused")
     sent: list[tuple[int, int]] = []
     targets = {n: FaultTarget(n, None, (lambda n=n: pid_from_status_file(status, n))) for n in ("same", "reused")}
-    injector = FaultInjector(parse_faults(["0s resume same", "0s resume reused"]), targets, send_signal=lambda pid, sig: sent.append((pid, sig)))
+    injector = FaultInjector(
+        parse_faults(["0s resume same", "0s resume reused"]),
+        targets,
+        send_signal=lambda pid, sig: sent.append((pid, sig)),
+    )
     applied = asyncio.run(injector.apply(injector.events[0], 0.0)), asyncio.run(injector.apply(injector.events[1], 0.0))
     assert sent == [(os.getpid(), signal.SIGCONT)]
     assert applied[0].ok and not applied[1].ok and "StalePid" in applied[1].detail
 
 
-@pytest.mark.parametrize("without_asyncio_timeout", [False, True])
-def test_warm_up_has_a_deadline_on_every_python(monkeypatch, without_asyncio_timeout):
-    """A hung warm-up request ends at its timeout, with asyncio.timeout (3.11+) or wait_for (3.10)."""
+def test_warm_up_has_a_deadline():
+    """A hung warm-up request ends at its timeout (model_server.common.aio.within, on every Python)."""
     from model_server.bench import runner
 
-    if without_asyncio_timeout:
-        monkeypatch.setattr(runner, "_timeout", None)
     target = FakeTarget(hang={-1, -2})
 
     async def main():

@@ -27,7 +27,9 @@ def zero_sim():
 async def _open_loop(target, rate, requests, *, output_len=1, timeout_s=10.0, injector=None):
     source = RequestSource(prompt_len=LengthRange(8, 8), output_len=LengthRange(output_len, output_len))
     await warm_up(target, source, 2, timeout_s)
-    plan = LoadPlan(schedule=build_schedule("poisson", rate=rate, requests=requests, seed=5), request_timeout_s=timeout_s)
+    plan = LoadPlan(
+        schedule=build_schedule("poisson", rate=rate, requests=requests, seed=5), request_timeout_s=timeout_s
+    )
     try:
         return await run_load(target, source, plan, injector=injector)
     finally:
@@ -46,9 +48,11 @@ def _rate_check(sim, target, rate, requests):
     # The plain figure (sent / time of the last send) is looser: the last send alone sets it.
     assert result["achieved_rate"] == pytest.approx(rate, rel=0.10), lag
     assert lag["p50"] < 0.25, lag  # loose: a 2-core machine shared with other test runs
-    # No mid-run stall: 99% of sends within 50 ms of their schedule (measured p99 2-5 ms on an idle 2-core machine: ~10x headroom).
+    # No mid-run stall: 99% of sends within 50 ms of their schedule
+    # (measured p99 2-5 ms on an idle 2-core machine: ~10x headroom).
     assert lag["p99"] < 0.05, lag
-    print(f"rate {rate}/s: send lag p50 {lag['p50'] * 1000:.2f} ms, p99 {lag['p99'] * 1000:.2f} ms, max {lag['max'] * 1000:.2f} ms")
+    p50_ms, p99_ms, max_ms = (lag[k] * 1000 for k in ("p50", "p99", "max"))
+    print(f"rate {rate}/s: send lag p50 {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms, max {max_ms:.2f} ms")
     assert result["ok"] >= requests * 0.99, result["errors"]
     # the server saw them all (plus the warm-up requests)
     assert sim.stats()["by_route"]["/v1/chat/completions"] >= requests
@@ -100,11 +104,16 @@ def test_faults_on_a_schedule_show_in_the_records(transport):
         assert sim.is_alive()
     windows = _windows(outcome)
     assert [w[2] for w in windows] == ["errors", "malformed", "drop", "stop"]
-    families = {"errors": ("503",), "malformed": ("JSONDecodeError",), "drop": ("APIConnectionError", "RemoteProtocolError", "RawHTTPError", "IncompleteStream")}
+    families = {
+        "errors": ("503",),
+        "malformed": ("JSONDecodeError",),
+        "drop": ("APIConnectionError", "RemoteProtocolError", "RawHTTPError", "IncompleteStream"),
+    }
     failed = [r for r in outcome.records if not r.ok]
     seen = {kind for r in failed for kind, marks in families.items() if any(m in r.error for m in marks)}
-    assert seen == {"errors", "malformed", "drop"}, sorted({r.error for r in failed})
-    assert all(any(m in r.error for marks in families.values() for m in marks) for r in failed), sorted({r.error for r in failed})
+    errors = sorted({r.error for r in failed})
+    assert seen == {"errors", "malformed", "drop"}, errors
+    assert all(any(m in r.error for marks in families.values() for m in marks) for r in failed), errors
     first_fault, last_fault = windows[0][0], windows[-1][1]
     assert all(r.ok for r in outcome.records if r.sent_s < first_fault - 0.05 or r.sent_s > last_fault + 0.3)
     if transport is RawTarget:

@@ -28,12 +28,12 @@ import httpx
 import psutil
 import pytest
 
-from model_server.client.async_driver import AsyncModelServer
 from model_server.bench.arrivals import build_schedule
 from model_server.bench.chaos import CHAOS_KINDS, ChaosFault, chaos_schedule, healthy_at
 from model_server.bench.lengths import LengthRange, RequestSource
 from model_server.bench.runner import LoadPlan, run_load
 from model_server.bench.targets import ModelServerTarget
+from model_server.client.async_driver import AsyncModelServer
 from model_server.config import load_fleet
 from model_server.sim.process import SimProcess, free_port
 
@@ -109,7 +109,10 @@ async def _control(sim: SimProcess, path: str, body: dict | None, deadline_s: fl
 
 async def _run_chaos(fleet: Fleet, faults: list[ChaosFault], start: float) -> list[tuple[float, str]]:
     """Start and heal each fault at its time; returns what was done, when (and any control failure)."""
-    events = sorted([(f.at_s, "start", f) for f in faults] + [(f.heal_s, "heal", f) for f in faults], key=lambda e: (e[0], e[1] == "start"))
+    events = sorted(
+        [(f.at_s, "start", f) for f in faults] + [(f.heal_s, "heal", f) for f in faults],
+        key=lambda e: (e[0], e[1] == "start"),
+    )
     done: list[tuple[float, str]] = []
     revivals: dict[int, asyncio.Task] = {}
     for at_s, what, fault in events:
@@ -130,7 +133,8 @@ async def _run_chaos(fleet: Fleet, faults: list[ChaosFault], start: float) -> li
             problem = await _control(sim, "/sim/faults", fault.sim_faults())
         else:
             problem = await _control(sim, "/sim/reset", None)
-        done.append((round(time.monotonic() - start, 2), f"{what} {fault.kind} r{fault.replica}" + (f" FAILED {problem}" if problem else "")))
+        note = f"{what} {fault.kind} r{fault.replica}" + (f" FAILED {problem}" if problem else "")
+        done.append((round(time.monotonic() - start, 2), note))
     await asyncio.wait_for(asyncio.gather(*revivals.values()), REVIVAL_WAIT_S)
     return done
 
@@ -142,8 +146,13 @@ async def _load(fleet_path, fleet: Fleet, faults: list[ChaosFault]):
         await client.warmup(["8"])
         chat = ModelServerTarget(client, "8", stream=False, close_client=False)
         stream = ModelServerTarget(client, "8", stream=True, close_client=False)
-        chat_plan = LoadPlan(schedule=build_schedule("poisson", rate=12.0, requests=int(12 * LOAD_S), seed=SEED), request_timeout_s=60.0)
-        stream_plan = LoadPlan(schedule=build_schedule("poisson", rate=4.0, requests=int(4 * LOAD_S), seed=SEED + 1), request_timeout_s=60.0)
+        chat_plan = LoadPlan(
+            schedule=build_schedule("poisson", rate=12.0, requests=int(12 * LOAD_S), seed=SEED), request_timeout_s=60.0
+        )
+        stream_plan = LoadPlan(
+            schedule=build_schedule("poisson", rate=4.0, requests=int(4 * LOAD_S), seed=SEED + 1),
+            request_timeout_s=60.0,
+        )
         source = RequestSource(prompt_len=LengthRange(8, 24), output_len=LengthRange(4, 12), seed=SEED)
         start = time.monotonic()
         return start, await asyncio.gather(
@@ -161,7 +170,8 @@ def test_chaos_zero_failures_and_no_orphans(tmp_path):
     fleet = Fleet(ports)
     fleet_path = tmp_path / "fleet.toml"
     servers = "".join(
-        f'\n[[servers]]\nname = "r{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {p}\nmodel = "sim/test-model"\nserved_model_name = "chat"\n'
+        f'\n[[servers]]\nname = "r{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {p}\n'
+        'model = "sim/test-model"\nserved_model_name = "chat"\n'
         for i, p in enumerate(ports)
     )
     fleet_path.write_text(CLIENT + servers, encoding="utf-8")
@@ -186,9 +196,12 @@ def test_chaos_zero_failures_and_no_orphans(tmp_path):
         assert any(f.at_s - 0.5 <= r.sent_s <= f.heal_s + 0.5 for f in cutting), (r, cutting)
     streamed_ok = sum(r.ok for r in stream_out.records)
     assert streamed_ok >= 0.8 * len(stream_out.records)
-    print(f"chaos seed {SEED}: {len(faults)} faults {[(f.at_s, f.kind, f.replica) for f in faults]}; "
-          f"chat ok {len(chat_out.records)}/{len(chat_out.records)}, stream ok {streamed_ok}/{len(stream_out.records)}, "
-          f"chat e2e p99 {sorted(r.e2e_s for r in chat_out.records)[int(0.99 * len(chat_out.records))]:.3f}s")
+    chat_p99_s = sorted(r.e2e_s for r in chat_out.records)[int(0.99 * len(chat_out.records))]
+    print(
+        f"chaos seed {SEED}: {len(faults)} faults {[(f.at_s, f.kind, f.replica) for f in faults]}; "
+        f"chat ok {len(chat_out.records)}/{len(chat_out.records)}, stream ok {streamed_ok}/{len(stream_out.records)}, "
+        f"chat e2e p99 {chat_p99_s:.3f}s"
+    )
     # one replica was healthy the whole time (the schedule's promise, checked on the record)
     assert all(healthy_at(faults, REPLICAS, t / 10, recovery_s=4.0) for t in range(int(LOAD_S * 10)))
     # no orphan: every simulator process ever started is gone

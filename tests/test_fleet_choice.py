@@ -139,6 +139,7 @@ def test_nvml_seen_through_the_gpu_inventory(monkeypatch):
 
     fake = types.ModuleType("pynvml")
     fake.nvmlInit = lambda: None
+    fake.nvmlShutdown = lambda: None
     fake.nvmlDeviceGetCount = lambda: 1
     fake.nvmlDeviceGetHandleByIndex = lambda i: i
     fake.nvmlDeviceGetMemoryInfo = lambda h: Mem()
@@ -206,6 +207,9 @@ class _Mem:
     total = 80 * 1024 ** 3
 
 def nvmlInit():
+    pass
+
+def nvmlShutdown():
     pass
 
 def nvmlDeviceGetCount():

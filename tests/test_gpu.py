@@ -12,16 +12,8 @@ from hypothesis import strategies as st
 
 from model_server.config import GpuInventoryConfig, LaunchPolicy, MemFractionRule
 from model_server.errors import LaunchError
-from model_server.launcher.gpu import (
-    GpuReading,
-    NvmlInventory,
-    SimulatedInventory,
-    busy_gpus,
-    choose_mem_fraction,
-    is_free,
-    lowest_free_ratio,
-    make_inventory,
-)
+from model_server.launcher.gpu import NvmlInventory, SimulatedInventory, make_inventory
+from model_server.launcher.gpu_memory import GpuReading, busy_gpus, choose_mem_fraction, is_free, lowest_free_ratio
 
 RULES = LaunchPolicy().mem_fraction_policy  # the original's: >= 0.95 -> 0.80, >= 0.85 -> 0.70
 
@@ -143,7 +135,8 @@ class _Proc:
 
 
 def test_nvml_lists_the_processes_holding_each_gpu(monkeypatch) -> None:
-    from model_server.launcher.gpu import GpuProcess, gpu_processes
+    from model_server.launcher.gpu import gpu_processes
+    from model_server.launcher.gpu_memory import GpuProcess
 
     mod = _fake_pynvml()
     mod.nvmlDeviceGetComputeRunningProcesses = lambda h: [_Proc(11, 1024 * 1024 * 500)] if h == "handle-1" else []
@@ -168,7 +161,7 @@ def test_a_driver_without_process_lists_reports_none(monkeypatch) -> None:
 
 
 def test_simulated_state_file_may_name_the_holders(tmp_path) -> None:
-    from model_server.launcher.gpu import GpuProcess
+    from model_server.launcher.gpu_memory import GpuProcess
 
     state = tmp_path / "gpus.json"
     state.write_text(json.dumps({"1": {"used_mib": 300, "pids": [41, 42]}, "2": 7}))

@@ -176,3 +176,57 @@ def test_sglang_server_without_gpus_is_refused_at_launch(tmp_path: Path) -> None
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "server 'bare' (servers[0]): field 'gpus' is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- the dry run's memory fraction: from the GPUs' memory now, by the supervisor's own decision -----------
+
+GPU_STATE = {"1": 3000, "2": 9000, "3": 30000}  # of 40000 MiB: 92.5% free, 77.5% free (short), busy; GPUs 0 and 4 idle
+
+
+def local_with_gpus(tmp_path: Path) -> Path:
+    import json
+
+    from _pipeline_runs import local_copy
+
+    state = tmp_path / "gpus.json"
+    state.write_text(json.dumps(GPU_STATE))
+    config = local_copy(tmp_path, inventory=f"state_file = {json.dumps(str(state))}")
+    config.write_text(config.read_text().replace("total_mib = 81920", "total_mib = 40000"))
+    return config
+
+
+def test_dry_run_chooses_the_memory_fraction_the_supervisor_would(tmp_path: Path) -> None:
+    from model_server.launcher.events import BareEvent, GpusRead
+    from model_server.launcher.gpu import make_inventory
+    from model_server.launcher.pipeline import dry_run_commands, plan
+    from model_server.launcher.steps import Settings, Supervision, step
+
+    p = plan(local_with_gpus(tmp_path))
+    lines = {line.server: line for line in dry_run_commands(p)}
+    assert {n: line.mem_fraction for n, line in lines.items()} == {
+        "chat-1": 0.7, "chat-2": None, "chat-3": 0.8, "embed-1": 0.8, "embed-2": 0.8,
+    }  # fmt: skip
+    argv = lines["chat-1"].command.argv
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.7" and lines["chat-1"].basis == "GPU 1: 3000 of 40000 MiB used"
+    assert lines["chat-2"].command is None
+    assert "GPU memory is not enough: GPU 2: 9000 of 40000 MiB used (77.5% free)" in lines["chat-2"].basis
+    assert "busy now (GPU 3: 30000 of 40000 MiB used), so a real run waits for them; this is for idle GPUs" in lines["chat-3"].basis
+    inventory = make_inventory(p.fleet.gpu_inventory)
+    for s in p.servers:  # the supervisor, given the same readings, starts with the same fraction
+        if s.name in ("chat-2", "chat-3"):
+            continue
+        state, _ = step(Supervision(Settings(s, p.fleet.launch, "log", rand=lambda: 0.5)), BareEvent.TICK, 0.0)
+        state, _ = step(state, GpusRead(tuple(inventory.read(s.gpus))), 0.0)
+        assert state.phase.mem_fraction == lines[s.name].mem_fraction, s.name
+
+
+def test_dry_run_prints_the_chosen_fraction_and_exits_1_for_a_server_it_would_refuse(tmp_path: Path) -> None:
+    config = local_with_gpus(tmp_path)
+    cmd = [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), "--dry-run"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    fractions = sorted(shlex.split(line)[shlex.split(line).index("--mem-fraction-static") + 1] for line in out.stdout.splitlines())
+    assert fractions == ["0.7", "0.8", "0.8", "0.8"]  # chat-2 is refused: no command for it
+    assert "dry run: server chat-1: --mem-fraction-static 0.7 (GPU 1: 3000 of 40000 MiB used)" in out.stderr
+    assert "dry run: server chat-2 would not start: server 'chat-2': GPU memory is not enough" in out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "logs").exists()  # nothing started, nothing written

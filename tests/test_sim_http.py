@@ -17,10 +17,11 @@ import psutil
 import pytest
 from _waiting import wait_for
 
+from model_server.common.urls import bearer_headers
 from model_server.sim.process import SimProcess, free_port
 
 KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = bearer_headers(KEY)
 FAST = ["--ttft-ms", "2", "--tpot-ms", "0.2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0.05"]
 CHAT = [{"role": "user", "content": "Say hello, please."}]
 
@@ -150,7 +151,7 @@ def test_info_routes_say_simulator(server: SimProcess) -> None:
     assert [(m["id"], m["root"]) for m in models["data"]] == [("sim-chat", "sim-chat")]  # root: the served name
     log = server.log_text()
     assert "simulated SGLang engine" in log
-    assert f"server_args={{'model_path': 'sim/test-model'" in log and f"'api_key': '{KEY}'" in log  # as SGLang logs
+    assert "server_args={'model_path': 'sim/test-model'" in log and f"'api_key': '{KEY}'" in log  # as SGLang logs
 
 
 # --- auth, errors ---
@@ -159,7 +160,7 @@ def test_info_routes_say_simulator(server: SimProcess) -> None:
 def test_api_key_required_except_health(server: SimProcess) -> None:
     url = server.base_url + "/models"
     assert httpx.get(url, timeout=5).status_code == 401
-    wrong = httpx.get(url, headers={"Authorization": "Bearer nope"}, timeout=5)
+    wrong = httpx.get(url, headers=bearer_headers("nope"), timeout=5)
     assert wrong.status_code == 401 and wrong.json() == {"error": "Unauthorized"}
     assert httpx.get(url, headers=AUTH, timeout=5).status_code == 200
     for path in ("/health", "/health_generate", "/ready", "/metrics"):
@@ -355,7 +356,8 @@ def test_refuses_connections_while_loading_then_503_while_warming_up() -> None:
                 return None
 
         assert status("/health") is None and status("/v1/models") is None  # nothing listens while loading
-        assert wait_for(lambda: status("/health"), 20.0, "/health to answer") == 503  # warming up: its warm-up request takes the 0.8 s TTFT
+        # warming up: its warm-up request takes the 0.8 s TTFT
+        assert wait_for(lambda: status("/health"), 20.0, "/health to answer") == 503
         assert time.monotonic() - started >= 0.9
         assert status("/health_generate") == 503 and status("/ready") == 503
         assert status("/v1/models") == 200  # the other routes answer, as SGLang's do
@@ -437,7 +439,7 @@ def test_in_process_app_through_asgi_transport() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
             denied = await client.get("/v1/models")
             body = {"model": "m", "messages": CHAT, "max_tokens": 3}
-            reply = await client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
+            reply = await client.post("/v1/chat/completions", json=body, headers=bearer_headers("k"))
             return denied.status_code, reply.json()
 
     status, reply = asyncio.run(scenario())

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from model_server.sim import text as simtext
 from model_server.sim.engine import CRASH_EXIT_STATUS, SimEngine
-from model_server.sim.faults import FaultAction, FaultError, Faults, decide
+from model_server.sim.faults import FaultError, Faults, ReplyFault, decide
 from model_server.sim.latency import MIN_SLICE_S, LatencyModel, RunningBatch, tokens_per_slice
 from model_server.sim.metrics import ThroughputMeter
 from model_server.sim.settings import SimSettings, parse_sim_args
@@ -76,38 +76,38 @@ def test_running_batch_bounds_concurrency_and_counts_queue() -> None:
 def test_no_faults_proceed_without_drawing() -> None:
     rng = random.Random(1)
     before = rng.getstate()
-    assert decide(Faults(), request_number=1, stream=True, rng=rng) is FaultAction.PROCEED
+    assert decide(Faults(), request_number=1, stream=True, rng=rng) is ReplyFault.PROCEED
     assert rng.getstate() == before
 
 
 @pytest.mark.parametrize(
     ("faults", "stream", "expected"),
     [
-        (Faults(error_rate=1.0), False, FaultAction.ERROR),
-        (Faults(malformed_rate=1.0), False, FaultAction.MALFORMED),
-        (Faults(drop_stream_rate=1.0), True, FaultAction.DROP_STREAM),
-        (Faults(drop_stream_rate=1.0), False, FaultAction.PROCEED),  # only streams can be cut
-        (Faults(hang=True, error_rate=1.0), False, FaultAction.HANG),  # hang wins over error
-        (Faults(crash_after=1, hang=True), False, FaultAction.CRASH),  # crash wins over all
+        (Faults(error_rate=1.0), False, ReplyFault.ERROR),
+        (Faults(malformed_rate=1.0), False, ReplyFault.MALFORMED),
+        (Faults(drop_stream_rate=1.0), True, ReplyFault.DROP_STREAM),
+        (Faults(drop_stream_rate=1.0), False, ReplyFault.PROCEED),  # only streams can be cut
+        (Faults(hang=True, error_rate=1.0), False, ReplyFault.HANG),  # hang wins over error
+        (Faults(crash_after=1, hang=True), False, ReplyFault.CRASH),  # crash wins over all
     ],
 )
-def test_fault_decisions(faults: Faults, stream: bool, expected: FaultAction) -> None:
+def test_fault_decisions(faults: Faults, stream: bool, expected: ReplyFault) -> None:
     assert decide(faults, request_number=1, stream=stream, rng=random.Random(0)) is expected
 
 
 def test_crash_after_counts_requests() -> None:
     f = Faults(crash_after=3)
     actions = [decide(f, request_number=n, stream=False, rng=random.Random(0)) for n in (1, 2, 3)]
-    assert actions == [FaultAction.PROCEED, FaultAction.PROCEED, FaultAction.CRASH]
+    assert actions == [ReplyFault.PROCEED, ReplyFault.PROCEED, ReplyFault.CRASH]
 
 
 def test_error_rate_is_a_share_and_reproducible() -> None:
-    def run(seed: int) -> list[FaultAction]:
+    def run(seed: int) -> list[ReplyFault]:
         rng = random.Random(seed)
         return [decide(Faults(error_rate=0.3), request_number=i, stream=False, rng=rng) for i in range(1, 4001)]
 
     first = run(7)
-    share = first.count(FaultAction.ERROR) / len(first)
+    share = first.count(ReplyFault.ERROR) / len(first)
     assert 0.25 < share < 0.35
     assert run(7) == first
     assert run(8) != first
@@ -127,6 +127,26 @@ def test_error_rate_is_a_share_and_reproducible() -> None:
 def test_bad_fault_settings_are_named(changes: dict, needle: str) -> None:
     with pytest.raises(FaultError, match=needle):
         Faults().updated(changes)
+
+
+def test_every_fault_has_a_rule_its_default_meets() -> None:
+    assert Faults().updated(Faults().as_dict()) == Faults()  # an unknown name or a bad value would raise
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"drop_stream_rate": True}, "drop_stream_rate must be a number between 0 and 1, got True"),
+        ({"error_status": 600}, "error_status must be an HTTP error status 400-599, got 600"),
+        ({"slow_factor": float("inf")}, "slow_factor must be a number > 0, got inf"),
+        ({"crash_after_tokens": -1}, "crash_after_tokens must be an integer >= 0 or null, got -1"),
+        ({"hang_before_first_token": 1}, "hang_before_first_token must be true or false, got 1"),
+    ],
+)
+def test_fault_messages_say_what_the_value_must_be(changes: dict, message: str) -> None:
+    with pytest.raises(FaultError) as err:
+        Faults().updated(changes)
+    assert str(err.value) == message
 
 
 def test_faults_update_is_a_copy() -> None:
@@ -278,6 +298,12 @@ def test_defaults_and_sglang_flags() -> None:
     assert s.log_level == "info" and s.health_generate_s == 1.0  # SGLang's default level and health poll
 
 
+def test_flag_defaults_are_the_settings_defaults() -> None:
+    """One home for the defaults: no flag given means SimSettings' own value, faults off as Faults() has them."""
+    assert parse_sim_args(["--model-path", "m"]) == SimSettings(model_path="m")
+    assert Faults.from_settings(SimSettings(model_path="m")) == Faults()
+
+
 def test_server_args_are_sglangs_key_included(tmp_path) -> None:
     """SGLang logs (and /server_info returns) the resolved args with the key in clear; so does the sim."""
     cfg = tmp_path / "k.yaml"
@@ -314,6 +340,10 @@ def test_max_running_requests_comes_from_the_simulated_kv_pool(argv: list[str], 
         (["--model-path", "m", "--port", "70000"], "--port"),
         (["--model-path", "m", "--log-level", "chatty"], "--log-level"),
         (["--model-path", "m", "--config", "settings.txt"], "Config file must be YAML format, got: .txt"),
+        (["--model-path", "m", "--tpot-ms", "nan"], "argument --tpot-ms: nan must be a number >= 0"),
+        (["--model-path", "m", "--slow-factor", "0"], "argument --slow-factor: 0 must be a number > 0"),
+        (["--model-path", "m", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["--model-path", "m", "--crash-after", "x"], "argument --crash-after: invalid integer >= 1 value: 'x'"),
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

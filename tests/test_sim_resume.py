@@ -24,7 +24,11 @@ JSON = {"Content-Type": "application/json"}
 CHATS = [
     [{"role": "user", "content": "Tell me a story."}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "2?"}],
+    [
+        {"role": "user", "content": "第一个问题"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "2?"},
+    ],
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 
+from model_server.common.urls import bearer_headers
 from model_server.sim.app import create_app
 from model_server.sim.settings import parse_sim_args
 
@@ -352,7 +353,7 @@ def test_12_admin_key_guards_admin_routes_and_bearer_is_case_blind() -> None:
     async def body(c: httpx.AsyncClient) -> dict[str, int]:
         api = {"Authorization": "bearer user-key"}
         preflight = {"Origin": "http://a", "Access-Control-Request-Method": "GET"}
-        admin = {"Authorization": "Bearer admin-key"}
+        admin = bearer_headers("admin-key")
         return {
             "flush with api key": (await c.post("/flush_cache", headers=api)).status_code,
             "flush with admin key": (await c.post("/flush_cache", headers=admin)).status_code,

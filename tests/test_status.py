@@ -14,8 +14,9 @@ import pytest
 from _waiting import wait_for as wait_until
 from _pipeline_runs import fake_engine, free_port
 
-from model_server.launcher import processes as procs
+from model_server.common.processes import same_process
 from model_server.errors import LaunchError
+from model_server.launcher import processes as procs
 from model_server.launcher.command import LaunchCommand
 from model_server.launcher.status_file import (
     ServerStatus,
@@ -25,7 +26,6 @@ from model_server.launcher.status_file import (
     cleanup_stale,
     load_status,
     read_status,
-    same_process,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from _waiting import wait_for as wait_until
 
 from model_server.config import LaunchPolicy, ServerSpec
-from model_server.launcher.gpu import GpuReading
+from model_server.launcher.gpu_memory import GpuReading
 from model_server.launcher.lifecycle import (
     RestartHistory,
     ServerState,
@@ -21,7 +20,8 @@ from model_server.launcher.lifecycle import (
     transition,
 )
 from model_server.launcher.status_file import ServerStatus, StatusBoard
-from model_server.launcher.supervisor import Deps, ServerSupervisor, health_url
+from model_server.launcher.steps import health_url
+from model_server.launcher.supervisor import Deps, ServerSupervisor
 
 S = ServerState
 
@@ -337,7 +337,7 @@ def test_the_key_file_exists_only_while_the_engine_starts(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(20)
 def test_waiting_for_a_gpu_names_the_processes_that_hold_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from model_server.launcher.gpu import GpuProcess
+    from model_server.launcher.gpu_memory import GpuProcess
 
     caplog.set_level(logging.INFO, logger="model_server.launcher.supervisor")
     world = World(["ok"], busy_reads=2)
@@ -380,7 +380,7 @@ def test_a_pipeline_removes_the_key_files_an_earlier_run_left(tmp_path: Path, ca
 
 
 def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pytest.LogCaptureFixture) -> None:
-    from model_server.launcher.gpu import GpuProcess
+    from model_server.launcher.gpu_memory import GpuProcess
     from model_server.launcher.pipeline import _report_gpu_holders
 
     caplog.set_level(logging.ERROR, logger="model_server.launcher.pipeline")
@@ -398,25 +398,28 @@ def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pyte
 
 def test_the_launcher_modules_pin_their_surface() -> None:
     from model_server.launcher import engine_log as enginelog
-    from model_server.launcher import pipeline, redact, rundir, supervisor
+    from model_server.launcher import pipeline, redact, rundir, steps, supervisor
     from model_server.launcher import processes as procs
     from model_server.launcher import status_file as status
 
-    assert sorted(supervisor.__all__) == ["Deps", "ServerSupervisor", "hang_bounds_s", "health_url", "probe_health"]
-    assert sorted(pipeline.__all__) == ["Pipeline", "Plan", "STOP_SIGNALS", "dry_run_commands", "fleet_redactor", "plan"]
+    assert sorted(supervisor.__all__) == ["Deps", "ServerSupervisor", "probe_health"]
+    assert sorted(steps.__all__) == ["Settings", "Supervision", "exit_cause", "hang_bounds_s", "health_url", "step"]
+    assert sorted(pipeline.__all__) == sorted(
+        ["DryRunCommand", "Pipeline", "Plan", "STOP_SIGNALS", "dry_run_commands", "fleet_redactor", "plan"]
+    )
     assert sorted(status.__all__) == sorted(
-        ["ServerStatus", "StatusBoard", "StatusFile", "StatusLock", "Worker", "cleanup_stale", "identified_process",
-         "load_status", "owner_tag", "read_status", "same_process"]
+        ["ServerStatus", "StatusBoard", "StatusFile", "StatusLock", "Worker", "cleanup_stale", "load_status",
+         "owner_tag", "read_status"]
     )  # fmt: skip
     assert sorted(redact.__all__) == ["MASK", "RedactingFilter", "Redactor", "Secret"]
     assert sorted(enginelog.__all__) == ["IDLE_FLUSH_S", "LogPump", "open_log", "write_redacted"]
     assert "tagged_processes" in procs.__all__ and "port_holder" in procs.__all__ and "check_writable" in rundir.__all__
-    for module in (enginelog, pipeline, procs, redact, rundir, status, supervisor):
+    for module in (enginelog, pipeline, procs, redact, rundir, status, steps, supervisor):
         assert all(hasattr(module, name) for name in module.__all__), module.__name__
 
 
 def test_hang_bounds_follow_the_settings() -> None:
-    from model_server.launcher.supervisor import hang_bounds_s
+    from model_server.launcher.steps import hang_bounds_s
 
     assert hang_bounds_s(LaunchPolicy(engine="sim", health_interval_s=1, health_timeout_s=3, health_failures_to_restart=2)) == (4, 8)
     assert hang_bounds_s(LaunchPolicy()) == (70, 105)  # configs/servers.toml's: every 10 s, 25 s timeout, 3 in a row

@@ -73,7 +73,10 @@ def read_trace(path: str | Path) -> tuple[float, ...]:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as err:
-        raise BenchError(f"trace file {file}: cannot read it ({err.strerror or err}). Give an existing text file with one arrival time in seconds per line.") from err
+        raise BenchError(
+            f"trace file {file}: cannot read it ({err.strerror or err}). Give an existing text file with one "
+            "arrival time in seconds per line."
+        ) from err
     times: list[float] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -85,15 +88,25 @@ def read_trace(path: str | Path) -> tuple[float, ...]:
         except ValueError:
             if not times and number == 1:
                 continue  # a header line
-            raise BenchError(f"trace file {file}, line {number}: {field!r} is not a number. Each line must start with an arrival time in seconds.") from None
+            raise BenchError(
+                f"trace file {file}, line {number}: {field!r} is not a number. Each line must start with an "
+                "arrival time in seconds."
+            ) from None
         if not math.isfinite(value):
-            raise BenchError(f"trace file {file}, line {number}: {field!r} is not a finite time. Give arrival times in seconds.")
+            raise BenchError(
+                f"trace file {file}, line {number}: {field!r} is not a finite time. Give arrival times in seconds."
+            )
         times.append(value)
     if len(times) < 2:
-        raise BenchError(f"trace file {file}: it holds {len(times)} arrival time(s); give at least two (one per line, in seconds).")
+        raise BenchError(
+            f"trace file {file}: it holds {len(times)} arrival time(s); give at least two (one per line, in seconds)."
+        )
     times.sort()
     if times[-1] == times[0]:
-        raise BenchError(f"trace file {file}: all arrival times are equal, so it has no rate. Give times in seconds that spread over an interval.")
+        raise BenchError(
+            f"trace file {file}: all arrival times are equal, so it has no rate. Give times in seconds that spread "
+            "over an interval."
+        )
     return tuple(times)
 
 
@@ -118,7 +131,9 @@ def build_schedule(
     if rate is not None and not (rate > 0 and math.isfinite(rate)):
         raise BenchError(f"--rate is {rate}: give a positive number of requests per second.")
     if cv < 0 or not math.isfinite(cv):
-        raise BenchError(f"--cv is {cv}: the coefficient of variation of the gaps must be >= 0 (1 is Poisson, > 1 bursty).")
+        raise BenchError(
+            f"--cv is {cv}: the coefficient of variation of the gaps must be >= 0 (1 is Poisson, > 1 bursty)."
+        )
     if kind is ArrivalKind.trace:
         if not trace:
             raise BenchError("--arrival trace needs --trace FILE: a file of arrival times in seconds, one per line.")
@@ -133,7 +148,9 @@ def build_schedule(
         own_rate = len(gaps) / sum(gaps)
         return ArrivalSchedule(kind, _normalised(gaps, rate or own_rate))
     if rate is None or requests is None:
-        raise BenchError(f"--arrival {kind.value} needs a rate (--rate) and a number of requests (--requests or --duration).")
+        raise BenchError(
+            f"--arrival {kind.value} needs a rate (--rate) and a number of requests (--requests or --duration)."
+        )
     rng = random.Random(seed)
     if kind is ArrivalKind.constant or (kind is ArrivalKind.gamma and cv == 0):
         gaps = [1.0] * requests

@@ -35,9 +35,17 @@ class ChaosFault:
         }.get(self.kind)
 
 
-def chaos_schedule(seed: int, replicas: int, *, duration_s: float, start_s: float = 1.0, gap_s: tuple[float, float] = (0.6, 1.6),
-                   lasting_s: tuple[float, float] = (1.5, 4.0), kinds: tuple[str, ...] = CHAOS_KINDS,
-                   recovery_s: float = 4.0) -> list[ChaosFault]:
+def chaos_schedule(
+    seed: int,
+    replicas: int,
+    *,
+    duration_s: float,
+    start_s: float = 1.0,
+    gap_s: tuple[float, float] = (0.6, 1.6),
+    lasting_s: tuple[float, float] = (1.5, 4.0),
+    kinds: tuple[str, ...] = CHAOS_KINDS,
+    recovery_s: float = 4.0,
+) -> list[ChaosFault]:
     """Faults in [start_s, duration_s), every kind at least once when there is room, never all replicas at once."""
     if replicas < 2:
         raise ValueError("chaos needs at least two replicas: one must always stay healthy")

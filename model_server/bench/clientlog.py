@@ -44,7 +44,10 @@ OWN_OUTPUT = ("model_server.bench", "model_server.cli")  # the bench's own lines
 
 
 def _under(name: str, *roots: str) -> bool:
-    """``name`` is one of the loggers ``roots`` or a child of one (``model_server.client`` is not under ``model_server.cli``)."""
+    """``name`` is one of the loggers ``roots`` or a child of one.
+
+    (``model_server.client`` is not under ``model_server.cli``.)
+    """
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
@@ -55,7 +58,8 @@ class EventKind(str, Enum):
     FAILOVER = "failover"  # a request left a replica for another
     BREAKER = "breaker"  # a replica's circuit breaker changed state
     RESUME = "resume"  # a broken stream went on on another replica
-    OTHER = "other"  # any other warning of the client (a stream broke, a replica is degraded, a probe round found no one)
+    # any other warning of the client (a stream broke, a replica is degraded, a probe round found no one)
+    OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,9 @@ def _name_pattern(servers: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile(r"(?<![\w.@:-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w@:-]|\.\w)")
 
 
-def classify(template: str, text: str, level: int, servers: Sequence[str] | re.Pattern[str] | None) -> ClientEvent | None:
+def classify(
+    template: str, text: str, level: int, servers: Sequence[str] | re.Pattern[str] | None
+) -> ClientEvent | None:
     """Pure: the event a client record stands for, or None (a line below WARNING that is not a breaker change).
 
     ``template`` is the record's format string (``record.msg``), ``text`` the formatted message.
@@ -204,7 +210,9 @@ the client's other warnings that name it (such as "degraded");
             out.append(None)
             continue
         later = [s for s, _srv, undo in starts if s is not None and s > at and not undo]
-        end_same = min((s for s, srv, undo in starts if s is not None and s > at and not undo and srv == server), default=end_s)
+        end_same = min(
+            (s for s, srv, undo in starts if s is not None and s > at and not undo and srv == server), default=end_s
+        )
         end_any = min(later, default=end_s)
         mine = [(t, e) for t, e in timed if at <= t < end_same and e.replica == server]
         failovers = [t for t, e in mine if e.kind is EventKind.FAILOVER]

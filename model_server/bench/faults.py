@@ -33,10 +33,12 @@ from enum import Enum
 
 from model_server.errors import BenchError
 
-__all__ = ["FaultAction", "FaultEvent", "parse_duration_s", "parse_fault", "parse_faults"]
+__all__ = ["FaultEvent", "ServerAction", "parse_duration_s", "parse_fault", "parse_faults"]
 
 
-class FaultAction(str, Enum):
+class ServerAction(str, Enum):
+    """What a scheduled fault does to one server: a signal to its process, or a change of its simulated faults."""
+
     kill = "kill"
     term = "term"
     stop = "stop"
@@ -50,12 +52,41 @@ class FaultAction(str, Enum):
     heal = "heal"
 
 
-_ALIASES = {"cont": "resume", "sigkill": "kill", "sigterm": "term", "sigstop": "stop", "sigcont": "resume", "reset": "heal", "drop-stream": "drop"}
-_SIGNALS = {FaultAction.kill: signal.SIGKILL, FaultAction.term: signal.SIGTERM, FaultAction.stop: signal.SIGSTOP, FaultAction.resume: signal.SIGCONT}
-_DEFAULT_VALUE = {FaultAction.errors: 1.0, FaultAction.slow: 10.0, FaultAction.malformed: 1.0, FaultAction.drop: 1.0}
-_UNDO = {FaultAction.stop: FaultAction.resume, FaultAction.hang: FaultAction.unhang, FaultAction.errors: FaultAction.errors,
-         FaultAction.slow: FaultAction.slow, FaultAction.malformed: FaultAction.malformed, FaultAction.drop: FaultAction.drop}
-_UNDO_VALUE = {FaultAction.errors: 0.0, FaultAction.slow: 1.0, FaultAction.malformed: 0.0, FaultAction.drop: 0.0}
+_ALIASES = {
+    "cont": "resume",
+    "sigkill": "kill",
+    "sigterm": "term",
+    "sigstop": "stop",
+    "sigcont": "resume",
+    "reset": "heal",
+    "drop-stream": "drop",
+}
+_SIGNALS = {
+    ServerAction.kill: signal.SIGKILL,
+    ServerAction.term: signal.SIGTERM,
+    ServerAction.stop: signal.SIGSTOP,
+    ServerAction.resume: signal.SIGCONT,
+}
+_DEFAULT_VALUE = {  # the rate or factor of a spec that gives none
+    ServerAction.errors: 1.0,
+    ServerAction.slow: 10.0,
+    ServerAction.malformed: 1.0,
+    ServerAction.drop: 1.0,
+}
+_UNDO = {  # what 'for D' schedules D later: a rate or a factor is set back to its value in _UNDO_VALUE
+    ServerAction.stop: ServerAction.resume,
+    ServerAction.hang: ServerAction.unhang,
+    ServerAction.errors: ServerAction.errors,
+    ServerAction.slow: ServerAction.slow,
+    ServerAction.malformed: ServerAction.malformed,
+    ServerAction.drop: ServerAction.drop,
+}
+_UNDO_VALUE = {
+    ServerAction.errors: 0.0,
+    ServerAction.slow: 1.0,
+    ServerAction.malformed: 0.0,
+    ServerAction.drop: 0.0,
+}
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?$")
 _STATUS = re.compile(r"^([45]\d\d)s$")
 _HELP = ("Write it as '<time> <action> <server> [value] [for <duration>]', e.g. '10s kill chat-1', "
@@ -77,7 +108,7 @@ class FaultEvent:
     """One fault at one time on one server."""
 
     at_s: float
-    action: FaultAction
+    action: ServerAction
     server: str
     value: float | None = None  # a rate or a slow factor
     status: int | None = None  # for errors: the HTTP status the sim answers
@@ -90,29 +121,35 @@ class FaultEvent:
 
     def sim_faults(self) -> dict | None:
         """The JSON body for POST /sim/faults, for simulator faults (heal: {} means /sim/reset)."""
-        if self.action is FaultAction.hang:
+        if self.action is ServerAction.hang:
             return {"hang": True}
-        if self.action is FaultAction.unhang:
+        if self.action is ServerAction.unhang:
             return {"hang": False}
-        if self.action is FaultAction.errors:
+        if self.action is ServerAction.errors:
             return {"error_rate": self.value, "error_status": self.status or 500}
-        if self.action is FaultAction.slow:
+        if self.action is ServerAction.slow:
             return {"slow_factor": self.value}
-        if self.action is FaultAction.malformed:
+        if self.action is ServerAction.malformed:
             return {"malformed_rate": self.value}
-        if self.action is FaultAction.drop:
+        if self.action is ServerAction.drop:
             return {"drop_stream_rate": self.value}
-        if self.action is FaultAction.heal:
+        if self.action is ServerAction.heal:
             return {}
         return None
 
     def describe(self) -> str:
-        name = f"{self.status}s" if self.action is FaultAction.errors else self.action.value
+        name = f"{self.status}s" if self.action is ServerAction.errors else self.action.value
         value = "" if self.value is None else f" {self.value:g}"
         return f"{self.at_s:g}s {name} {self.server}{value}"
 
     def as_dict(self) -> dict:
-        return {"at_s": self.at_s, "action": self.action.value, "server": self.server, "value": self.value, "status": self.status}
+        return {
+            "at_s": self.at_s,
+            "action": self.action.value,
+            "server": self.server,
+            "value": self.value,
+            "status": self.status,
+        }
 
 
 def parse_fault(spec: str) -> list[FaultEvent]:
@@ -128,13 +165,13 @@ def parse_fault(spec: str) -> list[FaultEvent]:
         status = None
         status_match = _STATUS.match(word)
         if status_match:
-            action, status = FaultAction.errors, int(status_match.group(1))
+            action, status = ServerAction.errors, int(status_match.group(1))
         else:
             try:
-                action = FaultAction(_ALIASES.get(word, word))
+                action = ServerAction(_ALIASES.get(word, word))
             except ValueError:
                 raise ValueError(f"{words[1]!r} is not a fault action") from None
-            if action is FaultAction.errors:
+            if action is ServerAction.errors:
                 status = 500
         server = words[2]
         rest = words[3:]
@@ -147,9 +184,9 @@ def parse_fault(spec: str) -> list[FaultEvent]:
             if len(rest) > 1 or action not in _DEFAULT_VALUE:
                 raise ValueError(f"{' '.join(rest)!r} is not understood after '{words[1]} {server}'")
             value = float(rest[0])
-        if action in (FaultAction.errors, FaultAction.malformed, FaultAction.drop) and not 0 <= value <= 1:
+        if action in (ServerAction.errors, ServerAction.malformed, ServerAction.drop) and not 0 <= value <= 1:
             raise ValueError(f"the rate {value:g} is not a share between 0 and 1")
-        if action is FaultAction.slow and not value > 0:
+        if action is ServerAction.slow and not value > 0:
             raise ValueError(f"the slow factor {value:g} must be positive")
         events.append(FaultEvent(at_s, action, server, value, status))
         if lasting_s is not None:
@@ -164,7 +201,9 @@ def parse_fault(spec: str) -> list[FaultEvent]:
     return events
 
 
-def parse_faults(specs: list[str] | tuple[str, ...], servers: list[str] | tuple[str, ...] | None = None) -> tuple[FaultEvent, ...]:
+def parse_faults(
+    specs: list[str] | tuple[str, ...], servers: list[str] | tuple[str, ...] | None = None
+) -> tuple[FaultEvent, ...]:
     """Every ``--fault``, sorted by time; ``servers`` (when known) must name each target."""
     events = [event for spec in specs for event in parse_fault(spec)]
     if servers is not None:

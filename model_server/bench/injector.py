@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
 import httpx
-import psutil
 
 from model_server.bench.faults import FaultEvent
+from model_server.common.processes import listening_pid, same_process
 from model_server.errors import LaunchError
-from model_server.launcher.status_file import read_status, same_process
+from model_server.launcher.status_file import read_status
 
 __all__ = ["AppliedFault", "FaultInjector", "FaultTarget", "StalePid", "pid_from_status_file", "pid_listening_on"]
 
@@ -56,14 +56,7 @@ def pid_from_status_file(path: str | Path, server: str) -> int | None:
 
 def pid_listening_on(host: str, port: int) -> int | None:
     """The pid of a process of this user listening on host:port (or on a wildcard address)."""
-    try:
-        connections = psutil.net_connections(kind="tcp")
-    except (psutil.AccessDenied, OSError):
-        return None
-    for c in connections:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.laddr.ip in (host, "0.0.0.0", "::") and c.pid:
-            return c.pid
-    return None
+    return listening_pid(port, (host, "0.0.0.0", "::"))
 
 
 @dataclass(frozen=True)

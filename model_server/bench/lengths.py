@@ -53,10 +53,14 @@ def parse_length(text: str | int, *, option: str, minimum: int = 1) -> LengthRan
     except ValueError:
         values = []
     if len(values) not in (1, 2):
-        raise BenchError(f"{option} is {raw!r}: give a whole number (fixed, e.g. 128) or a range low:high (uniform, e.g. 64:256).")
+        raise BenchError(
+            f"{option} is {raw!r}: give a whole number (fixed, e.g. 128) or a range low:high (uniform, e.g. 64:256)."
+        )
     low, high = values[0], values[-1]
     if low < minimum or high < low:
-        raise BenchError(f"{option} is {raw!r}: lengths must be >= {minimum} and a range's low end must not exceed its high end.")
+        raise BenchError(
+            f"{option} is {raw!r}: lengths must be >= {minimum} and a range's low end must not exceed its high end."
+        )
     return LengthRange(low, high)
 
 
@@ -98,7 +102,10 @@ def load_dataset(path: str | Path) -> tuple[tuple[str, int | None], ...]:
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise BenchError(f"dataset {file}: cannot read it ({err.strerror or err}). Give a JSONL file with one {{\"prompt\": ..., \"output_len\": ...}} per line.") from err
+        raise BenchError(
+            f'dataset {file}: cannot read it ({err.strerror or err}). Give a JSONL file with one {{"prompt": '
+            '..., "output_len": ...} per line.'
+        ) from err
     rows: list[tuple[str, int | None]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -106,15 +113,19 @@ def load_dataset(path: str | Path) -> tuple[tuple[str, int | None], ...]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise BenchError(f"dataset {file}, line {number}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
+            raise BenchError(
+                f"dataset {file}, line {number}: not valid JSON ({err.msg}). Each line must be one JSON object."
+            ) from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
             raise BenchError(f"dataset {file}, line {number}: needs a non-empty string field \"prompt\".")
         out = item.get("output_len")
         if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
-            raise BenchError(f"dataset {file}, line {number}: \"output_len\" is {out!r}; give a whole number >= 1 or leave it out.")
+            raise BenchError(
+                f'dataset {file}, line {number}: "output_len" is {out!r}; give a whole number >= 1 or leave it out.'
+            )
         rows.append((item["prompt"], out))
     if not rows:
-        raise BenchError(f"dataset {file}: it has no requests. Add lines like {{\"prompt\": \"...\", \"output_len\": 128}}.")
+        raise BenchError(f'dataset {file}: it has no requests. Add lines like {{"prompt": "...", "output_len": 128}}.')
     return tuple(rows)
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from model_server.errors import BenchError
 from model_server.bench.stats import RequestRecord
+from model_server.errors import BenchError
 
 __all__ = ["plot_run"]
 
 
-def plot_run(records: Sequence[RequestRecord], faults: Sequence[dict], path: str | Path, title: str = "model-server bench") -> Path:
+def plot_run(
+    records: Sequence[RequestRecord], faults: Sequence[dict], path: str | Path, title: str = "model-server bench"
+) -> Path:
     """Left: CDF of TTFT and E2E; right: E2E of each request by send time, failures as x, faults as lines."""
     try:
         import matplotlib
@@ -22,7 +24,10 @@ def plot_run(records: Sequence[RequestRecord], faults: Sequence[dict], path: str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise BenchError("--plot needs matplotlib, which is not installed. Fix: pip install -e '.[bench]' in the checkout (or pip install matplotlib).") from err
+        raise BenchError(
+            "--plot needs matplotlib, which is not installed. Fix: pip install -e '.[bench]' in the checkout (or "
+            "pip install matplotlib)."
+        ) from err
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     fig, (cdf, over_time) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -37,7 +42,14 @@ def plot_run(records: Sequence[RequestRecord], faults: Sequence[dict], path: str
     cdf.legend()
     over_time.scatter([r.sent_s for r in ok], [(r.e2e_s or 0.0) * 1000 for r in ok], s=4, label="E2E ok")
     if failed:
-        over_time.scatter([r.sent_s for r in failed], [(r.e2e_s or 0) * 1000 for r in failed], s=12, marker="x", color="red", label="failed")
+        over_time.scatter(
+            [r.sent_s for r in failed],
+            [(r.e2e_s or 0) * 1000 for r in failed],
+            s=12,
+            marker="x",
+            color="red",
+            label="failed",
+        )
     for fault in faults:
         at = fault.get("applied_s") if fault.get("applied_s") is not None else fault.get("at_s")
         over_time.axvline(at, color="grey", linestyle="--", linewidth=1)
@@ -55,7 +67,9 @@ def plot_run(records: Sequence[RequestRecord], faults: Sequence[dict], path: str
         file.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(file, dpi=110)
     except OSError as err:
-        raise BenchError(f"--plot {file}: cannot write the image ({err.strerror or err}). Give a path in a writable directory.") from err
+        raise BenchError(
+            f"--plot {file}: cannot write the image ({err.strerror or err}). Give a path in a writable directory."
+        ) from err
     finally:
         plt.close(fig)
     return file

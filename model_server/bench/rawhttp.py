@@ -7,8 +7,9 @@ client does only what a benchmark needs: keep-alive connections to one
 server, a POST with a JSON body, a status line, headers, a chunked or
 length-delimited body read line by line. Anything unexpected closes the
 connection and raises; the one resend is of a request whose kept-alive
-connection the server had already closed (nothing of it was received). Deadlines belong to the caller
-(the runner wraps every request in a timeout); connecting has its own.
+connection the server had already closed (nothing of it was received).
+Deadlines belong to the caller (the runner wraps every request in a
+timeout); connecting has its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 from urllib.parse import urlsplit
+
+from model_server.common.aio import within
+from model_server.common.urls import host_for_url
 
 __all__ = ["RawHTTPError", "RawPool", "RawStatusError"]
 
@@ -61,7 +65,7 @@ class RawPool:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self._idle: list[_Conn] = []
-        self._host_header = f"{self.host}:{self.port}".encode()
+        self._host_header = f"{host_for_url(self.host)}:{self.port}".encode()
         self.opened = 0  # connections made so far (keep-alive reuse shows as opened << requests)
 
     async def _acquire(self) -> tuple[_Conn, bool]:
@@ -110,7 +114,9 @@ class RawPool:
                 yield line
             clean = keep_alive
         except asyncio.IncompleteReadError as err:
-            raise RawHTTPError(f"the connection closed in the middle of the answer ({len(err.partial)} bytes into a read)") from None
+            raise RawHTTPError(
+                f"the connection closed in the middle of the answer ({len(err.partial)} bytes into a read)"
+            ) from None
         finally:
             if clean:
                 self._release(conn)
@@ -118,7 +124,7 @@ class RawPool:
                 conn.close()
 
     async def _fresh(self) -> _Conn:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.connect_timeout_s)
+        reader, writer = await within(asyncio.open_connection(self.host, self.port), self.connect_timeout_s)
         self.opened += 1
         return _Conn(reader, writer)
 
@@ -128,8 +134,8 @@ class RawPool:
             conn.close()
         for conn in idle:
             try:
-                await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
-            except (OSError, asyncio.TimeoutError, RuntimeError):
+                await within(conn.writer.wait_closed(), 1.0)
+            except (OSError, TimeoutError, RuntimeError):
                 pass
 
 
@@ -141,7 +147,9 @@ async def _send(conn: _Conn, request: bytes) -> bytes:
 def _status(line: bytes) -> int:
     parts = line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise RawHTTPError(f"not an HTTP/1.1 status line: {line[:80]!r}" if line else "the server closed the connection without answering")
+        if not line:
+            raise RawHTTPError("the server closed the connection without answering")
+        raise RawHTTPError(f"not an HTTP/1.1 status line: {line[:80]!r}")
     return int(parts[1])
 
 
@@ -178,7 +186,9 @@ async def _body_chunks(reader: asyncio.StreamReader, length: int | None, chunked
             try:
                 size = int(size_line.split(b";", 1)[0].strip(), 16)
             except ValueError:
-                raise RawHTTPError(f"bad chunk size line {size_line[:40]!r}" if size_line else "the connection closed in the middle of the answer") from None
+                if not size_line:
+                    raise RawHTTPError("the connection closed in the middle of the answer") from None
+                raise RawHTTPError(f"bad chunk size line {size_line[:40]!r}") from None
             if size == 0:
                 while (await reader.readline()) not in (b"\r\n", b"\n", b""):
                     pass  # trailers

@@ -26,15 +26,21 @@ from typing import Any
 from rich.table import Table
 
 from model_server.bench.clientlog import ClientEventLog, fault_effects
-from model_server.errors import BenchError
 from model_server.bench.runner import RunOutcome
 from model_server.bench.stats import SloPolicy, summarize
+from model_server.errors import BenchError
 
 __all__ = ["build_result", "client_seen_line", "client_totals_line", "result_lines", "result_table", "write_json"]
 
 
-def build_result(outcome: RunOutcome, *, asked_rate: float | None, slo: SloPolicy = SloPolicy(), run: dict[str, Any] | None = None,
-                 client_log: ClientEventLog | None = None) -> dict:
+def build_result(
+    outcome: RunOutcome,
+    *,
+    asked_rate: float | None,
+    slo: SloPolicy = SloPolicy(),
+    run: dict[str, Any] | None = None,
+    client_log: ClientEventLog | None = None,
+) -> dict:
     """The numbers of a run plus what was asked, which faults happened and (group runs) what the client saw."""
     result = summarize(outcome.records, asked_rate=asked_rate, slo=slo, wall_s=outcome.wall_s)
     result["faults"] = [a.as_dict() for a in outcome.faults]
@@ -48,7 +54,9 @@ def build_result(outcome: RunOutcome, *, asked_rate: float | None, slo: SloPolic
             client_log.release()
         if outcome.start_wall_s is not None:
             failed_at = [r.done_s for r in outcome.records if not r.ok and r.done_s is not None]
-            effects = fault_effects(result["faults"], events, failed_at, start_wall_s=outcome.start_wall_s, end_s=outcome.wall_s)
+            effects = fault_effects(
+                result["faults"], events, failed_at, start_wall_s=outcome.start_wall_s, end_s=outcome.wall_s
+            )
             for fault, seen in zip(result["faults"], effects):
                 fault["client"] = seen
     result["run"] = dict(run or {})
@@ -64,7 +72,9 @@ def write_json(result: dict, path: str | Path) -> Path:
         tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         os.replace(tmp, file)
     except OSError as err:
-        raise BenchError(f"--output {file}: cannot write the result ({err.strerror or err}). Give a path in a writable directory.") from err
+        raise BenchError(
+            f"--output {file}: cannot write the result ({err.strerror or err}). Give a path in a writable directory."
+        ) from err
     return file
 
 
@@ -97,10 +107,12 @@ def result_lines(result: dict) -> list[str]:
     ]
     if slo["ttft_s"] is not None or slo["tpot_s"] is not None:
         attainment = "-" if slo["attainment"] is None else f"{slo['attainment'] * 100:.1f}%"
-        lines.append(f"SLO (TTFT <= {slo['ttft_s']} s, TPOT <= {slo['tpot_s']} s): attained {attainment}, goodput {_num(slo['goodput_rps'])} req/s")
+        objectives = f"TTFT <= {slo['ttft_s']} s, TPOT <= {slo['tpot_s']} s"
+        lines.append(f"SLO ({objectives}): attained {attainment}, goodput {_num(slo['goodput_rps'])} req/s")
     for fault in result.get("faults", []):
         state = "ok" if fault["ok"] else "NOT APPLIED"
-        lines.append(f"fault {fault['spec']}: applied at {_num(fault['applied_s'], 2)} s, {state} ({fault['detail'][:80]})")
+        applied = f"applied at {_num(fault['applied_s'], 2)} s, {state} ({fault['detail'][:80]})"
+        lines.append(f"fault {fault['spec']}: {applied}")
         if fault.get("client"):
             lines.append("  " + client_seen_line(fault["server"], fault["client"]))
     for spec in result.get("faults_not_applied", []):
@@ -116,20 +128,26 @@ def _per_replica(counts: dict[str, int]) -> str:
     return ", ".join(f"{replica} {n}" for replica, n in counts.items()) or "none"
 
 
+def _counted(count: int, noun: str) -> str:
+    """``3 failovers``, ``1 failover``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def client_seen_line(server: str, seen: dict) -> str:
     """What the client saw of one fault, one line."""
-    parts = [
-        f"{seen['failovers']} failover{'s' if seen['failovers'] != 1 else ''} off {server}"
-        + (f" (the last {seen['last_failover_after_s']:.2f} s after)" if seen.get("last_failover_after_s") is not None else ""),
-        *([f"{seen['warnings']} other warning{'s' if seen['warnings'] != 1 else ''} naming it"] if seen.get("warnings") else []),
-        f"{seen['resumes']} resumed stream{'s' if seen['resumes'] != 1 else ''}",
-        f"{seen['failed_requests']} failed request{'s' if seen['failed_requests'] != 1 else ''}",
-    ]
+    last = seen.get("last_failover_after_s")
+    parts = [_counted(seen["failovers"], "failover") + f" off {server}"]
+    if last is not None:
+        parts[0] += f" (the last {last:.2f} s after)"
+    if seen.get("warnings"):
+        parts.append(_counted(seen["warnings"], "other warning") + " naming it")
+    parts += [_counted(seen["resumes"], "resumed stream"), _counted(seen["failed_requests"], "failed request")]
     if seen["breaker"]:
         parts.append("breaker " + ", ".join(f"{b['from']}->{b['to']} +{b['after_s']:.2f} s" for b in seen["breaker"]))
     recovered = seen.get("recovered_after_s")
     if not seen.get("seen"):
-        verdict = f"the client noticed nothing of it in {seen['window_s']:.1f} s (no failover, breaker change or warning)"
+        window = f"{seen['window_s']:.1f} s"
+        verdict = f"the client noticed nothing of it in {window} (no failover, breaker change or warning)"
     elif recovered is None:
         verdict = f"not recovered in {seen['window_s']:.1f} s (its breaker was not closed again)"
     else:
@@ -139,7 +157,8 @@ def client_seen_line(server: str, seen: dict) -> str:
 
 def client_totals_line(client: dict) -> str:
     """The client's failovers and breaker changes per replica, over the whole run."""
-    line = f"client: failovers {_per_replica(client['failovers'])}; breaker changes {_per_replica(client['breaker_changes'])}"
+    failovers, breaker_changes = _per_replica(client["failovers"]), _per_replica(client["breaker_changes"])
+    line = f"client: failovers {failovers}; breaker changes {breaker_changes}"
     open_at_end = {r: s for r, s in client.get("breaker_state_at_end", {}).items() if s != "closed"}
     if open_at_end:
         line += "; at the end " + ", ".join(f"{r} {s}" for r, s in open_at_end.items())

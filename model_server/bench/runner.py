@@ -20,19 +20,19 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 from model_server.bench.arrivals import ArrivalSchedule
-from model_server.errors import BenchError
 from model_server.bench.injector import AppliedFault, FaultInjector
 from model_server.bench.lengths import BenchRequest, RequestSource
 from model_server.bench.stats import RequestRecord
 from model_server.bench.targets import IncompleteStream, Target
+from model_server.common.aio import timeout_after, within
+from model_server.errors import BenchError
 
 __all__ = ["LoadPlan", "Progress", "RunOutcome", "run_load", "warm_up"]
 
 _ERROR_TEXT = 120
-_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,8 @@ class _Run:
         record.sent_s = clock() - start
         progress.sent += 1
         try:
-            if _timeout is not None:
-                async with _timeout(self.plan.request_timeout_s):
-                    await self.consume(record, request)
-            else:  # Python 3.10
-                await asyncio.wait_for(self.consume(record, request), self.plan.request_timeout_s)
+            async with timeout_after(self.plan.request_timeout_s):  # in this task: wait_for would add one (< 3.12)
+                await self.consume(record, request)
             record.done_s = clock() - start
             record.ok = True
         except (TimeoutError, asyncio.TimeoutError):
@@ -237,7 +234,7 @@ async def warm_up(target: Target, source: RequestSource, count: int, timeout_s: 
     for i in range(count):
         request = source.make(-1 - i)
         try:
-            await _bounded(_drain(target, request), timeout_s)
+            await within(_drain(target, request), timeout_s)
             succeeded += 1
         except Exception:  # noqa: BLE001 - a warm-up failure is not a result
             pass
@@ -247,12 +244,3 @@ async def warm_up(target: Target, source: RequestSource, count: int, timeout_s: 
 async def _drain(target: Target, request: BenchRequest) -> None:
     async for _ in target.stream(request):
         pass
-
-
-async def _bounded(work: Awaitable[None], timeout_s: float) -> None:
-    """``work`` with a deadline: asyncio.timeout on 3.11+, asyncio.wait_for on 3.10."""
-    if _timeout is not None:
-        async with _timeout(timeout_s):
-            await work
-    else:
-        await asyncio.wait_for(work, timeout_s)

@@ -9,60 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
 from model_server.bench.clientlog import ClientEventLog
-from model_server.errors import BenchError
 from model_server.bench.faults import FaultEvent, parse_faults
 from model_server.bench.injector import FaultInjector, FaultTarget, pid_from_status_file, pid_listening_on
 from model_server.bench.lengths import RequestSource, load_dataset, parse_length
+from model_server.bench.options import BenchOptions
 from model_server.bench.report import build_result
 from model_server.bench.runner import LoadPlan, Progress, RunOutcome, run_load, warm_up
 from model_server.bench.stats import SloPolicy
 from model_server.bench.targets import ModelServerTarget, OpenAITarget, RawTarget, Target
+from model_server.common.urls import server_url
+from model_server.errors import BenchError
 
 __all__ = ["BenchOptions", "BenchSession", "control_url_of", "url_server_name"]
 
 
-@dataclass(frozen=True)
-class BenchOptions:
-    """Every ``model-server bench`` option, as given."""
-
-    config: Path | None = None
-    group: str | None = None
-    url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None  # --url mode: the NAME of the variable holding the key
-    transport: str = "sdk"  # --url mode: "sdk" (openai SDK) or "raw" (the generator's own HTTP/1.1 client)
-    rate: float | None = None
-    concurrency: int | None = None
-    duration_s: float | None = None
-    requests: int | None = None
-    prompt_len: str = "128"
-    output_len: str = "128"
-    dataset: Path | None = None
-    arrival: str = "poisson"
-    cv: float = 1.0
-    trace: Path | None = None
-    slo_ttft_s: float | None = None
-    slo_tpot_s: float | None = None
-    faults: tuple[str, ...] = ()
-    status_file: Path | None = None
-    timeout_s: float = 60.0
-    seed: int = 0
-    warmup_requests: int = 1  # sent before the clock starts, not counted (first-use costs of SDK and pool)
-    extra: dict[str, Any] = field(default_factory=dict)
+def _host_and_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def url_server_name(url: str) -> str:
     """The name faults use for the server of ``--url``: its host:port."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.hostname}:{port}"
+    host, port = _host_and_port(url)
+    return f"{host}:{port}"
 
 
 def control_url_of(url: str) -> str:
@@ -76,7 +51,10 @@ def _key_from_env(name: str | None) -> str | None:
         return None
     value = os.environ.get(name, "")
     if not value:
-        raise BenchError(f"--api-key-env names the environment variable {name}, which is unset or empty. Export it (never pass a key on the command line), or leave the option out for a server without a key.")
+        raise BenchError(
+            f"--api-key-env names the environment variable {name}, which is unset or empty. Export it (never pass "
+            "a key on the command line), or leave the option out for a server without a key."
+        )
     return value
 
 
@@ -86,23 +64,39 @@ class BenchSession:
     def __init__(self, options: BenchOptions, *, client_factory: Callable[[Any], Any] | None = None) -> None:
         self.options = o = options
         if (o.url is None) == (o.group is None):
-            raise BenchError("give the target: --group NAME (a group of the fleet, through ModelServer) or --url URL --model NAME (one server directly).")
+            raise BenchError(
+                "give the target: --group NAME (a group of the fleet, through ModelServer) or --url URL --model NAME "
+                "(one server directly)."
+            )
         if o.url is not None and not o.model:
-            raise BenchError("--url needs --model NAME: the model name the server answers to (its --served-model-name).")
+            raise BenchError(
+                "--url needs --model NAME: the model name the server answers to (its --served-model-name)."
+            )
         if o.url is not None and urlsplit(o.url).scheme not in ("http", "https"):
-            raise BenchError(f"--url {o.url!r} is not an http(s) URL; give the OpenAI base URL, e.g. http://127.0.0.1:30000/v1.")
+            raise BenchError(
+                f"--url {o.url!r} is not an http(s) URL; give the OpenAI base URL, e.g. http://127.0.0.1:30000/v1."
+            )
         if o.transport not in ("sdk", "raw"):
-            raise BenchError(f"--transport is {o.transport!r}: use sdk (the openai SDK) or raw (the generator's own lean HTTP client).")
+            raise BenchError(
+                f"--transport is {o.transport!r}: use sdk (the openai SDK) or raw (the generator's own lean HTTP "
+                "client)."
+            )
         if o.transport == "raw" and o.url is not None and urlsplit(o.url).scheme != "http":
-            raise BenchError(f"--transport raw speaks plain http only and --url is {o.url!r}; use --transport sdk for https.")
+            raise BenchError(
+                f"--transport raw speaks plain http only and --url is {o.url!r}; use --transport sdk for https."
+            )
         self.fleet = None
         if o.config is not None or o.group is not None:
-            from model_server.config import load_fleet
             from model_server.common.fleet_choice import default_fleet_path
+            from model_server.config import load_fleet
 
-            self.fleet = load_fleet(o.config if o.config is not None else default_fleet_path())  # as ModelServer() picks
+            path = o.config if o.config is not None else default_fleet_path()  # as ModelServer() picks
+            self.fleet = load_fleet(path)
             if o.group is not None and not self.fleet.group(o.group):
-                raise BenchError(f"{self.fleet.source}: there is no group {o.group!r}. The groups are: {', '.join(self.fleet.groups)}. Use one of these with --group.")
+                raise BenchError(
+                    f"{self.fleet.source}: there is no group {o.group!r}. The groups are: "
+                    f"{', '.join(self.fleet.groups)}. Use one of these with --group."
+                )
         self._client_factory = client_factory
         self.plan = self._plan()
         self.source = self._source()
@@ -111,7 +105,8 @@ class BenchSession:
         self.events: tuple[FaultEvent, ...] = parse_faults(o.faults, servers=list(self.fault_targets))
         self.progress = Progress()
         # What the client logs (failovers, breaker changes, resumes), read during the run: group mode only.
-        self.client_log = ClientEventLog([s.name for s in self.fleet.servers]) if o.group is not None and self.fleet else None
+        grouped = o.group is not None and self.fleet
+        self.client_log = ClientEventLog([s.name for s in self.fleet.servers]) if grouped else None
 
     # ---- plan and requests --------------------------------------------------------------
 
@@ -122,13 +117,17 @@ class BenchSession:
         if o.concurrency is not None:
             if o.rate is not None:
                 raise BenchError("give either --rate (open loop) or --concurrency (closed loop), not both.")
-            return LoadPlan(concurrency=o.concurrency, requests=o.requests, duration_s=o.duration_s, request_timeout_s=o.timeout_s)
+            return LoadPlan(
+                concurrency=o.concurrency, requests=o.requests, duration_s=o.duration_s, request_timeout_s=o.timeout_s
+            )
         kind = ArrivalKind(o.arrival) if o.arrival in ArrivalKind._value2member_map_ else None
         if kind is None:
             raise BenchError(f"--arrival is {o.arrival!r}: use poisson, gamma, constant or trace.")
         if kind is ArrivalKind.trace:
             if o.trace is None:
-                raise BenchError("--arrival trace needs --trace FILE: a file of arrival times in seconds, one per line.")
+                raise BenchError(
+                    "--arrival trace needs --trace FILE: a file of arrival times in seconds, one per line."
+                )
             trace = read_trace(o.trace)
             requests = o.requests
             if requests is None and o.duration_s is not None:
@@ -138,7 +137,9 @@ class BenchSession:
             if o.rate is None:
                 raise BenchError("give the load: --rate R (open loop, requests/s) or --concurrency N (closed loop).")
             if o.requests is not None and o.duration_s is not None:
-                raise BenchError("an open-loop run takes --requests N or --duration S, not both (N = rate x duration).")
+                raise BenchError(
+                    "an open-loop run takes --requests N or --duration S, not both (N = rate x duration)."
+                )
             if o.requests is None and o.duration_s is None:
                 raise BenchError("give how long: --duration S or --requests N.")
             requests = o.requests if o.requests is not None else max(1, round(o.rate * o.duration_s))
@@ -170,9 +171,9 @@ class BenchSession:
         targets: dict[str, FaultTarget] = {}
         if o.url is not None:
             name = url_server_name(o.url)
-            host, port = name.rsplit(":", 1)
+            host, port = _host_and_port(o.url)
             key = _key_from_env(o.api_key_env) if o.faults else None
-            targets[name] = FaultTarget(name, control_url_of(o.url), lambda: pid_listening_on(host, int(port)), key)
+            targets[name] = FaultTarget(name, control_url_of(o.url), lambda: pid_listening_on(host, port), key)
             return targets
         assert self.fleet is not None
         key = self.fleet.api_key(required=False) if o.faults else None
@@ -182,7 +183,7 @@ class BenchSession:
                 found = pid_from_status_file(status, spec.name) if status is not None else None
                 return found or pid_listening_on(spec.host, spec.port)
 
-            targets[spec.name] = FaultTarget(spec.name, f"http://{spec.host}:{spec.port}", pid, key)
+            targets[spec.name] = FaultTarget(spec.name, server_url(spec.host, spec.port), pid, key)
         return targets
 
     def make_target(self) -> Target:
@@ -227,7 +228,8 @@ class BenchSession:
         finally:
             await target.aclose()
         asked = self.plan.schedule.rate if self.plan.schedule is not None else None
-        result = build_result(outcome, asked_rate=asked, slo=self.slo, run=self.run_description(), client_log=self.client_log)
+        run = self.run_description()
+        result = build_result(outcome, asked_rate=asked, slo=self.slo, run=run, client_log=self.client_log)
         return result, outcome
 
 

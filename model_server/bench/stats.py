@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["LatencySummary", "RequestRecord", "SloPolicy", "percentile", "steady_rate_ratio", "summarize", "summarize_values", "within"]
+__all__ = [
+    "LatencySummary",
+    "RequestRecord",
+    "SloPolicy",
+    "percentile",
+    "steady_rate_ratio",
+    "summarize",
+    "summarize_values",
+    "within",
+]
 
 
 @dataclass(slots=True)
@@ -83,7 +92,14 @@ class LatencySummary:
     mean: float | None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {"p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max, "mean": self.mean, "count": self.count}
+        return {
+            "p50": self.p50,
+            "p90": self.p90,
+            "p99": self.p99,
+            "max": self.max,
+            "mean": self.mean,
+            "count": self.count,
+        }
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -126,7 +142,8 @@ def steady_rate_ratio(records: Sequence[RequestRecord], *, edge: float = 0.05, w
     decide the figure, while a generator that steadily falls behind (lag
     growing through the run) shows as a ratio below 1.
     """
-    timed = sorted((r for r in records if r.scheduled_s is not None and not math.isnan(r.sent_s)), key=lambda r: r.scheduled_s)
+    scheduled = (r for r in records if r.scheduled_s is not None and not math.isnan(r.sent_s))
+    timed = sorted(scheduled, key=lambda r: r.scheduled_s)
     if len(timed) < 4 * window:
         return None
     first, last = int(len(timed) * edge), int(len(timed) * (1 - edge)) - 1
@@ -139,17 +156,6 @@ def steady_rate_ratio(records: Sequence[RequestRecord], *, edge: float = 0.05, w
     offered_span = timed[last].scheduled_s - timed[first].scheduled_s
     achieved_span = offered_span + median_lag(last) - median_lag(first)
     return offered_span / achieved_span if achieved_span > 0 else None
-
-
-@dataclass
-class _Totals:
-    sent: int = 0
-    ok: int = 0
-    failed: int = 0
-    output_tokens: int = 0
-    attained: int = 0
-    untimed: int = 0
-    errors: Counter = field(default_factory=Counter)
 
 
 def summarize(
@@ -165,48 +171,41 @@ def summarize(
     ``achieved_rate`` is requests sent / time of the last send: in an open-loop
     run whose schedule ends at N / rate, it equals the asked rate exactly when
     every request left on time. ``steady_rate_ratio`` is the same comparison
-    over the middle 90% of the run, robust to one late send. Throughputs divide by ``wall_s`` (start to the
-    last answer, unless given).
+    over the middle 90% of the run, robust to one late send. Throughputs divide
+    by ``wall_s`` (start to the last answer, unless given).
     """
     sent = [r for r in records if not math.isnan(r.sent_s)]
-    totals = _Totals(sent=len(sent))
-    for r in sent:
-        if r.ok:
-            totals.ok += 1
-            totals.output_tokens += r.output_tokens
-        else:
-            totals.failed += 1
-            totals.errors[r.error or "unknown error"] += 1
-        if slo.met_by(r):
-            totals.attained += 1
-        if r.ok and not r.timed:
-            totals.untimed += 1
+    ok = [r for r in sent if r.ok]
+    errors = Counter(r.error or "unknown error" for r in sent if not r.ok)
+    attained = sum(1 for r in sent if slo.met_by(r))
+    output_tokens = sum(r.output_tokens for r in ok)
     last_sent = max((r.sent_s for r in sent), default=0.0)
     if wall_s is None:
         wall_s = max((r.done_s for r in sent if r.done_s is not None), default=last_sent)
     per_s = (lambda n: n / wall_s) if wall_s and wall_s > 0 else (lambda n: None)
     return {
-        "sent": totals.sent,
-        "ok": totals.ok,
-        "failed": totals.failed,
+        "sent": len(sent),
+        "ok": len(ok),
+        "failed": len(sent) - len(ok),
         "asked_rate": asked_rate,
         "achieved_rate": (len(sent) / last_sent) if last_sent > 0 else None,
         "steady_rate_ratio": steady_rate_ratio(sent),
         "wall_s": wall_s,
-        "ttft_s": summarize_values(r.ttft_s for r in sent if r.ok).as_dict(),
-        "tpot_s": summarize_values(r.tpot_s for r in sent if r.ok).as_dict(),
-        "e2e_s": summarize_values(r.e2e_s for r in sent if r.ok).as_dict(),
+        "ttft_s": summarize_values(r.ttft_s for r in ok).as_dict(),
+        "tpot_s": summarize_values(r.tpot_s for r in ok).as_dict(),
+        "e2e_s": summarize_values(r.e2e_s for r in ok).as_dict(),
         "dispatch_lag_s": summarize_values(r.dispatch_lag_s for r in sent).as_dict(),
-        "output_tokens": totals.output_tokens,
-        "output_tokens_per_s": per_s(totals.output_tokens),
-        "requests_per_s": per_s(totals.ok),
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": per_s(output_tokens),
+        "requests_per_s": per_s(len(ok)),
         "slo": {
             "ttft_s": slo.ttft_s,
             "tpot_s": slo.tpot_s,
-            "attained": totals.attained,
-            "attainment": totals.attained / totals.sent if totals.sent else None,
-            "goodput_rps": per_s(totals.attained),
-            "untimed": totals.untimed,  # ok answers without token timing (non-streamed): never counted as meeting a TTFT/TPOT objective
+            "attained": attained,
+            "attainment": attained / len(sent) if sent else None,
+            "goodput_rps": per_s(attained),
+            # ok answers without token timing (non-streamed): never counted as meeting a TTFT/TPOT objective
+            "untimed": sum(1 for r in ok if not r.timed),
         },
-        "errors": dict(totals.errors.most_common(top_errors)),
+        "errors": dict(errors.most_common(top_errors)),
     }

@@ -29,8 +29,19 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 import httpx
 
 from model_server.bench.lengths import BenchRequest
+from model_server.common.urls import bearer_headers
 
-__all__ = ["IncompleteStream", "ModelServerTarget", "OpenAITarget", "RawTarget", "RoundRobinTarget", "StreamErrorEvent", "StreamPiece", "Target", "shared_http_client"]
+__all__ = [
+    "IncompleteStream",
+    "ModelServerTarget",
+    "OpenAITarget",
+    "RawTarget",
+    "RoundRobinTarget",
+    "StreamErrorEvent",
+    "StreamPiece",
+    "Target",
+    "shared_http_client",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +72,28 @@ class Target(Protocol):
     async def aclose(self) -> None: ...
 
 
-def shared_http_client(*, timeout_s: float, connect_timeout_s: float = 3.0, max_connections: int = 2048) -> httpx.AsyncClient:
+def shared_http_client(
+    *, timeout_s: float, connect_timeout_s: float = 3.0, max_connections: int = 2048
+) -> httpx.AsyncClient:
     """One connection pool for a whole run: enough connections that the pool never queues a request."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30.0),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30.0
+        ),
     )
 
 
 def _openai_client(base_url: str, api_key: str | None, http: httpx.AsyncClient, timeout_s: float) -> Any:
     from openai import AsyncOpenAI  # the SDK is heavy to import; only runs need it
 
-    return AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s, http_client=http)
+    key = api_key or "EMPTY"
+    return AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s, http_client=http)
 
 
-async def _stream_openai(client: Any, model: str, request: BenchRequest, server: str | None, typed: bool) -> AsyncIterator[StreamPiece]:
-    body = {
+def _chat_request(model: str, request: BenchRequest) -> dict[str, Any]:
+    """The body every target sends: one user message, greedy, streamed with the usage chunk."""
+    return {
         "model": model,
         "messages": [{"role": "user", "content": request.prompt}],
         "max_tokens": request.max_tokens,
@@ -84,12 +101,20 @@ async def _stream_openai(client: Any, model: str, request: BenchRequest, server:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def _stream_openai(
+    client: Any, model: str, request: BenchRequest, server: str | None, typed: bool
+) -> AsyncIterator[StreamPiece]:
+    body = _chat_request(model, request)
     if typed:  # what application code writes: typed parameters in, typed chunks out
         stream = await client.chat.completions.create(**body)
     else:  # the SDK's own transport, errors and SSE decoding, without the per-chunk models
         from openai import AsyncStream
 
-        stream = await client.post("/chat/completions", body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object])
+        stream = await client.post(
+            "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object]
+        )
     finished = False
     try:
         async for chunk in stream:
@@ -104,6 +129,7 @@ async def _stream_openai(client: Any, model: str, request: BenchRequest, server:
 
 
 def _typed_chunk_fields(chunk: Any) -> tuple[str, int | None, bool]:
+    """(text, completion tokens if reported, finished) of a chunk as the SDK's typed model."""
     text = ""
     done = False
     for choice in chunk.choices:
@@ -114,6 +140,8 @@ def _typed_chunk_fields(chunk: Any) -> tuple[str, int | None, bool]:
 
 
 def _chunk_fields(chunk: Any) -> tuple[str, int | None, bool]:
+    """(text, completion tokens if reported, finished) of a decoded JSON chunk: the SDK's untyped path and
+    the raw SSE path both read chunks here."""
     if not isinstance(chunk, dict):
         raise ValueError(f"a stream chunk is not a JSON object: {str(chunk)[:80]!r}")
     text = ""
@@ -187,17 +215,11 @@ class RawTarget:
 
 
 def _json_headers(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
+    return {"Content-Type": "application/json", "Accept": "text/event-stream", **bearer_headers(api_key)}
 
 
 def _chat_body(model: str, request: BenchRequest) -> bytes:
-    return json.dumps({
-        "model": model, "messages": [{"role": "user", "content": request.prompt}], "max_tokens": request.max_tokens,
-        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
+    return json.dumps(_chat_request(model, request)).encode()
 
 
 async def _sse_pieces(lines: AsyncIterator[Any], server: str) -> AsyncIterator[StreamPiece]:
@@ -223,8 +245,9 @@ async def _sse_pieces(lines: AsyncIterator[Any], server: str) -> AsyncIterator[S
 class RoundRobinTarget:
     """Several servers of one model, each request to the next one in turn (no health feedback)."""
 
-    def __init__(self, servers: list[tuple[str, str]] | tuple[tuple[str, str], ...], model: str, *, api_key: str | None = None,
-                 timeout_s: float = 60.0, name: str = "round-robin", typed: bool = False) -> None:
+    def __init__(self, servers: list[tuple[str, str]] | tuple[tuple[str, str], ...], model: str, *,
+                 api_key: str | None = None, timeout_s: float = 60.0, name: str = "round-robin",
+                 typed: bool = False) -> None:
         if not servers:
             raise ValueError("RoundRobinTarget needs at least one (name, base_url)")
         self.name = name
@@ -253,7 +276,9 @@ class ModelServerTarget:
     says ``streams = False``, and its requests have E2E but no TTFT or TPOT.
     """
 
-    def __init__(self, client: Any, group: str, *, name: str | None = None, close_client: bool = True, stream: bool = True) -> None:
+    def __init__(
+        self, client: Any, group: str, *, name: str | None = None, close_client: bool = True, stream: bool = True
+    ) -> None:
         self.name = name or f"group {group}"
         self.group = group
         self._client = client

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from model_server.cli._app import CONFIG_HELP, app
 from model_server.config import Fleet, load_fleet
-from model_server.launcher.supervisor import hang_bounds_s
+from model_server.gateway.settings import validate as validate_gateways
+from model_server.launcher.steps import hang_bounds_s
 
 
 def summary_table(fleet: Fleet) -> Table:
@@ -36,6 +37,7 @@ def check(
 ) -> None:
     """Validate a fleet table; print its servers per host, groups and GPUs (exit 2 if invalid)."""
     fleet = load_fleet(config)
+    gateways = validate_gateways(fleet)  # ConfigError (exit 2) naming every [[gateways]] problem
     console = Console()
     console.print(summary_table(fleet))
     for group, servers in fleet.groups.items():
@@ -60,4 +62,6 @@ def check(
     )
     if launch.secret_env:
         console.print(f"secrets redacted from engine logs: the API key and ${', $'.join(launch.secret_env)}")
+    for gateway in gateways:
+        console.print(gateway.summary())
     console.print("[green]OK[/green]")

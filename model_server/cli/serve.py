@@ -20,11 +20,15 @@ def serve(
         None, "--host-ip", help="An address (or name) the table uses for this machine, besides its own interface addresses and hostname."
     ),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Start only this server (by name); repeat for more."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print one shell-quoted command per server of this host, start nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run",
+        help="Print one shell-quoted command per server of this host, its memory fraction chosen from the GPUs now; start nothing.",
+    ),  # fmt: skip
 ) -> None:
     """Start this host's servers once their GPUs are free, keep them healthy, stop them on Ctrl-C / SIGTERM.
 
     Exit status: 0 if every server was READY until the stop, 1 otherwise, 2 for a bad table or option.
+    With --dry-run: 0, or 1 if a server would be refused now (GPU memory short, an unknown GPU).
     """
     from model_server.errors import LaunchError
     from model_server.common.fleet_choice import Source, resolve_fleet
@@ -40,13 +44,15 @@ def serve(
         log.debug("%s", choice.message)
     p = plan(choice.path, host_ip or (), only or ())
     if dry_run:
-        log.info(
-            "dry run: --mem-fraction-static assumes idle GPUs (%g); a real run picks it from free memory",
-            p.fleet.launch.mem_fraction_policy[0].mem_fraction_static,
-        )
-        for command in dry_run_commands(p):
-            typer.echo(command.render())
-        return
+        refused = 0
+        for line in dry_run_commands(p):
+            if line.command is None:
+                refused += 1
+                log.error("dry run: server %s would not start: %s", line.server, line.basis)
+                continue
+            log.info("dry run: server %s: --mem-fraction-static %g (%s)", line.server, line.mem_fraction, line.basis)
+            typer.echo(line.command.render())
+        raise typer.Exit(1 if refused else 0)
     code = Pipeline(p).run()
     raise typer.Exit(code)
 

@@ -41,9 +41,11 @@ def status(
     timeout_s: float = typer.Option(PROBE_TIMEOUT_S, "--timeout-s", help="Timeout of each live /health_generate probe."),
 ) -> None:
     """Show the pipeline's status file and probe /health_generate of every server of the table (exit 1 if any is down)."""
+    from model_server.common.processes import same_process
     from model_server.launcher import rundir
-    from model_server.launcher.status_file import load_status, same_process
-    from model_server.launcher.supervisor import health_url, probe_health
+    from model_server.launcher.status_file import load_status
+    from model_server.launcher.steps import health_url
+    from model_server.launcher.supervisor import probe_health
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     fleet = load_fleet(config)

@@ -125,16 +125,18 @@ def choose_fleet(facts: FleetFacts, *, for_client: bool = False) -> FleetChoice:
 
 @functools.lru_cache(maxsize=1)
 def nvml_sees_gpu() -> bool:
-    """True if NVML initialises and reports GPU 0 (no driver, no library or no GPU: False). Asked once."""
-    from model_server.errors import LaunchError
-    from model_server.launcher.gpu import NvmlInventory
-
+    """True if NVML initialises and reports a GPU (no driver, no library or no GPU: False). Asked once."""
     try:
-        NvmlInventory().read([0])
-    except LaunchError as err:
-        log.debug("no usable NVIDIA GPU: %s", str(err).split(". ", 1)[0])
+        import pynvml  # lazy on purpose: no GPU stack at import time
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount()) > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as err:  # ImportError, NVMLError of every kind: no usable GPU here
+        log.debug("no usable NVIDIA GPU: %s", err)
         return False
-    return True
 
 
 def _table_facts(table: Path, host_ip: Iterable[str]) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:

@@ -1,71 +1,26 @@
-"""GPU memory readings and the decisions made on them.
+"""GPU inventories: where the memory readings come from.
 
 Two inventories behind one protocol: :class:`NvmlInventory` reads NVML
 (``nvidia-ml-py``, imported only when used) and :class:`SimulatedInventory`
 serves the simulated fleet and the tests, optionally from a JSON file that is
 re-read on every poll so a GPU can be made busy and free again from outside.
-The decisions (is a GPU group free, which ``--mem-fraction-static``) are pure
-functions of the readings.
+The decisions on the readings (is a GPU group free, which
+``--mem-fraction-static``) are pure, in :mod:`model_server.launcher.gpu_memory`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol, Sequence
 
-from model_server.config import GpuInventoryConfig, MemFractionRule
+from model_server.config import GpuInventoryConfig
 from model_server.errors import LaunchError
+from model_server.launcher.gpu_memory import GpuProcess, GpuReading
 
-__all__ = [
-    "GpuInventory",
-    "GpuProcess",
-    "GpuReading",
-    "NvmlInventory",
-    "SimulatedInventory",
-    "busy_gpus",
-    "choose_mem_fraction",
-    "gpu_processes",
-    "is_free",
-    "lowest_free_ratio",
-    "make_inventory",
-]
+__all__ = ["GpuInventory", "NvmlInventory", "SimulatedInventory", "gpu_processes", "make_inventory"]
 
 _MIB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class GpuReading:
-    """Memory of one GPU, in MiB, at one moment."""
-
-    index: int
-    used_mib: int
-    total_mib: int
-
-    @property
-    def free_mib(self) -> int:
-        return max(0, self.total_mib - self.used_mib)
-
-    @property
-    def free_ratio(self) -> float:
-        return self.free_mib / self.total_mib if self.total_mib > 0 else 0.0
-
-    def describe(self) -> str:
-        return f"GPU {self.index}: {self.used_mib} of {self.total_mib} MiB used"
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    """A process holding memory on a GPU, as NVML lists it (``used_mib`` None when NVML does not say)."""
-
-    index: int
-    pid: int
-    used_mib: int | None = None
-
-    def describe(self) -> str:
-        amount = f"{self.used_mib} MiB" if self.used_mib is not None else "memory"
-        return f"pid {self.pid} holds {amount} of GPU {self.index}"
 
 
 class GpuInventory(Protocol):
@@ -88,45 +43,6 @@ def gpu_processes(inventory: object, indices: Sequence[int]) -> list[GpuProcess]
         return list(lister(indices))
     except Exception:  # noqa: BLE001 - a report, best effort: NVML may not support it on this driver
         return []
-
-
-# ---- pure decisions ----------------------------------------------------------------
-
-
-def is_free(reading: GpuReading, threshold_mib: int) -> bool:
-    """The original's rule: a GPU is free when its used memory is below the threshold."""
-    return reading.used_mib < threshold_mib
-
-
-def busy_gpus(readings: Iterable[GpuReading], threshold_mib: int) -> list[GpuReading]:
-    """The readings of the GPUs that are not free (empty: the group may start)."""
-    return [r for r in readings if not is_free(r, threshold_mib)]
-
-
-def lowest_free_ratio(readings: Iterable[GpuReading]) -> float:
-    """The free ratio of the fullest GPU (1.0 for no GPUs)."""
-    return min((r.free_ratio for r in readings), default=1.0)
-
-
-def choose_mem_fraction(rules: Sequence[MemFractionRule], readings: Sequence[GpuReading], server: str = "") -> float:
-    """``--mem-fraction-static``: the first rule whose min_free_ratio <= the lowest free ratio wins.
-
-    Rules are tried in the order given (the config sorts them, highest ratio
-    first). No rule matching means the GPUs hold too much already: LaunchError.
-    """
-    ratio = lowest_free_ratio(readings)
-    for rule in rules:
-        if rule.min_free_ratio <= ratio:
-            return rule.mem_fraction_static
-    fullest = min(readings, key=lambda r: r.free_ratio)
-    need = max(rule.min_free_ratio for rule in rules)
-    least = min(rule.min_free_ratio for rule in rules)
-    label = f"server '{server}': " if server else ""
-    raise LaunchError(
-        f"{label}GPU memory is not enough: {fullest.describe()} ({ratio:.1%} free), and the "
-        f"launch.mem_fraction_policy needs at least {least:.0%} free (best rule: {need:.0%}). "
-        f"Free that GPU (see nvidia-smi), or add a lower rule to mem_fraction_policy."
-    )
 
 
 # ---- inventories -------------------------------------------------------------------

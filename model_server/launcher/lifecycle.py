@@ -9,7 +9,9 @@
     any state but FAILED/STOPPED -- stop --> STOPPED;  refused (port, memory) --> FAILED
 
 Everything here is a function of (state, event, now): no clock, no sleep, no
-random source of its own, so it is tested in microseconds.
+random source of its own, so it is tested in microseconds. The phases between
+these states (GPU wait, port wait, startup, watching, backoff) and their
+deadlines are the supervisor's step, in :mod:`model_server.launcher.steps`.
 """
 
 from __future__ import annotations

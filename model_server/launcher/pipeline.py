@@ -1,7 +1,8 @@
 """The launch pipeline of one host: plan, clean up an earlier run, supervise, stop.
 
 ``model-server serve`` / ``serve_llm_pipeline.py`` call :func:`plan` then
-either :func:`dry_run_commands` or :class:`Pipeline`. One supervisor thread
+either :func:`dry_run_commands` (which reads the GPUs, as a real run would,
+for the memory fraction, and starts nothing) or :class:`Pipeline`. One supervisor thread
 per server (a ThreadPoolExecutor); the main thread waits for a stop signal,
 then stops every engine (SIGTERM, grace, SIGKILL: its process group and every
 process tagged as its own) and returns the exit status: 0 when every server
@@ -30,18 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model_server.launcher import processes as procs, rundir
+from model_server.common.hosts import select_local_servers
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
-from model_server.launcher.gpu import make_inventory
-from model_server.common.hosts import select_local_servers
+from model_server.launcher import processes as procs, rundir
 from model_server.launcher.command import LaunchCommand, build_command
-from model_server.launcher.redact import RedactingFilter, Redactor, Secret
+from model_server.launcher.gpu import GpuInventory, make_inventory
+from model_server.launcher.gpu_memory import GpuReading, decide_gpus
 from model_server.launcher.lifecycle import ServerState
+from model_server.launcher.redact import RedactingFilter, Redactor, Secret
 from model_server.launcher.status_file import ServerStatus, StatusBoard, StatusLock, cleanup_stale, load_status, owner_tag
 from model_server.launcher.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
 
-__all__ = ["STOP_SIGNALS", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
+__all__ = ["STOP_SIGNALS", "DryRunCommand", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -90,14 +92,61 @@ def plan(config: str | os.PathLike[str] | None, host_ip: Sequence[str] = (), onl
     return Plan(fleet, servers)
 
 
-def dry_run_commands(p: Plan) -> list[LaunchCommand]:
-    """The commands a real run would start, assuming idle GPUs (the first memory rule)."""
+@dataclass(frozen=True)
+class DryRunCommand:
+    """One server of a dry run: the command a real run would start now, or None where it would refuse (``basis`` says why).
+
+    ``basis`` says where its ``--mem-fraction-static`` comes from: the GPUs'
+    memory now, or idle GPUs when they are busy (a real run waits) or cannot be
+    read here (no NVML).
+    """
+
+    server: str
+    command: LaunchCommand | None
+    mem_fraction: float | None
+    basis: str
+
+
+def _idle(readings: Sequence[GpuReading]) -> list[GpuReading]:
+    return [GpuReading(r.index, 0, r.total_mib) for r in readings]
+
+
+def _dry_run_one(p: Plan, spec: ServerSpec, inventory: GpuInventory | None, key_file: str | None) -> DryRunCommand:
+    policy = p.fleet.launch
+    if inventory is None:
+        readings, basis = [GpuReading(i, 0, 1) for i in spec.gpus], "GPU memory cannot be read here: as for idle GPUs"
+    else:
+        try:
+            readings = inventory.read(spec.gpus)
+        except LaunchError as err:  # a real run fails this server the same way
+            return DryRunCommand(spec.name, None, None, str(err))
+        basis = "; ".join(r.describe() for r in readings) or "no GPUs listed"
+    decision = decide_gpus(policy, spec.name, readings)
+    if decision.busy:
+        basis = f"its GPUs are busy now ({decision.busy}), so a real run waits for them; this is for idle GPUs"
+        decision = decide_gpus(policy, spec.name, _idle(readings))
+    if decision.mem_fraction is None:
+        return DryRunCommand(spec.name, None, None, decision.refusal)
+    command = build_command(spec, policy, decision.mem_fraction, key_file)
+    return DryRunCommand(spec.name, command, decision.mem_fraction, basis)
+
+
+def dry_run_commands(p: Plan, inventory: GpuInventory | None = None) -> list[DryRunCommand]:
+    """The commands a real run would start now, with the memory fraction it would choose from the GPUs' memory.
+
+    The fraction comes from :func:`~model_server.launcher.gpu_memory.decide_gpus`,
+    as in the supervisor. ``inventory`` defaults to the table's; one that
+    cannot be opened (no NVML on this machine) counts as idle GPUs.
+    """
     fleet = p.fleet
     key = fleet.api_key(required=True)
-    mem_fraction = fleet.launch.mem_fraction_policy[0].mem_fraction_static
+    if inventory is None:
+        try:
+            inventory = make_inventory(fleet.gpu_inventory)
+        except LaunchError as err:
+            log.warning("dry run: %s", err)
     return [
-        build_command(s, fleet.launch, mem_fraction, str(rundir.key_file_path(fleet.launch, s.name)) if key else None)
-        for s in p.servers
+        _dry_run_one(p, s, inventory, str(rundir.key_file_path(fleet.launch, s.name)) if key else None) for s in p.servers
     ]
 
 

@@ -34,9 +34,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from model_server.launcher.engine_log import LogPump, open_log, write_redacted
+import psutil
+
+from model_server.common.processes import end_processes, listening_pid, signal_process, wait_gone
 from model_server.errors import LaunchError
 from model_server.launcher.command import LaunchCommand
+from model_server.launcher.engine_log import LogPump, open_log, write_redacted
 from model_server.launcher.redact import Redactor
 
 __all__ = [
@@ -44,9 +47,7 @@ __all__ = [
     "descendants",
     "describe_pid",
     "engine_tag",
-    "group_alive",
     "kill_groups",
-    "log_tail",
     "port_holder",
     "port_in_use",
     "spawn_engine",
@@ -119,45 +120,12 @@ def spawn_engine(
     return proc
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` is alive (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    import psutil  # noqa: PLC0415
-
-    try:  # the common case: the leader itself is still running
-        if psutil.Process(pgid).status() != psutil.STATUS_ZOMBIE and os.getpgid(pgid) == pgid:
-            return True
-    except (psutil.Error, ProcessLookupError):
-        pass
-    for proc in psutil.process_iter(["status"]):  # leader gone or a zombie: look for its group's others
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def tagged_processes(match: Callable[[str], bool]) -> list:
     """Live processes (psutil.Process) whose ``MODEL_SERVER_ENGINE`` tag satisfies ``match``.
 
     Reads each process's environment (this user's processes, or all as root);
     one that cannot be read is skipped. Never this process.
     """
-    import psutil  # noqa: PLC0415
-
     found = []
     me = os.getpid()
     for proc in psutil.process_iter():
@@ -174,8 +142,6 @@ def tagged_processes(match: Callable[[str], bool]) -> list:
 
 def descendants(pid: int) -> list[tuple[int, float]]:
     """(pid, start time) of every live descendant of ``pid`` (an engine's workers); empty if it is gone."""
-    import psutil  # noqa: PLC0415
-
     out = []
     try:
         children = psutil.Process(pid).children(recursive=True)
@@ -187,31 +153,6 @@ def descendants(pid: int) -> list[tuple[int, float]]:
         except psutil.Error:
             continue
     return sorted(out)
-
-
-def _group_of(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _running(proc) -> bool:  # noqa: ANN001 - a psutil.Process
-    import psutil  # noqa: PLC0415
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal_process(proc, sig: int) -> None:  # noqa: ANN001 - a psutil.Process; it refuses a reused pid
-    import psutil  # noqa: PLC0415
-
-    try:
-        proc.send_signal(sig)
-    except (psutil.Error, OSError):
-        pass
 
 
 def kill_groups(
@@ -226,58 +167,24 @@ def kill_groups(
     What is ended: every process group of ``pgids``; every process whose engine
     tag satisfies ``tags`` (workers that left their group); and ``processes``
     (psutil.Process objects, which refuse to signal a reused pid). ``reap`` are
-    our own children among them, waited for so they leave no zombie. Bounded:
-    after SIGKILL it waits at most 10 s more.
+    our own children among them, waited for so they leave no zombie. Bounded
+    (see :func:`model_server.common.processes.end_processes`), then one more
+    look for workers forked meanwhile.
     """
-    groups = [g for g in set(pgids) if g and g > 1]
-    children = list(reap)
-    singles = list(processes)
-    if tags is not None:
-        singles += tagged_processes(tags)
-    singles = [p for p in {p.pid: p for p in singles}.values() if _group_of(p.pid) not in groups]  # one signal each
-    for g in groups:
-        _signal_group(g, signal.SIGTERM)
-        _signal_group(g, signal.SIGCONT)  # a stopped (hung) process must run to handle SIGTERM
-    for p in singles:
-        _signal_process(p, signal.SIGTERM)
-        _signal_process(p, signal.SIGCONT)
-    remaining, left = _wait_gone(groups, singles, children, grace_s)
-    for g in remaining:
-        _signal_group(g, signal.SIGKILL)
-    for p in left:
-        _signal_process(p, signal.SIGKILL)
-    _wait_gone(remaining, left, children, 10.0)
+    singles = list(processes) + (tagged_processes(tags) if tags is not None else [])
+    remaining, left = end_processes(pgids, singles, grace_s, reap)
+    hard = remaining + [p.pid for p in left]
     if tags is not None:  # a worker forked while we waited
         late = tagged_processes(tags)
         for p in late:
-            _signal_process(p, signal.SIGKILL)
-        _wait_gone([], late, [], 5.0)
-        left += late
-    for child in children:
-        try:
-            child.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
-    return remaining + [p.pid for p in left]
-
-
-def _wait_gone(groups: list[int], singles: list, children: list[subprocess.Popen[bytes]], timeout_s: float) -> tuple[list[int], list]:
-    deadline = time.monotonic() + timeout_s
-    alive, running = list(groups), list(singles)
-    while True:
-        for child in children:
-            child.poll()  # reap, so the leader is not a zombie that keeps the group "alive"
-        alive = [g for g in alive if group_alive(g)]
-        running = [p for p in running if _running(p)]
-        if (not alive and not running) or time.monotonic() >= deadline:
-            return alive, running
-        time.sleep(0.05)
+            signal_process(p, signal.SIGKILL)
+        wait_gone([], late, [], 5.0)
+        hard += [p.pid for p in late]
+    return hard
 
 
 def engine_tag(pid: int) -> str | None:
     """The ``MODEL_SERVER_ENGINE`` tag of process ``pid``, None if it has none or cannot be read."""
-    import psutil  # noqa: PLC0415
-
     try:
         return psutil.Process(pid).environ().get(ENGINE_TAG_ENV)
     except (psutil.Error, OSError):
@@ -286,8 +193,6 @@ def engine_tag(pid: int) -> str | None:
 
 def describe_pid(pid: int, owner: str | None = None) -> str:
     """"pid N (command line)", saying so when its engine tag names a run of this pipeline's status file (``owner``)."""
-    import psutil  # noqa: PLC0415
-
     try:
         line = " ".join(psutil.Process(pid).cmdline())
     except (psutil.Error, OSError):
@@ -300,16 +205,8 @@ def describe_pid(pid: int, owner: str | None = None) -> str:
 
 def port_holder(host: str, port: int) -> str:
     """Who listens on ``port``: "pid N (command line)", or "" if this user cannot see it."""
-    import psutil  # noqa: PLC0415
-
-    try:
-        connections = psutil.net_connections(kind="inet")
-    except (psutil.Error, OSError):
-        return ""
-    for c in connections:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-            return describe_pid(c.pid)
-    return ""
+    pid = listening_pid(port)
+    return describe_pid(pid) if pid else ""
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -322,16 +219,3 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def log_tail(path: Path, max_chars: int = 300) -> str:
-    """The last non-empty line of a log file (for error messages), shortened."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][-max_chars:] if lines else ""

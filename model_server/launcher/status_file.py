@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from model_server.common.atomic import atomic_write_text
+from model_server.common.processes import identified_process
 from model_server.errors import LaunchError
 from model_server.launcher.lifecycle import ServerState
 
@@ -43,11 +44,9 @@ __all__ = [
     "StatusLock",
     "Worker",
     "cleanup_stale",
-    "identified_process",
     "load_status",
     "owner_tag",
     "read_status",
-    "same_process",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class ServerStatus:
     create_time: float | None = None  # psutil's start time of that pid
     pgid: int | None = None  # its process group (the pid: each engine leads its own)
     workers: tuple[Worker, ...] = ()  # its descendants, by pid and start time
-    tag: str | None = None  # MODEL_SERVER_ENGINE of its processes (procs.py)
+    tag: str | None = None  # MODEL_SERVER_ENGINE of its processes (launcher/processes.py)
     restarts: int = 0
     last_error: str = ""
     since: float = field(default_factory=time.time)  # wall clock, for people
@@ -83,31 +82,6 @@ class ServerStatus:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def same_process(pid: Any, create_time: Any) -> bool:
-    """Whether ``pid`` is alive and is the very process started at ``create_time``."""
-    import psutil  # noqa: PLC0415
-
-    if not _is_pid(pid) or not _is_time(create_time):
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def identified_process(pid: Any, create_time: Any) -> Any:
-    """The psutil.Process ``pid`` if it is alive and started at ``create_time``, else None."""
-    import psutil  # noqa: PLC0415
-
-    if not same_process(pid, create_time):
-        return None
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
 
 
 def owner_tag(status_path: str | os.PathLike[str]) -> str:
@@ -401,7 +375,7 @@ def cleanup_stale(
     pid), or when its engine tag says an earlier run of this status file
     started it (``owner/<run>/<server>``, any run but ``run_prefix``'s): a
     worker that left its group, or one started after the file was last
-    written. ``kill(pgids, grace_s, processes=...)`` ends them (procs.kill_groups).
+    written. ``kill(pgids, grace_s, processes=...)`` ends them (processes.kill_groups).
     """
     victims: dict[int, tuple[str, Any]] = {}
     groups: list[int] = []

@@ -1,22 +1,18 @@
-"""One server's supervision: wait for its GPUs, spawn, readiness, watch, restart, stop.
+"""One server's supervision: the thin loop that performs what the pure step decides.
 
 A :class:`ServerSupervisor` runs in its own thread (one per server, see
-pipeline.py). Its decisions come from :mod:`model_server.launcher.lifecycle`; every
-OS call goes through :class:`Deps`, so a test can replace the spawner, the
-prober, the GPU inventory and the clock. Stopping is done from outside:
-:meth:`ServerSupervisor.request_stop` hands the running engine over and the
-pipeline kills it, so a probe waiting for its timeout never delays Ctrl-C.
+pipeline.py). Every decision (wait for GPUs, the port, readiness, hang,
+restart with backoff, FAILED) is made by :func:`model_server.launcher.steps.step`;
+this loop only reads events (a GPU reading, a port check, a probe's answer,
+the engine's exit, the timer, a stop), calls the step, and performs its
+actions (:mod:`model_server.launcher.events`). Every OS call goes through
+:class:`Deps`, the clock and the wait included, so a test can replace the
+spawner, the prober, the GPU inventory and time itself.
 
-One start, in order: wait until the GPUs are free (naming who holds them, where
-NVML can tell); check the port (taken at the first start: refused at once; at
-a restart: one failed attempt of the restart budget, with its backoff); write
-the 0600 key file; spawn (output through a redacting log pump, every process
-tagged with ``MODEL_SERVER_ENGINE``); wait for ``/health_generate`` (a refused
-connection or a 503 is "still loading"); remove the key file and record the
-engine's workers; watch. A crash, a hang (``health_failures_to_restart``
-failed probes in a row, see :func:`hang_bounds_s`) or a startup timeout kills
-the engine's process group and tagged processes and restarts it with backoff,
-until ``max_restarts`` in ``restart_window_s``: then FAILED.
+Stopping is done from outside: :meth:`ServerSupervisor.request_stop` hands the
+running engine over and the pipeline kills it, so a probe waiting for its
+timeout never delays Ctrl-C; every wait here is on the stop event
+(``threading.Event.wait``), so a stop is seen at once.
 
 The launcher's errors (see errors.py) are all one class, each message naming
 the server and the fix::
@@ -35,39 +31,31 @@ import random
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from model_server.launcher import processes as procs, rundir
+from model_server.common.processes import create_time, log_tail
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.errors import LaunchError
-from model_server.launcher.gpu import GpuInventory, GpuProcess, GpuReading, busy_gpus, choose_mem_fraction, gpu_processes
-from model_server.launcher.command import build_command
+from model_server.launcher import events as ev
+from model_server.launcher import processes as procs
+from model_server.launcher import rundir
+from model_server.launcher.gpu import GpuInventory, gpu_processes
+from model_server.launcher.gpu_memory import GpuProcess, busy_gpus
+from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import Redactor, Secret
-from model_server.launcher.lifecycle import RestartHistory, ServerState, decide_after_failure, transition
 from model_server.launcher.status_file import StatusBoard, Worker
+from model_server.launcher.steps import PORT_SETTLE_S, Settings, Supervision, step
 
-__all__ = ["Deps", "ServerSupervisor", "hang_bounds_s", "health_url", "probe_health"]
+__all__ = ["Deps", "ServerSupervisor", "probe_health"]
 
 log = logging.getLogger(__name__)
 S = ServerState
-PROGRESS_EVERY_S = 10.0
-PORT_SETTLE_S = 1.0  # a restart looks at a busy port this long before counting it as a failed attempt
-READY_POLL_S = 0.25  # while an engine starts: a refused connection or a 503 costs nothing, so look often
-RECORD_WORKERS_EVERY_S = 5.0  # while an engine loads, how often its workers are looked up for the status file
 LOG_DRAIN_S = 1.0  # after an engine exits, how long its log pump may take to write its last lines
-
-
-def health_url(host: str, port: int) -> str:
-    """The readiness URL; a wildcard bind address is probed on loopback."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/health_generate"
+LOG_TAIL_CHARS = 300  # of the engine's last log line, in the reason of a restart
+WAIT_SLICE_S = 0.2  # while waiting: how often the engine's exit is looked for (a stop is seen at once)
 
 
 def probe_health(url: str, timeout_s: float) -> tuple[bool, str]:
@@ -96,22 +84,9 @@ def probe_health(url: str, timeout_s: float) -> tuple[bool, str]:
     return False, f"status {response.status_code}"
 
 
-def hang_bounds_s(policy: LaunchPolicy) -> tuple[float, float]:
-    """How long after an engine stops answering it is declared hung: (soonest, latest), in seconds.
-
-    Probes run ``health_interval_s`` apart (from the end of one to the start
-    of the next) and a probe of a hung engine takes ``health_timeout_s``;
-    ``health_failures_to_restart`` failures in a row mean hung. Soonest: the
-    engine stopped while a probe was waiting for its answer, just before that
-    probe's timeout; latest: a probe had just succeeded.
-    """
-    n, t, i = policy.health_failures_to_restart, policy.health_timeout_s, policy.health_interval_s
-    return (n - 1) * (t + i), n * (t + i)
-
-
 @dataclass
 class Deps:
-    """The supervisor's seams: every OS call and the clock."""
+    """The supervisor's seams: every OS call, the clock and the wait (``wait(stop_event, timeout_s) -> stopped``)."""
 
     inventory: GpuInventory
     probe: Callable[[str, float], tuple[bool, str]] = probe_health
@@ -124,28 +99,11 @@ class Deps:
     describe_pid: Callable[..., str] = procs.describe_pid
     engine_tag: Callable[[int], str | None] = procs.engine_tag
     clock: Callable[[], float] = time.monotonic
+    wait: Callable[[threading.Event, float], bool] = threading.Event.wait
     rand: Callable[[], float] = random.random
-    create_time: Callable[[int], float | None] = field(default=lambda pid: process_create_time(pid))
+    create_time: Callable[[int], float | None] = create_time
     write_key_file: Callable[[Path, str], Any] = rundir.write_key_file
     remove_key_file: Callable[[Path], None] = rundir.remove_key_file
-
-
-def process_create_time(pid: int) -> float | None:
-    """psutil's start time of ``pid`` (with the pid, it names one process for the stale-run cleanup)."""
-    import psutil  # noqa: PLC0415
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-class _Stopped(Exception):
-    """The pipeline is stopping: leave the loop."""
-
-
-class _PortBusy(Exception):
-    """The server's port is taken by another process (the message says by whom)."""
 
 
 class ServerSupervisor:
@@ -153,8 +111,8 @@ class ServerSupervisor:
 
     ``key`` is the API key (a :class:`Secret`), written to ``key_file`` just
     before each spawn and removed once the engine answers or exits. ``tag``
-    marks every process of this server's engines (procs.py); ``redactor``
-    cleans its log.
+    marks every process of this server's engines (processes.py); ``redactor``
+    cleans its log and every message it writes.
     """
 
     def __init__(
@@ -182,13 +140,19 @@ class ServerSupervisor:
         self.redactor = redactor or Redactor([key] if key else [])
         self.tag = tag
         self.state = S.WAITING_GPU
+        self.port_settle_s = PORT_SETTLE_S
         self._stop = threading.Event()
         self._lock = threading.Lock()  # spawn vs. stop
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # the engine to kill (handed over on a stop)
+        self._watched: subprocess.Popen[bytes] | None = None  # the engine whose exit is an event
         self._workers: tuple[Worker, ...] = ()
-        self._history = RestartHistory()
-        self._url = health_url(policy.bind_host, spec.port)
-        self.port_settle_s = PORT_SETTLE_S
+        self._perform: dict[Any, Callable[[Any], ev.Event | None]] = {
+            ev.ReadGpus: self._read_gpus, ev.CheckPort: self._check_port, ev.Spawn: self._spawn, ev.Probe: self._probe,
+            ev.Wait: self._wait, ev.Publish: self._publish, ev.Note: self._note,
+            ev.BareAction.KILL_ENGINE: lambda _a: self._kill(),
+            ev.BareAction.REMOVE_KEY_FILE: lambda _a: self._remove_key_file(),
+            ev.BareAction.RECORD_WORKERS: lambda _a: self._record_workers(),
+        }  # fmt: skip
 
     def __repr__(self) -> str:
         return f"ServerSupervisor({self.spec.name!r}, {self.state.value})"
@@ -210,28 +174,22 @@ class ServerSupervisor:
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def _set(self, new: ServerState, detail: str = "", **fields: Any) -> None:
-        old = self.state
-        if new is not old:
-            self.state = transition(old, new)
-            level = logging.ERROR if new is S.FAILED else logging.INFO
-            log.log(level, "server %s: %s -> %s%s", self.spec.name, old.value, new.value, f" ({detail})" if detail else "")
-        self.board.update(self.spec.name, state=new.value, **fields)
-
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(max(0.0, seconds)):
-            raise _Stopped
+    def settings(self) -> Settings:
+        return Settings(
+            self.spec, self.policy, str(self.log_file), self.deps.rand,
+            key_file=str(self.key_file) if self.key_file is not None else None, tag=self.tag,
+            port_settle_s=self.port_settle_s,
+        )  # fmt: skip
 
     def run(self) -> ServerState:
+        state = Supervision(self.settings())
+        event: ev.Event | None = ev.BareEvent.TICK
         try:
-            self._loop()
-        except _Stopped:
-            self._kill()
-            if self.state is not S.FAILED:
-                self._set(S.STOPPED, pid=None, create_time=None, pgid=None, workers=())
-        except LaunchError as err:
-            self._kill()
-            self._fail(str(err))
+            while not state.done:
+                if event is None:
+                    raise RuntimeError(f"no event to step on in {state.phase}")
+                state, actions = step(state, event, self.deps.clock())
+                event = self._perform_all(actions)
         except Exception as err:  # a bug must not leave an engine behind or kill other servers
             log.exception("server %s: supervisor error", self.spec.name)
             self._kill()
@@ -240,138 +198,99 @@ class ServerSupervisor:
             self._remove_key_file()
         return self.state
 
-    def _fail(self, reason: str) -> None:
-        reason = self.redactor.redact(reason)  # a holder's command line, a log tail: never a secret
-        if self.state is not S.FAILED and self.state is not S.STOPPED:
-            self._set(S.FAILED, reason, last_error=reason, pid=None, create_time=None, pgid=None, workers=())
-
-    def _loop(self) -> None:
-        first = True
-        while True:
-            readings = self._wait_for_gpus()
-            mem_fraction = choose_mem_fraction(self.policy.mem_fraction_policy, readings, self.spec.name)
-            port_busy = False
+    def _perform_all(self, actions: Sequence[ev.Action]) -> ev.Event | None:
+        """Perform in order; the answer of the last asking action is the next event (a LaunchError: Refused)."""
+        event = None
+        for action in actions:
             try:
-                self._check_port(first)
-                proc = self._spawn(mem_fraction)
-                cause = self._wait_ready(proc)
-                if cause is None:
-                    self._remove_key_file()  # the engine has read it: it answers
-                    self._record_workers(proc)
-                    self._set(S.READY, f"pid {proc.pid}")
-                    cause = self._watch(proc)
-                if self._stop.is_set():
-                    raise _Stopped  # the engine died because the pipeline is stopping it
-                self._kill()
-            except _PortBusy as busy:
-                port_busy, cause = True, str(busy)
-            decision = decide_after_failure(
-                self._history,
-                self.deps.clock(),
-                cause=cause,
-                max_restarts=self.policy.max_restarts,
-                window_s=self.policy.restart_window_s,
-                backoff_initial_s=self.policy.restart_backoff_initial_s,
-                backoff_max_s=self.policy.restart_backoff_max_s,
-                rand=self.deps.rand,
-                **(
-                    {"label": "gave up", "fix": f"Stop that process or give this server another port, then start the pipeline again"}
-                    if port_busy
-                    else {}
-                ),
-            )  # fmt: skip
-            if not decision.restart:
-                raise LaunchError(f"server '{self.spec.name}': {decision.reason}")
-            self._history = decision.history
-            self._set(
-                S.RESTARTING,
-                f"{cause}; restart {decision.attempt} in {decision.delay_s:.1f} s",
-                restarts=self._history.total,
-                last_error=cause,
-                pid=None,
-                create_time=None,
-                pgid=None,
-                workers=(),
-            )
-            self._sleep(decision.delay_s)
-            first = False
+                perform = self._perform[action if isinstance(action, ev.BareAction) else type(action)]
+                event = perform(action) or event
+            except LaunchError as err:
+                return ev.Refused(str(err))
+        return event
 
-    def _describe_busy(self, busy: list[GpuReading]) -> str:
-        """'GPU 1: 30000 of 81920 MiB used (pid 12 holds 29000 MiB of GPU 1: python ...)' where NVML says who."""
-        holders = self.deps.gpu_processes(self.deps.inventory, [r.index for r in busy])
-        owner = self.tag.split("/", 1)[0] if self.tag else None
-        parts = []
-        for r in busy:
-            mine = [h for h in holders if h.index == r.index]
-            who = "; ".join(f"{h.describe()}: {self.deps.describe_pid(h.pid, owner)}" for h in mine[:3])
-            parts.append(r.describe() + (f" ({who})" if who else ""))
-        return self.redactor.redact("; ".join(parts))
+    def _interrupt(self) -> ev.Event | None:
+        """What overrides any answer: a stop, then the engine's exit."""
+        if self._stop.is_set():
+            return ev.BareEvent.STOP_REQUESTED
+        proc = self._watched
+        if proc is not None and proc.poll() is not None:
+            self._drain_log(proc)  # its last lines say why
+            tail = log_tail(self.log_file)[-LOG_TAIL_CHARS:]
+            return ev.EngineExited(proc.returncode, self.redactor.redact(tail))
+        return None
 
-    def _wait_for_gpus(self) -> list[GpuReading]:
-        """Readings of the server's GPUs once all are free; LaunchError at the deadline."""
-        started = self.deps.clock()
-        timeout = self.policy.gpu_wait_timeout_s
-        while True:
-            readings = self.deps.inventory.read(self.spec.gpus)
-            busy = busy_gpus(readings, self.policy.gpu_free_threshold_mib)
-            if not busy:
-                return readings
-            waited = self.deps.clock() - started
-            what = self._describe_busy(busy)
-            if timeout is not None and waited >= timeout:
-                raise LaunchError(
-                    f"server '{self.spec.name}': its GPUs stayed busy for {waited:.0f} s ({what}; a GPU is free below "
-                    f"{self.policy.gpu_free_threshold_mib} MiB used) and launch.gpu_wait_timeout_s is {timeout:g}. "
-                    f"Free the GPUs or raise the timeout"
-                )
-            if self.state is not S.WAITING_GPU:
-                self._set(S.WAITING_GPU, what)
-            log.info("server %s: waiting for GPUs (%s), %.0f s so far", self.spec.name, what, waited)
-            self._sleep(self.policy.gpu_poll_interval_s)
+    # ---- the actions --------------------------------------------------------------------
 
-    def _check_port(self, first: bool) -> None:
-        """Refuse at once on the first start (a port of another program is a table mistake); on a restart
-        give it PORT_SETTLE_S, then raise _PortBusy: one failed attempt of the restart budget."""
-        host, port = self.policy.bind_host, self.spec.port
-        deadline = self.deps.clock() + (0.0 if first else self.port_settle_s)
-        while self.deps.port_in_use(host, port):
-            if self.deps.clock() >= deadline:
-                holder = self.deps.port_holder(host, port)
-                by = f" ({holder})" if holder else ""
-                if first:
-                    raise LaunchError(
-                        f"server '{self.spec.name}': port {port} on {host} is already in use by another process{by}. "
-                        f"Stop that process (see `ss -ltnp 'sport = :{port}'`) or give this server another port"
-                    )
-                raise _PortBusy(self.redactor.redact(f"port {port} on {host} is in use by another process{by}"))
-            self._sleep(0.1)
+    def _read_gpus(self, action: ev.ReadGpus) -> ev.Event:
+        readings = tuple(self.deps.inventory.read(list(action.indices)))
+        busy = busy_gpus(readings, action.free_below_mib)
+        holders: tuple[tuple[GpuProcess, str], ...] = ()
+        if busy:  # who holds them, where NVML can tell
+            owner = self.tag.split("/", 1)[0] if self.tag else None
+            found = self.deps.gpu_processes(self.deps.inventory, [r.index for r in busy])
+            holders = tuple((h, self.redactor.redact(self.deps.describe_pid(h.pid, owner))) for h in found)
+        return self._interrupt() or ev.GpusRead(readings, holders)
 
-    def _spawn(self, mem_fraction: float) -> subprocess.Popen[bytes]:
-        key_file = str(self.key_file) if self.key_file is not None else None
-        command = build_command(self.spec, self.policy, mem_fraction, key_file=key_file)
+    def _check_port(self, action: ev.CheckPort) -> ev.Event:
+        in_use = self.deps.port_in_use(action.host, action.port)
+        holder = None
+        if in_use and action.name_holder:
+            holder = self.redactor.redact(self.deps.port_holder(action.host, action.port))
+        return self._interrupt() or ev.PortChecked(in_use, holder)
+
+    def _spawn(self, action: ev.Spawn) -> ev.Event:
         with self._lock:
             if self._stop.is_set():
-                raise _Stopped
+                return ev.BareEvent.STOP_REQUESTED
             if self.key_file is not None and self.key is not None:
                 self.deps.write_key_file(self.key_file, self.key.value)
             try:
-                self._proc = self.deps.spawn(command, self.log_file, self.drop_env, redactor=self.redactor, tag=self.tag)
+                proc = self.deps.spawn(
+                    action.command, self.log_file, self.drop_env, redactor=self.redactor, tag=self.tag
+                )
             except OSError as err:
                 self._remove_key_file()
-                raise LaunchError(f"server '{self.spec.name}': cannot start {command.argv[0]}: {err}") from err
+                return ev.Refused(f"server '{self.spec.name}': cannot start {action.command.argv[0]}: {err}")
             except BaseException:
                 self._remove_key_file()
                 raise
-        pid = self._proc.pid
+            self._proc = self._watched = proc
         self._workers = ()
-        self._set(
-            S.STARTING, f"pid {pid}, log {self.log_file}", pid=pid, create_time=self.deps.create_time(pid), pgid=pid,
-            tag=self.tag, workers=(),
-        )  # fmt: skip
-        return self._proc
+        return ev.Spawned(proc.pid, self.deps.create_time(proc.pid))
 
-    def _record_workers(self, proc: subprocess.Popen[bytes]) -> None:
+    def _probe(self, action: ev.Probe) -> ev.Event:
+        ok, why = self.deps.probe(action.url, action.timeout_s)
+        return self._interrupt() or ev.Probed(ok, why)
+
+    def _wait(self, action: ev.Wait) -> ev.Event:
+        while True:
+            event = self._interrupt()
+            if event is not None:
+                return event
+            remaining_s = action.until_s - self.deps.clock()
+            if remaining_s <= 0:
+                return ev.BareEvent.TICK
+            self.deps.wait(self._stop, min(WAIT_SLICE_S, remaining_s))
+
+    def _publish(self, action: ev.Publish) -> None:
+        if action.new is not action.old:
+            self.state = action.new
+            detail = self.redactor.redact(action.detail)
+            level = logging.ERROR if action.new is S.FAILED else logging.INFO
+            said = f" ({detail})" if detail else ""
+            log.log(level, "server %s: %s -> %s%s", self.spec.name, action.old.value, action.new.value, said)
+        self.board.update(self.spec.name, **action.fields)
+
+    def _note(self, action: ev.Note) -> None:
+        level = logging.WARNING if action.level == "warning" else logging.INFO
+        log.log(level, "server %s: %s", self.spec.name, self.redactor.redact(action.message))
+
+    def _record_workers(self) -> None:
         """Put the engine's descendants (pid, start time) in the status file when they changed."""
+        proc = self._watched
+        if proc is None:
+            return
         workers = tuple(Worker(pid, t) for pid, t in self.deps.descendants(proc.pid))
         if {w.pid for w in workers} != {w.pid for w in self._workers}:
             self._workers = workers
@@ -382,69 +301,6 @@ class ServerSupervisor:
         if pump is not None:
             pump.join(LOG_DRAIN_S)
 
-    def _exit_cause(self, proc: subprocess.Popen[bytes]) -> str:
-        code = proc.returncode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        self._drain_log(proc)  # its last lines say why
-        tail = procs.log_tail(self.log_file)
-        return self.redactor.redact(f"the engine exited ({how})" + (f"; log: {tail}" if tail else ""))
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> str | None:
-        """None once /health_generate answers 200; else why not (exit or startup timeout).
-
-        Connection refused (still loading) and 503 (warming up) mean "poll
-        again"; only the process's exit or the startup timeout end the wait.
-        """
-        started = self.deps.clock()
-        deadline = started + self.policy.startup_timeout_s
-        next_progress = started + PROGRESS_EVERY_S
-        next_record = started + RECORD_WORKERS_EVERY_S
-        interval = min(READY_POLL_S, self.policy.health_interval_s)
-        while True:
-            if proc.poll() is not None:
-                return self._exit_cause(proc)
-            now = self.deps.clock()
-            if now >= deadline:
-                return f"no 200 from {self._url} within the startup timeout of {self.policy.startup_timeout_s:g} s"
-            ok, why = self.deps.probe(self._url, max(0.1, min(self.policy.health_timeout_s, deadline - now)))
-            if ok:
-                return None
-            now = self.deps.clock()
-            if now >= next_progress:
-                normal = " (normal while it loads)" if "refused" in why or "503" in why else ""
-                log.info(
-                    "server %s: not ready yet: %s%s; %.0f s of %g s", self.spec.name, why, normal, now - started,
-                    self.policy.startup_timeout_s,
-                )  # fmt: skip
-                next_progress = now + PROGRESS_EVERY_S
-            if now >= next_record:  # SGLang starts its workers while it loads, which may take minutes
-                self._record_workers(proc)
-                next_record = now + RECORD_WORKERS_EVERY_S
-            self._sleep(interval)
-
-    def _watch(self, proc: subprocess.Popen[bytes]) -> str:
-        """Return why the server must restart: exit, or too many failed probes in a row."""
-        failures = 0
-        next_probe = self.deps.clock() + self.policy.health_interval_s
-        while True:
-            if proc.poll() is not None:
-                return self._exit_cause(proc)
-            if self.deps.clock() < next_probe:
-                self._sleep(min(0.2, next_probe - self.deps.clock()))
-                continue
-            ok, why = self.deps.probe(self._url, self.policy.health_timeout_s)
-            next_probe = self.deps.clock() + self.policy.health_interval_s
-            if proc.poll() is not None:
-                return self._exit_cause(proc)
-            if ok:
-                failures = 0
-                self._record_workers(proc)
-                continue
-            failures += 1
-            log.warning("server %s: health probe %d/%d failed: %s", self.spec.name, failures, self.policy.health_failures_to_restart, why)
-            if failures >= self.policy.health_failures_to_restart:
-                return f"hung: {failures} health probes failed in a row (last: {why})"
-
     def _remove_key_file(self) -> None:
         if self.key_file is not None:
             self.deps.remove_key_file(self.key_file)
@@ -452,8 +308,18 @@ class ServerSupervisor:
     def _kill(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
+        self._watched = None
         if proc is not None:
             tags = self.owns_tag if self.tag is not None else None
             self.deps.kill_groups([proc.pid], self.policy.stop_grace_s, reap=[proc], tags=tags)
             self._drain_log(proc)
         self._remove_key_file()
+
+    def _fail(self, reason: str) -> None:
+        """FAILED outside the step: only when the loop itself broke (a bug), after the engine was killed."""
+        reason = self.redactor.redact(reason)
+        if self.state not in (S.FAILED, S.STOPPED):
+            log.error("server %s: %s -> FAILED (%s)", self.spec.name, self.state.value, reason)
+            self.state = S.FAILED
+            gone = {"pid": None, "create_time": None, "pgid": None, "workers": ()}
+            self.board.update(self.spec.name, state=S.FAILED.value, last_error=reason, **gone)

@@ -27,7 +27,7 @@ import re
 import time
 from typing import AsyncIterator, Callable
 
-from model_server.sim.faults import FaultAction, Faults, decide
+from model_server.sim.faults import Faults, ReplyFault, decide
 from model_server.sim.latency import LatencyModel, RunningBatch, tokens_per_slice
 from model_server.sim.metrics import SimMetrics
 from model_server.sim.settings import SimSettings
@@ -149,15 +149,15 @@ class SimEngine:
 
     # --- one request ---
 
-    def admit(self, route: str, *, stream: bool) -> FaultAction:
+    def admit(self, route: str, *, stream: bool) -> ReplyFault:
         """Count a model request and decide its fault. A crash happens here, at once."""
         self.requests_total += 1
         self.by_route[route] += 1
         self._since_crash_armed += 1
-        action = decide(self.faults, request_number=self._since_crash_armed, stream=stream, rng=self.rng)
-        if action is FaultAction.CRASH:
+        fault = decide(self.faults, request_number=self._since_crash_armed, stream=stream, rng=self.rng)
+        if fault is ReplyFault.CRASH:
             self.crash(f"model request {self._since_crash_armed} reached crash_after")
-        return action
+        return fault
 
     def crash(self, why: str) -> None:
         """The crash faults: log why, then exit the process at once (os._exit: no cleanup, like a real crash)."""

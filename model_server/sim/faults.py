@@ -2,7 +2,7 @@
 
 `Faults` is a frozen value; the app swaps it whole when /sim/faults changes it.
 `decide` maps (faults, the request's number since crash_after was armed, stream
-or not, a seeded random source) to one `FaultAction`; the app carries it out.
+or not, a seeded random source) to one `ReplyFault`; the app carries it out.
 Draws happen only for rates above zero, so a seeded run is reproducible and an
 engine with no faults makes no draws at all.
 
@@ -19,17 +19,19 @@ import enum
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["FaultAction", "FaultError", "Faults", "decide"]
+__all__ = ["FaultError", "Faults", "ReplyFault", "decide"]
 
 
 class FaultError(ValueError):
     """A fault setting is invalid (bad name or value); the message says which and why."""
 
 
-class FaultAction(enum.Enum):
-    PROCEED = "proceed"
+class ReplyFault(enum.Enum):
+    """What an injected fault does to one model request (the app carries it out)."""
+
+    PROCEED = "proceed"  # no fault: answer as usual
     CRASH = "crash"  # os._exit: the process is gone
     HANG = "hang"  # accept, never answer
     ERROR = "error"  # answer error_status in SGLang's error shape for the route
@@ -37,41 +39,56 @@ class FaultAction(enum.Enum):
     DROP_STREAM = "drop_stream"  # cut the connection after the first chunk with text
 
 
-def _probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise FaultError(f"{name} must be a number between 0 and 1, got {value!r}")
-    return float(value)
+def _is_probability(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+def _is_error_status(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 400 <= value <= 599
+
+
+def _is_positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _is_count_at_least(low: int) -> Callable[[Any], bool]:
+    def ok(value: Any) -> bool:
+        return value is None or (not isinstance(value, bool) and isinstance(value, int) and value >= low)
+
+    return ok
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+# Every field of Faults: (does a JSON value fit, what it must be (for the message), how it is stored).
+_RULES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    "error_rate": (_is_probability, "a number between 0 and 1", float),
+    "error_status": (_is_error_status, "an HTTP error status 400-599", _unchanged),
+    "hang": (_is_bool, "true or false", _unchanged),
+    "slow_factor": (_is_positive_number, "a number > 0", float),
+    "crash_after": (_is_count_at_least(1), "an integer >= 1 or null", _unchanged),
+    "malformed_rate": (_is_probability, "a number between 0 and 1", float),
+    "drop_stream_rate": (_is_probability, "a number between 0 and 1", float),
+    "stall_after_tokens": (_is_count_at_least(0), "an integer >= 0 or null", _unchanged),
+    "crash_after_tokens": (_is_count_at_least(0), "an integer >= 0 or null", _unchanged),
+    "hang_before_first_token": (_is_bool, "true or false", _unchanged),
+}
 
 
 def _validate(name: str, value: Any) -> Any:
-    if name in ("error_rate", "malformed_rate", "drop_stream_rate"):
-        return _probability(name, value)
-    if name == "error_status":
-        if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
-            raise FaultError(f"error_status must be an HTTP error status 400-599, got {value!r}")
-        return value
-    if name == "hang":
-        if not isinstance(value, bool):
-            raise FaultError(f"hang must be true or false, got {value!r}")
-        return value
-    if name == "slow_factor":
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-        if not ok:
-            raise FaultError(f"slow_factor must be a number > 0, got {value!r}")
-        return float(value)
-    if name == "crash_after":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise FaultError(f"crash_after must be an integer >= 1 or null, got {value!r}")
-        return value
-    if name in ("stall_after_tokens", "crash_after_tokens"):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise FaultError(f"{name} must be an integer >= 0 or null, got {value!r}")
-        return value
-    if name == "hang_before_first_token":
-        if not isinstance(value, bool):
-            raise FaultError(f"hang_before_first_token must be true or false, got {value!r}")
-        return value
-    raise FaultError(f"unknown fault {name!r}; known: {', '.join(Faults.names())}")
+    rule = _RULES.get(name)
+    if rule is None:
+        raise FaultError(f"unknown fault {name!r}; known: {', '.join(Faults.names())}")
+    fits, what, stored = rule
+    if not fits(value):
+        raise FaultError(f"{name} must be {what}, got {value!r}")
+    return stored(value)
 
 
 @dataclass(frozen=True)
@@ -110,20 +127,20 @@ class Faults:
         return dataclasses.asdict(self)
 
 
-def decide(faults: Faults, *, request_number: int, stream: bool, rng: random.Random) -> FaultAction:
+def decide(faults: Faults, *, request_number: int, stream: bool, rng: random.Random) -> ReplyFault:
     """The fault (if any) that hits one model request.
 
     `request_number` counts model requests (1-based) since crash_after was set.
     Order: crash, hang, error, then malformed (any answer) or dropped stream.
     """
     if faults.crash_after is not None and request_number >= faults.crash_after:
-        return FaultAction.CRASH
+        return ReplyFault.CRASH
     if faults.hang:
-        return FaultAction.HANG
+        return ReplyFault.HANG
     if faults.error_rate > 0 and rng.random() < faults.error_rate:
-        return FaultAction.ERROR
+        return ReplyFault.ERROR
     if faults.malformed_rate > 0 and rng.random() < faults.malformed_rate:
-        return FaultAction.MALFORMED
+        return ReplyFault.MALFORMED
     if stream and faults.drop_stream_rate > 0 and rng.random() < faults.drop_stream_rate:
-        return FaultAction.DROP_STREAM
-    return FaultAction.PROCEED
+        return ReplyFault.DROP_STREAM
+    return ReplyFault.PROCEED

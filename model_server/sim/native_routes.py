@@ -29,8 +29,8 @@ from model_server.sim.protocol import (
     generate_meta,
     json_response,
     max_tokens_of,
-    openai_error,
     new_id,
+    openai_error,
     prompts_of,
     read_body,
     sampling_of,
@@ -95,8 +95,8 @@ def register(server: SimServer) -> None:
                     "in the input messages or the completion to fit within the limit."
                 )
         stream = bool(data.get("stream"))
-        action = await server.admit("/generate", stream)
-        failed = server.fault_response(action, stream, native=True)
+        fault = await server.admit("/generate", stream)
+        failed = server.fault_response(fault, stream, native=True)
         if failed is not None:
             return failed
         replies = [(i, Reply(text, sampling)) for i, (text, _) in enumerate(prompts)]
@@ -118,7 +118,7 @@ def register(server: SimServer) -> None:
 
         arrived = engine.clock()
         if stream:
-            return sse(generate_stream(engine, replies, prompt_tokens, action, meta))
+            return sse(generate_stream(engine, replies, prompt_tokens, fault, meta))
         await engine.hold_unstreamed(max(r.tokens for _, r in replies))
         await engine.run(prompt_tokens, sum(r.tokens for _, r in replies), timing=Timing(arrived))
         outs = [
@@ -146,8 +146,8 @@ def register(server: SimServer) -> None:
                     f"The input ({tokens} tokens) is longer than the model's context length "
                     f"({settings.effective_context_length} tokens)."
                 )
-        action = await server.admit("/encode", False)
-        failed = server.fault_response(action, False, native=True)
+        fault = await server.admit("/encode", False)
+        failed = server.fault_response(fault, False, native=True)
         if failed is not None:
             return failed
         await engine.run(sum(tokens for _, tokens in inputs), 0)

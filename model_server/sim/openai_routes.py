@@ -28,11 +28,11 @@ from model_server.sim.protocol import (
     sampling_of,
     usage,
 )
-from model_server.sim.reply import Reply, piece_logprobs
+from model_server.sim.reply import Reply, Sampling, piece_logprobs
 from model_server.sim.server import SimServer
 from model_server.sim.streaming import openai_stream
 
-__all__ = ["chat_logprobs", "completion_logprobs", "register"]
+__all__ = ["chat_choice", "chat_context_of", "chat_logprobs", "completion_choice", "completion_logprobs", "register"]
 
 
 def chat_logprobs(reply: Reply, top: int | None) -> dict | None:
@@ -65,29 +65,100 @@ def completion_logprobs(reply: Reply, top: int | None) -> dict | None:
     return out
 
 
+def chat_context_of(data: dict, messages: list) -> tuple[str, str]:
+    """The chat prompt and the assistant prefix it ends with (see text.chat_context), or a 400 on messages."""
+    try:
+        return simtext.chat_context(messages, continue_final_message=bool(data.get("continue_final_message")))
+    except ValueError as err:
+        raise BadRequest(str(err), param="messages") from None
+
+
+def chat_choice(index: int, reply: Reply, top: int | None) -> dict:
+    """One choice of an unstreamed chat answer, as SGLang's serializer writes it."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.text, "reasoning_content": None}
+    if reply.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "index": k, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for k, c in enumerate(reply.tool_calls)
+        ]
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": chat_logprobs(reply, top),
+        "finish_reason": reply.finish_reason,
+        "matched_stop": reply.matched,
+    }
+
+
+def completion_choice(index: int, reply: Reply, top: int | None) -> dict:
+    """One choice of an unstreamed completions answer, as SGLang's serializer writes it."""
+    return {
+        "index": index,
+        "text": reply.text,
+        "logprobs": completion_logprobs(reply, top),
+        "finish_reason": reply.finish_reason,
+        "matched_stop": reply.matched,
+    }
+
+
 def register(server: SimServer) -> None:
     settings = server.settings
     engine = server.engine
     route = server.route
     created = int(time.time())
 
-    async def run_unstreamed(replies: list[tuple[int, Reply]], prompt_tokens: int, sampling: Any) -> int:
-        """Hold (stall faults) and run an unstreamed answer through the engine; its completion tokens."""
+    async def openai_request(
+        request: Request, route: str | None = None, *, embedding: bool = False
+    ) -> tuple[dict, str]:
+        """(the body, its model) after SGLang's checks, in SGLang's order: JSON content, the body,
+        the kind of server a model `route` needs, the model name."""
+        server.require_json(request)
+        data = await read_body(request)
+        if route is not None:
+            server.check_kind(embedding, route)
+        return data, server.model_of(data)
+
+    async def generation(
+        route: str,
+        data: dict,
+        model: str,
+        choices: list[tuple[int, str, int]],
+        prompt_tokens: int,
+        sampling: Sampling,
+        *,
+        chat: bool,
+    ) -> Response:
+        """What chat and completions share once the request is read: its fault, then a stream or one answer.
+
+        `choices` are what to answer: (index in the answer, prompt text, choice number for the sampling).
+        """
+        top = logprobs_of(data, chat=chat)
+        stream = bool(data.get("stream"))
+        include, continuous = server.usage_options(data) if stream else (False, False)
+        fault = await server.admit(route, stream)
+        failed = server.fault_response(fault, stream)
+        if failed is not None:
+            return failed
+        replies = [(index, Reply(text, sampling.for_choice(k))) for index, text, k in choices]
+        rid = new_id()
+        if stream:
+            body = openai_stream(
+                engine, replies, prompt_tokens, fault, request_id=rid, model=model, chat=chat,
+                include_usage=include, continuous_usage=continuous, logprobs=top,
+            )  # fmt: skip
+            return await server.start_stream(body)
         completion_tokens = sum(r.tokens for _, r in replies)
         await engine.hold_unstreamed(max(r.tokens for _, r in replies))
         timing = Timing(engine.clock(), structured=sampling.structured is not None)
         await engine.run(prompt_tokens, completion_tokens, timing=timing)
-        return completion_tokens
-
-    def answer(obj: str, rid: str, model: str, choices: list, prompt_tokens: int, completion_tokens: int) -> Response:
-        """The body of an unstreamed chat or completions answer, as SGLang's serializer writes it."""
+        choice = chat_choice if chat else completion_choice
         return json_response(
             {
                 "id": rid,
-                "object": obj,
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": choices,
+                "choices": [choice(i, reply, top) for i, reply in replies],
                 "usage": usage(prompt_tokens, completion_tokens),
                 "metadata": None,
             }
@@ -95,68 +166,23 @@ def register(server: SimServer) -> None:
 
     @route("/v1/chat/completions", "POST")
     async def chat(request: Request) -> Response:
-        server.require_json(request)
-        data = await read_body(request)
-        server.check_kind(False, "/v1/chat/completions")
-        model = server.model_of(data)
+        data, model = await openai_request(request, "/v1/chat/completions")
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("Messages cannot be empty.", param="messages", err_type="BadRequestError")
-        try:
-            context, prefix = simtext.chat_context(
-                messages, continue_final_message=bool(data.get("continue_final_message"))
-            )
-        except ValueError as err:
-            raise BadRequest(str(err), param="messages") from None
+        context, prefix = chat_context_of(data, messages)
         n = choices_of(data)
         max_tokens = max_tokens_of(data, "chat", "max_completion_tokens", "max_tokens")
         prompt_tokens = simtext.count_tokens(context)
         budget = server.check_context(prompt_tokens, max_tokens)
         eos_from = simtext.count_tokens(prefix) if max_tokens is None else None
-        sampling = sampling_of(
-            data, max_new=budget, settings_seed=settings.seed, eos_from=eos_from, messages=messages
-        )
-        top = logprobs_of(data, chat=True)
-        stream = bool(data.get("stream"))
-        include, continuous = server.usage_options(data) if stream else (False, False)
-        action = await server.admit("/v1/chat/completions", stream)
-        failed = server.fault_response(action, stream)
-        if failed is not None:
-            return failed
-        replies = [(i, Reply(context, sampling.for_choice(i))) for i in range(n)]
-        rid = new_id()
-        if stream:
-            body = openai_stream(
-                engine, replies, prompt_tokens, action, request_id=rid, model=model, chat=True,
-                include_usage=include, continuous_usage=continuous, logprobs=top,
-            )  # fmt: skip
-            return await server.start_stream(body)
-        completion_tokens = await run_unstreamed(replies, prompt_tokens, sampling)
-        choices = []
-        for i, reply in replies:
-            message: dict[str, Any] = {"role": "assistant", "content": reply.text, "reasoning_content": None}
-            if reply.tool_calls:
-                message["tool_calls"] = [
-                    {"id": c.id, "index": k, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for k, c in enumerate(reply.tool_calls)
-                ]
-            choices.append(
-                {
-                    "index": i,
-                    "message": message,
-                    "logprobs": chat_logprobs(reply, top),
-                    "finish_reason": reply.finish_reason,
-                    "matched_stop": reply.matched,
-                }
-            )
-        return answer("chat.completion", rid, model, choices, prompt_tokens, completion_tokens)
+        sampling = sampling_of(data, max_new=budget, settings_seed=settings.seed, eos_from=eos_from, messages=messages)
+        choices = [(i, context, i) for i in range(n)]
+        return await generation("/v1/chat/completions", data, model, choices, prompt_tokens, sampling, chat=True)
 
     @route("/v1/completions", "POST")
     async def completions(request: Request) -> Response:
-        server.require_json(request)
-        data = await read_body(request)
-        server.check_kind(False, "/v1/completions")
-        model = server.model_of(data)
+        data, model = await openai_request(request, "/v1/completions")
         prompts = prompts_of(data.get("prompt"), "prompt")
         n = choices_of(data)
         max_tokens = max_tokens_of(data, "completions", "max_tokens")
@@ -164,44 +190,14 @@ def register(server: SimServer) -> None:
         for _, tokens in prompts:
             server.check_context(tokens, max_tokens)
         sampling = sampling_of(data, max_new=max_tokens, settings_seed=settings.seed)
-        top = logprobs_of(data, chat=False)
-        stream = bool(data.get("stream"))
-        include, continuous = server.usage_options(data) if stream else (False, False)
-        action = await server.admit("/v1/completions", stream)
-        failed = server.fault_response(action, stream)
-        if failed is not None:
-            return failed
-        rid = new_id()
         # SGLang numbers the choices prompt by prompt: index = prompt x n + choice
-        replies = [
-            (p * n + i, Reply(text, sampling.for_choice(i))) for p, (text, _) in enumerate(prompts) for i in range(n)
-        ]
+        choices = [(p * n + i, text, i) for p, (text, _) in enumerate(prompts) for i in range(n)]
         prompt_tokens = sum(tokens for _, tokens in prompts)
-        if stream:
-            body = openai_stream(
-                engine, replies, prompt_tokens, action, request_id=rid, model=model, chat=False,
-                include_usage=include, continuous_usage=continuous, logprobs=top,
-            )  # fmt: skip
-            return await server.start_stream(body)
-        completion_tokens = await run_unstreamed(replies, prompt_tokens, sampling)
-        choices = [
-            {
-                "index": i,
-                "text": r.text,
-                "logprobs": completion_logprobs(r, top),
-                "finish_reason": r.finish_reason,
-                "matched_stop": r.matched,
-            }
-            for i, r in replies
-        ]
-        return answer("text_completion", rid, model, choices, prompt_tokens, completion_tokens)
+        return await generation("/v1/completions", data, model, choices, prompt_tokens, sampling, chat=False)
 
     @route("/v1/embeddings", "POST")
     async def embeddings(request: Request) -> Response:
-        server.require_json(request)
-        data = await read_body(request)
-        server.check_kind(True, "/v1/embeddings")
-        server.model_of(data)
+        data, _ = await openai_request(request, "/v1/embeddings", embedding=True)
         inputs = prompts_of(data.get("input"), "input")
         encoding = data.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
@@ -219,8 +215,8 @@ def register(server: SimServer) -> None:
         for _, tokens in inputs:
             server.check_context(tokens, None)
         prompt_tokens = sum(tokens for _, tokens in inputs)
-        action = await server.admit("/v1/embeddings", False)
-        failed = server.fault_response(action, False)
+        fault = await server.admit("/v1/embeddings", False)
+        failed = server.fault_response(fault, False)
         if failed is not None:
             return failed
         await engine.run(prompt_tokens, 0)
@@ -240,9 +236,7 @@ def register(server: SimServer) -> None:
         )
 
     async def tokenize(request: Request) -> Response:
-        server.require_json(request)
-        data = await read_body(request)
-        server.model_of(data)
+        data, _ = await openai_request(request)
         prompt, messages = data.get("prompt"), data.get("messages")
         if (prompt is None) == (messages is None):
             raise BadRequest("Exactly one of 'prompt' or 'messages' must be provided.")
@@ -250,12 +244,7 @@ def register(server: SimServer) -> None:
         if messages is not None:
             if not isinstance(messages, list):
                 raise BadRequest("messages must be a list", param="messages")
-            try:
-                context, _ = simtext.chat_context(
-                    messages, continue_final_message=bool(data.get("continue_final_message"))
-                )
-            except ValueError as err:
-                raise BadRequest(str(err), param="messages") from None
+            context, _ = chat_context_of(data, messages)
             ids = simtext.encode(context)
             return json_response({"tokens": ids, "count": len(ids), "max_model_len": limit})
         if isinstance(prompt, str):
@@ -267,9 +256,7 @@ def register(server: SimServer) -> None:
         raise BadRequest("prompt must be a string or a list of strings", param="prompt")
 
     async def detokenize(request: Request) -> Response:
-        server.require_json(request)
-        data = await read_body(request)
-        server.model_of(data)
+        data, _ = await openai_request(request)
         tokens = data.get("tokens")
         skip = data.get("skip_special_tokens", True) is not False
         if isinstance(tokens, list) and tokens and all(isinstance(t, list) for t in tokens):

@@ -2,9 +2,13 @@
 
 It picks a free port, passes the API key through a 0600 ``--config`` YAML file
 in a private temp dir (never argv), sends output to a log file whose tail goes
-into every start error, and always cleans up: ``stop()`` is SIGTERM, then
-SIGKILL after a grace period, then wait; it is idempotent and ``__exit__``
-calls it.
+into every start error, and always cleans up: ``stop()`` ends its process
+group (SIGTERM, SIGKILL after a grace period, a bounded wait); it is
+idempotent and ``__exit__`` calls it.
+
+Its argv comes from the launcher's own :func:`~model_server.launcher.command.build_command`
+(a server of kind sim, as the pipeline starts for configs/local.toml), so the
+simulator tests run what the pipeline runs.
 """
 
 from __future__ import annotations
@@ -15,21 +19,31 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+from pydantic import ValidationError
 
 from model_server.common.atomic import atomic_write_text
+from model_server.common.processes import end_processes, tail_lines
+from model_server.common.urls import bearer_headers, server_url
+from model_server.config import LaunchPolicy, ServerKind, ServerSpec
 from model_server.errors import SimError
+from model_server.launcher.command import build_command
+from model_server.sim.engine import DEFAULT_MEM_FRACTION
 
 __all__ = ["SimProcess", "free_port"]
 
 _POLL_S = 0.05
 _HTTP_TIMEOUT_S = 5.0
+# The pipeline's size flags are left to the simulator's own defaults (its KV pool is the one it has without them).
+_SIM_DEFAULTS = {
+    "context_length": None, "chunked_prefill_size": None, "embedding_context_length": None,
+    "embedding_chunked_prefill_size": None, "enable_metrics": False,
+}  # fmt: skip
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,12 +85,11 @@ class SimProcess:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return server_url(self.host, self.port)
 
     @property
     def base_url(self) -> str:
-        return self.url + "/v1"
+        return server_url(self.host, self.port, "/v1")
 
     @property
     def model_name(self) -> str:
@@ -93,15 +106,17 @@ class SimProcess:
     # --- life cycle ---
 
     def command(self, config_path: str | None = None) -> list[str]:
-        argv = [sys.executable, "-m", "model_server", "sim", "--model-path", self.model_path]
-        argv += ["--host", self.host, "--port", str(self.port)]
-        if self.served_model_name:
-            argv += ["--served-model-name", self.served_model_name]
-        if self.embedding:
-            argv.append("--is-embedding")
-        if config_path:
-            argv += ["--config", config_path]
-        return argv + list(self.args)
+        """The argv, as the launch pipeline builds it for a server of kind sim; ``config_path`` is the key's YAML file."""
+        try:
+            spec = ServerSpec(
+                name=f"sim-{self.port}", group="sim", host=self.host, port=self.port, model=self.model_path,
+                kind=ServerKind.embedding if self.embedding else ServerKind.completion,
+                served_model_name=self.served_model_name, args=self.args,
+            )  # fmt: skip
+            policy = LaunchPolicy(engine="sim", bind_host=self.host, **_SIM_DEFAULTS)
+        except ValidationError as err:
+            raise SimError(f"{self!r}: these settings make no simulated server: {err}") from err
+        return list(build_command(spec, policy, DEFAULT_MEM_FRACTION, key_file=config_path).argv)
 
     def start(self, ready_timeout_s: float = 30.0, *, wait: bool = True) -> SimProcess:
         """Spawn the server; with `wait` (default), poll /health until 200 (SimError with the log tail)."""
@@ -118,14 +133,18 @@ class SimProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", MODEL_SERVER_SIM_EXIT_WITH_PARENT="1")
-        self.process = subprocess.Popen(
-            self.command(config_path),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                self.command(config_path),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except BaseException:
+            self.stop()  # no temp dir or open log left behind
+            raise
         if wait:
             try:
                 self.wait_ready(ready_timeout_s)
@@ -147,7 +166,7 @@ class SimProcess:
                     code = self.process.poll() if self.process else None
                     raise SimError(f"{self!r} exited with status {code} before it was ready:\n{self.log_tail()}")
                 try:
-                    if client.get(self.url + "/health").status_code == 200:
+                    if client.get(server_url(self.host, self.port, "/health")).status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
@@ -165,8 +184,8 @@ class SimProcess:
         return self._saved_log
 
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_text().splitlines()
-        return "\n".join(text[-lines:]) if text else "(no log)"
+        """The last ``lines`` non-empty lines it wrote, for error messages."""
+        return tail_lines(self.log_text(), lines) or "(no log)"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.is_alive():
@@ -191,15 +210,7 @@ class SimProcess:
         """SIGTERM, SIGKILL after `grace_s`, wait; remove the temp dir. Safe to call twice."""
         proc = self.process
         if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.send_signal(signal.SIGCONT)  # a suspended process must wake up to die
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
+            end_processes([proc.pid], (), grace_s, reap=[proc])  # its own group: start_new_session
         if proc is not None and proc.poll() is None:  # pragma: no cover - last resort
             proc.kill()
             proc.wait(timeout=10)
@@ -222,11 +233,9 @@ class SimProcess:
 
     # --- run-time control ---
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        response = httpx.request(method, self.url + path, json=body, headers=self._headers(), timeout=_HTTP_TIMEOUT_S)
+        url = server_url(self.host, self.port, path)
+        response = httpx.request(method, url, json=body, headers=bearer_headers(self.api_key), timeout=_HTTP_TIMEOUT_S)
         response.raise_for_status()
         return response.json()
 

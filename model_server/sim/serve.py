@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 
+from model_server.common.urls import server_url
 from model_server.errors import SimError
 from model_server.sim.settings import SimSettings
 
@@ -87,13 +88,12 @@ def serve(settings: SimSettings) -> None:
     async def run() -> None:
         kind = "embedding" if settings.is_embedding else "completion"
         log.info(
-            "%s | %s model %r as %r on http://%s:%d (pid %d, api key %s)",
+            "%s | %s model %r as %r on %s (pid %d, api key %s)",
             SIMULATOR_NOTICE,
             kind,
             settings.model_path,
             settings.model_name,
-            host,
-            port,
+            server_url(host, port),
             os.getpid(),
             "required" if settings.api_key else "off",
         )

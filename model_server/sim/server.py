@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from model_server.sim.engine import SimEngine
-from model_server.sim.faults import FaultAction
+from model_server.sim.faults import ReplyFault
 from model_server.sim.protocol import JSON_TYPE, BadRequest, json_response, openai_error
 from model_server.sim.settings import SimSettings
 from model_server.sim.streaming import sse, sse_after_first_chunk
@@ -114,24 +114,24 @@ class SimServer:
 
     # --- faults ---
 
-    async def admit(self, route: str, stream: bool) -> FaultAction:
+    async def admit(self, route: str, stream: bool) -> ReplyFault:
         """Count the request and draw its fault; a hang waits here, a crash never returns."""
-        action = self.engine.admit(route, stream=stream)
-        if action is FaultAction.HANG:
+        fault = self.engine.admit(route, stream=stream)
+        if fault is ReplyFault.HANG:
             await self.engine.hang()
-            return FaultAction.PROCEED
-        return action
+            return ReplyFault.PROCEED
+        return fault
 
-    def fault_response(self, action: FaultAction, stream: bool, *, native: bool = False) -> Response | None:
+    def fault_response(self, fault: ReplyFault, stream: bool, *, native: bool = False) -> Response | None:
         """The answer of an injected error (in SGLang's shape for the route) or malformed body."""
-        if action is FaultAction.ERROR:
+        if fault is ReplyFault.ERROR:
             f = self.engine.faults
             message = f"simulated fault: injected error (error_rate={f.error_rate})"
             if native:
                 return json_response({"error": {"message": message}}, f.error_status)
             # SGLang answers an aborted request's status with type str(status) (an HTTPException)
             return openai_error(f.error_status, message, err_type="BadRequestError" if f.error_status == 400 else None)
-        if action is FaultAction.MALFORMED and not stream:
+        if fault is ReplyFault.MALFORMED and not stream:
             return Response(_MALFORMED, media_type=JSON_TYPE)
         return None
 

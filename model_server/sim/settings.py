@@ -16,9 +16,10 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from model_server.errors import SimError
+from model_server.sim.faults import Faults
 
 __all__ = ["SimError", "SimSettings", "build_parser", "parse_sim_args"]
 
@@ -27,7 +28,11 @@ PROG = "model-server sim"
 
 @dataclass(frozen=True)
 class SimSettings:
-    """Everything the simulator was started with. Defaults match the contract."""
+    """Everything the simulator was started with. Defaults match the contract.
+
+    The one home of the defaults: the flags of `build_parser` read theirs from here
+    (and the faults' from `Faults`, which /sim/reset returns to).
+    """
 
     model_path: str
     served_model_name: str | None = None
@@ -58,17 +63,17 @@ class SimSettings:
     tpot_growth: float = 0.05
     embedding_dim: int = 256
     seed: int = 0
-    # Faults at start (all settable at run time through /sim/faults).
-    error_rate: float = 0.0
-    error_status: int = 500
-    hang: bool = False
-    slow_factor: float = 1.0
-    crash_after: int | None = None
-    malformed_rate: float = 0.0
-    drop_stream_rate: float = 0.0
-    stall_after_tokens: int | None = None
-    crash_after_tokens: int | None = None
-    hang_before_first_token: bool = False
+    # Faults at start (all settable at run time through /sim/faults); off unless given, as Faults() is.
+    error_rate: float = Faults.error_rate
+    error_status: int = Faults.error_status
+    hang: bool = Faults.hang
+    slow_factor: float = Faults.slow_factor
+    crash_after: int | None = Faults.crash_after
+    malformed_rate: float = Faults.malformed_rate
+    drop_stream_rate: float = Faults.drop_stream_rate
+    stall_after_tokens: int | None = Faults.stall_after_tokens
+    crash_after_tokens: int | None = Faults.crash_after_tokens
+    hang_before_first_token: bool = Faults.hang_before_first_token
 
     @property
     def model_name(self) -> str:
@@ -92,69 +97,36 @@ class SimSettings:
 # --- argparse value types: a bad value is an argparse error (exit 2) naming the flag ---
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
-    return value
+def _checked(convert: Callable[[str], Any], fits: Callable[[Any], bool], name: str, why: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)``, refused with "TEXT {why}" unless it ``fits``.
+
+    ``name`` is what argparse calls the type when ``convert`` itself fails ("invalid port value: 'x'").
+    """
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not fits(value):
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
-    return value
+def _is_log_level(text: str) -> bool:
+    return isinstance(getattr(logging, text.upper(), None), int)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0")
-    return value
-
-
-def _log_level(text: str) -> str:
-    if not isinstance(getattr(logging, text.upper(), None), int):
-        raise argparse.ArgumentTypeError(f"{text} is not a logging level (debug, info, warning, error, critical)")
-    return text
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
-    return value
-
-
-def _http_error_status(text: str) -> int:
-    value = int(text)
-    if not 400 <= value <= 599:
-        raise argparse.ArgumentTypeError(f"{text} is not an HTTP error status (400-599)")
-    return value
-
-
-_probability.__name__ = "probability"
-_non_negative_float.__name__ = "number >= 0"
-_positive_float.__name__ = "number > 0"
-_positive_int.__name__ = "integer >= 1"
-_non_negative_int.__name__ = "integer >= 0"
-_port.__name__ = "port"
-_log_level.__name__ = "log level"
-_http_error_status.__name__ = "HTTP error status"
+_probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "probability", "is not a probability between 0 and 1")
+_non_negative_float = _checked(float, lambda v: v >= 0, "number >= 0", "must be a number >= 0")  # NaN fails too
+_positive_float = _checked(float, lambda v: v > 0, "number > 0", "must be a number > 0")
+_positive_int = _checked(int, lambda v: v >= 1, "integer >= 1", "must be an integer >= 1")
+_non_negative_int = _checked(int, lambda v: v >= 0, "integer >= 0", "must be an integer >= 0")
+_port = _checked(int, lambda v: 0 <= v <= 65535, "port", "is not a port (0-65535)")
+_http_error_status = _checked(
+    int, lambda v: 400 <= v <= 599, "HTTP error status", "is not an HTTP error status (400-599)"
+)
+_log_level = _checked(str, _is_log_level, "log level", "is not a logging level (debug, info, warning, error, critical)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,15 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("SGLang options")
     s.add_argument("--model-path", help="reported as the model path (required; nothing is loaded)")
     s.add_argument("--served-model-name", help="the model name on /v1/models and in replies")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=30000)
+    s.add_argument("--host")
+    s.add_argument("--port", type=_port)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer --config for secrets)")
     s.add_argument("--admin-api-key", help="the key of the admin routes (/flush_cache, /sim/*), as SGLang's")
     s.add_argument("--is-embedding", action="store_true", help="serve embeddings instead of completions")
     s.add_argument(
         "--config", help="YAML file (*.yaml, *.yml) of options (keys with '_' or '-'); the command line wins"
     )
-    s.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=_positive_int, default=1)
+    s.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=_positive_int)
     s.add_argument("--mem-fraction-static", type=_probability)
     s.add_argument("--context-length", type=_positive_int)
     s.add_argument("--chunked-prefill-size", type=int)
@@ -186,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="running batch size; the rest queue (default: from the simulated KV pool, as SGLang)",
     )
     s.add_argument("--max-total-tokens", type=_positive_int, help="KV pool size in tokens (default: simulated)")
-    s.add_argument("--log-level", default="info", type=_log_level)
+    s.add_argument("--log-level", type=_log_level)
     s.add_argument("--stream-response-default-include-usage", action="store_true")
-    s.add_argument("--dtype", default="auto")
+    s.add_argument("--dtype")
     s.add_argument("--enable-p2p-check", action="store_true")
     s.add_argument("--trust-remote-code", action="store_true")
 
@@ -196,32 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--startup-delay-s",
         type=_non_negative_float,
-        default=0.0,
         help="'loading the weights': no listener (connection refused) for this long",
     )
     m.add_argument(
         "--health-generate-s",
         type=_non_negative_float,
-        default=1.0,
         help="/health_generate's poll interval (SGLang: 1 s, so it takes at least that)",
     )
-    m.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="base time to first token")
-    m.add_argument("--ttft-per-prompt-token-ms", type=_non_negative_float, default=0.02)
-    m.add_argument("--tpot-ms", type=_non_negative_float, default=2.0, help="time per output token, 1 running")
-    m.add_argument("--tpot-growth", type=_non_negative_float, default=0.05, help="tpot x (1 + F x (running-1))")
-    m.add_argument("--embedding-dim", type=_positive_int, default=256)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--ttft-ms", type=_non_negative_float, help="base time to first token")
+    m.add_argument("--ttft-per-prompt-token-ms", type=_non_negative_float)
+    m.add_argument("--tpot-ms", type=_non_negative_float, help="time per output token, 1 running")
+    m.add_argument("--tpot-growth", type=_non_negative_float, help="tpot x (1 + F x (running-1))")
+    m.add_argument("--embedding-dim", type=_positive_int)
+    m.add_argument("--seed", type=int)
 
     f = p.add_argument_group("faults (also settable at run time: POST /sim/faults)")
-    f.add_argument("--error-rate", type=_probability, default=0.0, help="share of model requests that fail")
-    f.add_argument("--error-status", type=_http_error_status, default=500)
+    f.add_argument("--error-rate", type=_probability, help="share of model requests that fail")
+    f.add_argument("--error-status", type=_http_error_status)
     f.add_argument("--hang", action="store_true", help="model routes accept and never answer")
-    f.add_argument("--slow-factor", type=_positive_float, default=1.0, help="every latency x F")
+    f.add_argument("--slow-factor", type=_positive_float, help="every latency x F")
     f.add_argument("--crash-after", type=_positive_int, help="exit on the N-th model request")
-    f.add_argument("--malformed-rate", type=_probability, default=0.0, help="share of 200s with invalid JSON")
-    f.add_argument(
-        "--drop-stream-rate", type=_probability, default=0.0, help="share of streams cut after their first text chunk"
-    )
+    f.add_argument("--malformed-rate", type=_probability, help="share of 200s with invalid JSON")
+    f.add_argument("--drop-stream-rate", type=_probability, help="share of streams cut after their first text chunk")
     f.add_argument(
         "--stall-after-tokens",
         type=_non_negative_int,
@@ -236,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="streams get their headers but no token; unstreamed requests never answer",
     )
+    p.set_defaults(**_settings_defaults())
     return p
+
+
+def _settings_defaults() -> dict[str, Any]:
+    """Every flag's default, read from `SimSettings` (the flags' dests are its field names)."""
+    return {f.name: f.default for f in dataclasses.fields(SimSettings) if f.default is not dataclasses.MISSING}
 
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:

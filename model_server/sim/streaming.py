@@ -34,7 +34,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from model_server.sim.engine import SimEngine, Timing
-from model_server.sim.faults import FaultAction
+from model_server.sim.faults import ReplyFault
 from model_server.sim.protocol import dumps, usage
 from model_server.sim.reply import Reply, piece_logprobs
 
@@ -220,7 +220,7 @@ def _limit(engine: SimEngine, sent: int, end: int) -> int:
 
 
 async def _positions(
-    engine: SimEngine, prompt_tokens: int, steps: int, action: FaultAction, timing: Timing, streaming: bool = True
+    engine: SimEngine, prompt_tokens: int, steps: int, fault: ReplyFault, timing: Timing, streaming: bool = True
 ) -> AsyncIterator[tuple[int, int]]:
     """The (start, stop) token steps a stream may send now, under the latency model and the token faults.
 
@@ -243,7 +243,7 @@ async def openai_stream(
     engine: SimEngine,
     choices: list[tuple[int, Reply]],
     prompt_tokens: int,
-    action: FaultAction,
+    fault: ReplyFault,
     *,
     request_id: str,
     model: str,
@@ -279,16 +279,16 @@ async def openai_stream(
                 out.append(c.text(index, pieces[k], k, usage_json(k + 1), done))
         return b"".join(out)
 
-    async for start, stop in _positions(engine, prompt_tokens, steps, action, timing):
+    async for start, stop in _positions(engine, prompt_tokens, steps, fault, timing):
         if stop == start:
             break
-        if start == 0 and action is FaultAction.MALFORMED:
+        if start == 0 and fault is ReplyFault.MALFORMED:
             yield (c.role(choices[0][0]) if chat else b"") + c.head + b',"choices":[{"index":0,"text":"trunc\n\n'
             start = 1
             if stop <= start:
                 continue
         yield events(start, stop)
-        if action is FaultAction.DROP_STREAM and start == 0:
+        if fault is ReplyFault.DROP_STREAM and start == 0:
             raise _drop()
     engine.finish(timing, prompt_tokens, completion_total, streaming=True)
     tail = []
@@ -306,7 +306,7 @@ async def openai_stream(
 
 
 async def generate_stream(
-    engine: SimEngine, choices: list[tuple[int, Reply]], prompt_tokens: int, action: FaultAction, meta: Callable
+    engine: SimEngine, choices: list[tuple[int, Reply]], prompt_tokens: int, fault: ReplyFault, meta: Callable
 ) -> AsyncIterator[bytes]:
     """SGLang's native stream: each event carries the text so far, its output_ids and meta_info; then [DONE].
 
@@ -324,10 +324,10 @@ async def generate_stream(
             body["index"] = index
         return b"data: " + dumps(body) + b"\n\n"
 
-    async for start, stop in _positions(engine, prompt_tokens, steps, action, timing):
+    async for start, stop in _positions(engine, prompt_tokens, steps, fault, timing):
         if stop == start:
             break
-        if start == 0 and action is FaultAction.MALFORMED:
+        if start == 0 and fault is ReplyFault.MALFORMED:
             yield b'data: {"text": "trunc\n\n'
             start = 1
         out = []
@@ -337,7 +337,7 @@ async def generate_stream(
                     out.append(event(index, reply, k, False))
         if out:
             yield b"".join(out)
-            if action is FaultAction.DROP_STREAM:
+            if fault is ReplyFault.DROP_STREAM:
                 raise _drop()
     engine.finish(timing, prompt_tokens, sum(r.tokens for _, r in choices), streaming=True)
     yield b"".join([event(i, r, len(r.pieces), True) for i, r in choices] + [DONE])
