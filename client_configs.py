@@ -17,8 +17,8 @@ import logging
 import math
 from collections import namedtuple
 
-from model_server.config import Fleet, ServerKind, ServerSpec, load_fleet
 from model_server.client.probe import probe_group
+from model_server.config import Fleet, ServerKind, ServerSpec, load_fleet
 
 __all__ = [
     "INF",
@@ -58,16 +58,29 @@ def _specs(fleet: Fleet, test_embedding_servers: bool, model_size: str | None = 
 
 
 def get_fastest_server(
-    initial_latency: float = 10, model_size: str = "8", test_embedding_servers: bool = False, *, fleet: Fleet | None = None
+    initial_latency: float = 10,
+    model_size: str = "8",
+    test_embedding_servers: bool = False,
+    *,
+    fleet: Fleet | None = None,
 ) -> tuple[Server | None, float]:
-    """``(server, latency_s)`` of the fastest server of that size answering within ``initial_latency`` s, else ``(None, INF)``."""
+    """``(server, latency_s)`` of the fastest server of that size answering within ``initial_latency`` s.
+
+    ``(None, INF)`` if none answers in time.
+    """
     fleet = fleet or _FLEET
     specs = _specs(fleet, test_embedding_servers, model_size)
-    results = probe_group(specs, float(initial_latency), api_key=fleet.api_key(), connect_timeout_s=fleet.client.connect_timeout_s)
+    results = probe_group(
+        specs, float(initial_latency), api_key=fleet.api_key(), connect_timeout_s=fleet.client.connect_timeout_s
+    )
     answered = [r for r in results if r.usable]
     if not answered:
-        log.warning("no %s server of size %s answered within %s s", "embedding" if test_embedding_servers else "completion",
-                    model_size, initial_latency)
+        log.warning(
+            "no %s server of size %s answered within %s s",
+            "embedding" if test_embedding_servers else "completion",
+            model_size,
+            initial_latency,
+        )
         return None, INF
     best = min(answered, key=lambda r: r.latency_s or math.inf)
     return _as_server(best.spec), float(best.latency_s or 0.0)
@@ -80,13 +93,17 @@ def get_all_latency(
     fleet = fleet or _FLEET
     specs = _specs(fleet, test_embedding_servers)
     out: dict[Server, float] = {}
-    for r in probe_group(specs, float(initial_latency), api_key=fleet.api_key(), connect_timeout_s=fleet.client.connect_timeout_s):
+    for r in probe_group(
+        specs, float(initial_latency), api_key=fleet.api_key(), connect_timeout_s=fleet.client.connect_timeout_s
+    ):
         server = _as_server(r.spec)
         out[server] = float(r.latency_s) if r.usable else INF
         if r.usable:
             log.info("%s:%s (size %s): %.3f s", server.ip, server.port, server.model_size, r.latency_s)
         else:
-            log.info("%s:%s (size %s): no answer (%s)", server.ip, server.port, server.model_size, r.rejected or r.error)
+            log.info(
+                "%s:%s (size %s): no answer (%s)", server.ip, server.port, server.model_size, r.rejected or r.error
+            )
     return out
 
 

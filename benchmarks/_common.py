@@ -12,9 +12,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -35,12 +36,22 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cpu": model or "unknown", "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}", "load_avg_1m_at_start": os.getloadavg()[0]}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model or "unknown",
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+        "load_avg_1m_at_start": os.getloadavg()[0],
+    }
 
 
-def start_sims(stack: ExitStack, count: int, args: Sequence[str] = (), served_model_name: str = "chat",
-               ready_timeout_s: float = 60.0) -> list[SimProcess]:
+def start_sims(
+    stack: ExitStack,
+    count: int,
+    args: Sequence[str] = (),
+    served_model_name: str = "chat",
+    ready_timeout_s: float = 60.0,
+) -> list[SimProcess]:
     """``count`` simulators started in parallel (each stopped when ``stack`` closes)."""
     sims = [SimProcess(served_model_name=served_model_name, args=args) for _ in range(count)]
     for sim in sims:
@@ -51,9 +62,16 @@ def start_sims(stack: ExitStack, count: int, args: Sequence[str] = (), served_mo
     return sims
 
 
-def fleet_text(servers: Iterable[tuple[str, int, str, str]], *, client: dict[str, Any] | None = None,
-               launch: dict[str, Any] | None = None, group: str = "8", args: Sequence[str] = ()) -> str:
+def fleet_text(
+    servers: Iterable[tuple[str, int, str, str]],
+    *,
+    client: dict[str, Any] | None = None,
+    launch: dict[str, Any] | None = None,
+    group: str = "8",
+    args: Sequence[str] = (),
+) -> str:
     """A fleet table: servers as (name, port, model_path, served_model_name) on 127.0.0.1."""
+
     def section(name: str, values: dict[str, Any] | None) -> str:
         if not values:
             return ""
@@ -61,10 +79,12 @@ def fleet_text(servers: Iterable[tuple[str, int, str, str]], *, client: dict[str
 
     text = section("launch", launch) + section("client", client)
     if launch and launch.get("engine") == "sim":
-        text += "[gpu_inventory]\nsource = \"simulated\"\ncount = 64\n\n"
+        text += '[gpu_inventory]\nsource = "simulated"\ncount = 64\n\n'
     for name, port, model, served in servers:
-        text += (f'[[servers]]\nname = "{name}"\ngroup = "{group}"\nkind = "completion"\nhost = "127.0.0.1"\nport = {port}\n'
-                 f'model = "{model}"\nserved_model_name = "{served}"\n')
+        text += (
+            f'[[servers]]\nname = "{name}"\ngroup = "{group}"\nkind = "completion"\nhost = "127.0.0.1"\nport = {port}\n'
+            f'model = "{model}"\nserved_model_name = "{served}"\n'
+        )
         if args:
             text += f"args = {json.dumps(list(args))}\n"
         text += "\n"
@@ -97,9 +117,14 @@ def ms(seconds: float | None) -> float | None:
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"benchmark": name, "machine": machine(), "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": f"python benchmarks/{name}.py", "note": "CPU-only ratios against model-server sim (a simulator); not GPU figures",
-            **data}
+    data = {
+        "benchmark": name,
+        "machine": machine(),
+        "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": f"python benchmarks/{name}.py",
+        "note": "CPU-only ratios against model-server sim (a simulator); not GPU figures",
+        **data,
+    }
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return path

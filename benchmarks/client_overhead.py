@@ -27,13 +27,21 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import _common
 import openai
 import psutil
 
-import _common
-from model_server.client import AsyncModelServer, ModelServer
-from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, OpenAITarget, RequestSource, build_result, run_load
+from model_server.bench import (
+    LengthRange,
+    LoadPlan,
+    ModelServerTarget,
+    OpenAITarget,
+    RequestSource,
+    build_result,
+    run_load,
+)
 from model_server.bench.runner import warm_up
+from model_server.client import AsyncModelServer, ModelServer
 from model_server.config import load_fleet
 
 # 1: the machine is idle between requests, so latency ratios show the client's own cost.
@@ -50,7 +58,9 @@ async def one_run(make_target, concurrency: int) -> dict:
     await warm_up(target, source, 8, 10.0)
     me = psutil.Process()
     cpu0 = sum(me.cpu_times()[:2])
-    outcome = await run_load(target, source, LoadPlan(concurrency=concurrency, requests=REQUESTS, request_timeout_s=30.0))
+    outcome = await run_load(
+        target, source, LoadPlan(concurrency=concurrency, requests=REQUESTS, request_timeout_s=30.0)
+    )
     cpu = sum(me.cpu_times()[:2]) - cpu0
     await target.aclose()
     result = build_result(outcome, asked_rate=None)
@@ -100,8 +110,10 @@ def sync_run(send, threads: int) -> dict:
     cpu = sum(me.cpu_times()[:2]) - cpu0
     latencies.sort()
     return {
-        "e2e_p50_ms": latencies[len(latencies) // 2] * 1000, "e2e_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-        "requests_per_s": len(latencies) / wall, "client_cpu_ms_per_request": cpu / SYNC_REQUESTS * 1000,
+        "e2e_p50_ms": latencies[len(latencies) // 2] * 1000,
+        "e2e_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+        "requests_per_s": len(latencies) / wall,
+        "client_cpu_ms_per_request": cpu / SYNC_REQUESTS * 1000,
         "failed": failed[0],
     }
 
@@ -111,7 +123,8 @@ def sync_part(sim, fleet) -> dict:
     ms = ModelServer(fleet)
     senders = {
         "openai SDK (sync)": lambda: sdk.chat.completions.create(
-            model=sim.model_name, messages=MESSAGES, max_tokens=16, temperature=0),
+            model=sim.model_name, messages=MESSAGES, max_tokens=16, temperature=0
+        ),
         "ModelServer (sync)": lambda: ms.chat("8", MESSAGES, max_tokens=16, temperature=0),
     }
     runs = {str(t): {name: [] for name in senders} for t in CONCURRENCIES}
@@ -131,19 +144,39 @@ def sync_part(sim, fleet) -> dict:
         }
         base, ours = summary[threads]["openai SDK (sync)"], summary[threads]["ModelServer (sync)"]
         ratios[threads] = {
-            "p50": ours["e2e_p50_ms"] / base["e2e_p50_ms"], "p50_delta_ms": ours["e2e_p50_ms"] - base["e2e_p50_ms"],
-            "p99": ours["e2e_p99_ms"] / base["e2e_p99_ms"], "throughput": ours["requests_per_s"] / base["requests_per_s"],
+            "p50": ours["e2e_p50_ms"] / base["e2e_p50_ms"],
+            "p50_delta_ms": ours["e2e_p50_ms"] - base["e2e_p50_ms"],
+            "p99": ours["e2e_p99_ms"] / base["e2e_p99_ms"],
+            "throughput": ours["requests_per_s"] / base["requests_per_s"],
             "client_cpu": ours["client_cpu_ms_per_request"] / base["client_cpu_ms_per_request"],
         }
         for name, s in summary[threads].items():
-            rows.append([threads, name, s["e2e_p50_ms"], s["e2e_p99_ms"], s["requests_per_s"],
-                         s["client_cpu_ms_per_request"], s["failed"]])
+            rows.append(
+                [
+                    threads,
+                    name,
+                    s["e2e_p50_ms"],
+                    s["e2e_p99_ms"],
+                    s["requests_per_s"],
+                    s["client_cpu_ms_per_request"],
+                    s["failed"],
+                ]
+            )
         r = ratios[threads]
         rows.append([threads, "ratio ModelServer / SDK", r["p50"], r["p99"], r["throughput"], r["client_cpu"], None])
-    _common.table(f"sync client overhead: chat() vs chat.completions.create, {SYNC_REQUESTS} requests x {SYNC_ROUNDS} "
-                  f"rounds per thread count (medians)",
-                  ["threads", "client", "E2E p50 ms", "E2E p99 ms", "req/s", "client CPU ms/req", "failed"], rows)
-    return {"requests_per_run": SYNC_REQUESTS, "rounds": SYNC_ROUNDS, "summary": summary, "ratios": ratios, "runs": runs}
+    _common.table(
+        f"sync client overhead: chat() vs chat.completions.create, {SYNC_REQUESTS} requests x {SYNC_ROUNDS} "
+        f"rounds per thread count (medians)",
+        ["threads", "client", "E2E p50 ms", "E2E p99 ms", "req/s", "client CPU ms/req", "failed"],
+        rows,
+    )
+    return {
+        "requests_per_run": SYNC_REQUESTS,
+        "rounds": SYNC_ROUNDS,
+        "summary": summary,
+        "ratios": ratios,
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -170,27 +203,55 @@ def main() -> None:
         for name, results in by_client.items():
             med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
             summary[concurrency][name] = {
-                "e2e_p50_ms": med(lambda r: r["e2e_s"]["p50"] * 1000), "e2e_p99_ms": med(lambda r: r["e2e_s"]["p99"] * 1000),
-                "ttft_p50_ms": med(lambda r: r["ttft_s"]["p50"] * 1000), "requests_per_s": med(lambda r: r["requests_per_s"]),
+                "e2e_p50_ms": med(lambda r: r["e2e_s"]["p50"] * 1000),
+                "e2e_p99_ms": med(lambda r: r["e2e_s"]["p99"] * 1000),
+                "ttft_p50_ms": med(lambda r: r["ttft_s"]["p50"] * 1000),
+                "requests_per_s": med(lambda r: r["requests_per_s"]),
                 "client_cpu_ms_per_request": med(lambda r: r["client_cpu_ms_per_request"]),
                 "failed": sum(r["failed"] for r in results),
             }
         base, ms = summary[concurrency]["openai SDK"], summary[concurrency]["ModelServer"]
         ratios[concurrency] = {
-            "p50": ms["e2e_p50_ms"] / base["e2e_p50_ms"], "p99": ms["e2e_p99_ms"] / base["e2e_p99_ms"],
+            "p50": ms["e2e_p50_ms"] / base["e2e_p50_ms"],
+            "p99": ms["e2e_p99_ms"] / base["e2e_p99_ms"],
             "throughput": ms["requests_per_s"] / base["requests_per_s"],
             "client_cpu": ms["client_cpu_ms_per_request"] / base["client_cpu_ms_per_request"],
         }
         for name, s in summary[concurrency].items():
-            rows.append([concurrency, name, s["e2e_p50_ms"], s["e2e_p99_ms"], s["ttft_p50_ms"], s["requests_per_s"],
-                         s["client_cpu_ms_per_request"], s["failed"]])
+            rows.append(
+                [
+                    concurrency,
+                    name,
+                    s["e2e_p50_ms"],
+                    s["e2e_p99_ms"],
+                    s["ttft_p50_ms"],
+                    s["requests_per_s"],
+                    s["client_cpu_ms_per_request"],
+                    s["failed"],
+                ]
+            )
         r = ratios[concurrency]
-        rows.append([concurrency, "ratio ModelServer / SDK", r["p50"], r["p99"], None, r["throughput"], r["client_cpu"], None])
-    _common.table(f"client overhead: 1 zero-latency sim, {REQUESTS} streamed requests x {ROUNDS} rounds per concurrency (medians)",
-                  ["concurrency", "client", "E2E p50 ms", "E2E p99 ms", "TTFT p50 ms", "req/s", "client CPU ms/req", "failed"], rows)
-    _common.save("client_overhead", {"concurrencies": list(CONCURRENCIES), "requests_per_run": REQUESTS, "rounds": ROUNDS,
-                                     "wall_s": time.monotonic() - started, "summary": summary, "ratios": ratios, "runs": runs,
-                                     "sync": sync})
+        rows.append(
+            [concurrency, "ratio ModelServer / SDK", r["p50"], r["p99"], None, r["throughput"], r["client_cpu"], None]
+        )
+    _common.table(
+        f"client overhead: 1 zero-latency sim, {REQUESTS} streamed requests x {ROUNDS} rounds per concurrency (medians)",
+        ["concurrency", "client", "E2E p50 ms", "E2E p99 ms", "TTFT p50 ms", "req/s", "client CPU ms/req", "failed"],
+        rows,
+    )
+    _common.save(
+        "client_overhead",
+        {
+            "concurrencies": list(CONCURRENCIES),
+            "requests_per_run": REQUESTS,
+            "rounds": ROUNDS,
+            "wall_s": time.monotonic() - started,
+            "summary": summary,
+            "ratios": ratios,
+            "runs": runs,
+            "sync": sync,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,19 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _common
-from model_server.client.async_driver import AsyncModelServer
-from model_server.bench import LengthRange, LoadPlan, ModelServerTarget, RequestSource, RoundRobinTarget, build_result, build_schedule, run_load
+
+from model_server.bench import (
+    LengthRange,
+    LoadPlan,
+    ModelServerTarget,
+    RequestSource,
+    RoundRobinTarget,
+    build_result,
+    build_schedule,
+    run_load,
+)
 from model_server.bench.runner import warm_up
+from model_server.client.async_driver import AsyncModelServer
 from model_server.config import load_fleet
 
 SIM_ARGS = ("--ttft-ms", "20", "--tpot-ms", "2", "--ttft-per-prompt-token-ms", "0")
@@ -62,13 +72,16 @@ def main() -> None:
         fleets = {}
         for policy in ("fastest", "p2c"):
             path = tmp / f"{policy}.toml"
-            path.write_text(_common.sim_fleet(sims, client={"routing": policy, "initial_latency_s": 3.0}), encoding="utf-8")
+            path.write_text(
+                _common.sim_fleet(sims, client={"routing": policy, "initial_latency_s": 3.0}), encoding="utf-8"
+            )
             fleets[policy] = load_fleet(path)
         makers = {
             "fastest": lambda: ModelServerTarget(AsyncModelServer(fleets["fastest"]), "8"),
             "p2c": lambda: ModelServerTarget(AsyncModelServer(fleets["p2c"]), "8"),
-            "round robin": lambda: RoundRobinTarget([(f"r{i + 1}", s.base_url) for i, s in enumerate(sims)], sims[0].model_name,
-                                                    timeout_s=60.0, typed=True),
+            "round robin": lambda: RoundRobinTarget(
+                [(f"r{i + 1}", s.base_url) for i, s in enumerate(sims)], sims[0].model_name, timeout_s=60.0, typed=True
+            ),
         }
         seed = 0
         for _ in range(ROUNDS):
@@ -90,22 +103,59 @@ def main() -> None:
         med = lambda f: statistics.median(f(p) for p in pairs)  # noqa: E731
         p99_ratios = [p["degraded"]["e2e_s"]["p99"] / p["healthy"]["e2e_s"]["p99"] for p in pairs]
         summary[policy] = {
-            "p99_ratio": statistics.median(p99_ratios), "p99_ratio_min": min(p99_ratios), "p99_ratio_max": max(p99_ratios),
+            "p99_ratio": statistics.median(p99_ratios),
+            "p99_ratio_min": min(p99_ratios),
+            "p99_ratio_max": max(p99_ratios),
             "p50_ratio": med(lambda p: p["degraded"]["e2e_s"]["p50"] / p["healthy"]["e2e_s"]["p50"]),
-            "healthy_p50_ms": med(lambda p: p["healthy"]["e2e_s"]["p50"] * 1000), "healthy_p99_ms": med(lambda p: p["healthy"]["e2e_s"]["p99"] * 1000),
-            "degraded_p50_ms": med(lambda p: p["degraded"]["e2e_s"]["p50"] * 1000), "degraded_p99_ms": med(lambda p: p["degraded"]["e2e_s"]["p99"] * 1000),
+            "healthy_p50_ms": med(lambda p: p["healthy"]["e2e_s"]["p50"] * 1000),
+            "healthy_p99_ms": med(lambda p: p["healthy"]["e2e_s"]["p99"] * 1000),
+            "degraded_p50_ms": med(lambda p: p["degraded"]["e2e_s"]["p50"] * 1000),
+            "degraded_p99_ms": med(lambda p: p["degraded"]["e2e_s"]["p99"] * 1000),
             "slow_replica_share": med(lambda p: p["degraded"]["slow_replica_share"]),
             "failed": sum(p["healthy"]["failed"] + p["degraded"]["failed"] for p in pairs),
         }
         s = summary[policy]
-        rows.append([policy, s["healthy_p50_ms"], s["healthy_p99_ms"], s["degraded_p50_ms"], s["degraded_p99_ms"], s["p99_ratio"],
-                     f"{s['p99_ratio_min']:.2f}-{s['p99_ratio_max']:.2f}",
-                     f"{s['slow_replica_share'] * 100:.1f}%", s["failed"]])
-    _common.table(f"degraded replica: 4 sims, r4 x{SLOW_FACTOR:g} slower, Poisson {RATE:g} req/s, {DURATION_S:g} s per run, median of {ROUNDS} rounds",
-                  ["policy", "healthy p50 ms", "healthy p99 ms", "degraded p50 ms", "degraded p99 ms", "p99 degraded/healthy", "p99 ratio min-max",
-                   "served by slow r4", "failed"], rows)
-    _common.save("degraded_replica", {"rate": RATE, "duration_s": DURATION_S, "rounds": ROUNDS, "slow_factor": SLOW_FACTOR,
-                                      "sim_args": list(SIM_ARGS), "wall_s": time.monotonic() - started, "summary": summary, "rounds_detail": rounds})
+        rows.append(
+            [
+                policy,
+                s["healthy_p50_ms"],
+                s["healthy_p99_ms"],
+                s["degraded_p50_ms"],
+                s["degraded_p99_ms"],
+                s["p99_ratio"],
+                f"{s['p99_ratio_min']:.2f}-{s['p99_ratio_max']:.2f}",
+                f"{s['slow_replica_share'] * 100:.1f}%",
+                s["failed"],
+            ]
+        )
+    _common.table(
+        f"degraded replica: 4 sims, r4 x{SLOW_FACTOR:g} slower, Poisson {RATE:g} req/s, {DURATION_S:g} s per run, median of {ROUNDS} rounds",
+        [
+            "policy",
+            "healthy p50 ms",
+            "healthy p99 ms",
+            "degraded p50 ms",
+            "degraded p99 ms",
+            "p99 degraded/healthy",
+            "p99 ratio min-max",
+            "served by slow r4",
+            "failed",
+        ],
+        rows,
+    )
+    _common.save(
+        "degraded_replica",
+        {
+            "rate": RATE,
+            "duration_s": DURATION_S,
+            "rounds": ROUNDS,
+            "slow_factor": SLOW_FACTOR,
+            "sim_args": list(SIM_ARGS),
+            "wall_s": time.monotonic() - started,
+            "summary": summary,
+            "rounds_detail": rounds,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,22 @@ import time
 from pathlib import Path
 
 import _common
-from model_server.client.async_driver import AsyncModelServer
-from model_server.bench import (FaultInjector, FaultTarget, LengthRange, LoadPlan, ModelServerTarget, RequestSource, build_result,
-                                build_schedule, parse_faults, run_load)
+
+from model_server.bench import (
+    FaultInjector,
+    FaultTarget,
+    LengthRange,
+    LoadPlan,
+    ModelServerTarget,
+    RequestSource,
+    build_result,
+    build_schedule,
+    parse_faults,
+    run_load,
+)
 from model_server.bench.injector import pid_from_status_file
 from model_server.bench.stats import summarize_values, within
+from model_server.client.async_driver import AsyncModelServer
 from model_server.config import load_fleet
 from model_server.sim.process import free_port
 
@@ -46,11 +57,32 @@ STREAM_RATE = 5.0  # streamed chat alongside
 LOAD_S = 40.0
 KILL_AT_S, STOP_AT_S = 10.0, 20.0
 SIM_ARGS = ["--ttft-ms", "20", "--tpot-ms", "2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0"]
-LAUNCH = {"engine": "sim", "bind_host": "127.0.0.1", "gpu_free_threshold_mib": 10000, "gpu_poll_interval_s": 0.5,
-          "startup_timeout_s": 60, "health_interval_s": 1.0, "health_timeout_s": 1.0, "health_failures_to_restart": 2,
-          "restart_backoff_initial_s": 0.2, "restart_backoff_max_s": 2, "max_restarts": 10, "restart_window_s": 300, "stop_grace_s": 3}
-CLIENT = {"initial_latency_s": 2.0, "request_timeout_floor_s": 2.0, "request_timeout_ceiling_s": 10.0, "connect_timeout_s": 1.0,
-          "retry_backoff_initial_ms": 20, "retry_backoff_max_ms": 500, "breaker_failures": 3, "breaker_cooldown_s": 2.0, "max_retry": 20}
+LAUNCH = {
+    "engine": "sim",
+    "bind_host": "127.0.0.1",
+    "gpu_free_threshold_mib": 10000,
+    "gpu_poll_interval_s": 0.5,
+    "startup_timeout_s": 60,
+    "health_interval_s": 1.0,
+    "health_timeout_s": 1.0,
+    "health_failures_to_restart": 2,
+    "restart_backoff_initial_s": 0.2,
+    "restart_backoff_max_s": 2,
+    "max_restarts": 10,
+    "restart_window_s": 300,
+    "stop_grace_s": 3,
+}
+CLIENT = {
+    "initial_latency_s": 2.0,
+    "request_timeout_floor_s": 2.0,
+    "request_timeout_ceiling_s": 10.0,
+    "connect_timeout_s": 1.0,
+    "retry_backoff_initial_ms": 20,
+    "retry_backoff_max_ms": 500,
+    "breaker_failures": 3,
+    "breaker_cooldown_s": 2.0,
+    "max_retry": 20,
+}
 
 
 class StatusWatcher(threading.Thread):
@@ -120,12 +152,18 @@ async def one_run(fleet_path: Path, status_path: Path, watcher: StatusWatcher, p
     injector = FaultInjector(parse_faults([f"{KILL_AT_S}s kill busiest", f"{STOP_AT_S}s stop busiest"]), targets)
     pids_before = {n: pid_from_status_file(status_path, n) for n in names}
     source = RequestSource(prompt_len=LengthRange(64, 64), output_len=LengthRange(32, 32), seed=seed)
-    plan = LoadPlan(schedule=build_schedule("poisson", rate=RATE, requests=int(RATE * LOAD_S), seed=seed), request_timeout_s=60.0)
-    stream_plan = LoadPlan(schedule=build_schedule("poisson", rate=STREAM_RATE, requests=int(STREAM_RATE * LOAD_S), seed=seed + 100),
-                           request_timeout_s=60.0)
+    plan = LoadPlan(
+        schedule=build_schedule("poisson", rate=RATE, requests=int(RATE * LOAD_S), seed=seed), request_timeout_s=60.0
+    )
+    stream_plan = LoadPlan(
+        schedule=build_schedule("poisson", rate=STREAM_RATE, requests=int(STREAM_RATE * LOAD_S), seed=seed + 100),
+        request_timeout_s=60.0,
+    )
     start = time.monotonic()
     try:
-        outcome, stream_outcome = await asyncio.gather(run_load(chat, source, plan, injector=injector), run_load(streams, source, stream_plan))
+        outcome, stream_outcome = await asyncio.gather(
+            run_load(chat, source, plan, injector=injector), run_load(streams, source, stream_plan)
+        )
     finally:
         await client.aclose()
     result = build_result(outcome, asked_rate=RATE)
@@ -139,12 +177,23 @@ async def one_run(fleet_path: Path, status_path: Path, watcher: StatusWatcher, p
     for label, (lo, hi) in windows.items():
         part = within(outcome.records, lo, hi)
         e2e = summarize_values(r.e2e_s for r in part if r.ok)
-        result["windows"][label] = {"from_s": lo, "to_s": hi, "requests": len(part), "failed": sum(not r.ok for r in part),
-                                    "e2e_p50_s": e2e.p50, "e2e_p99_s": e2e.p99, "e2e_max_s": e2e.max,
-                                    "slower_than_1s": sum(1 for r in part if r.ok and r.e2e_s > 1.0)}
+        result["windows"][label] = {
+            "from_s": lo,
+            "to_s": hi,
+            "requests": len(part),
+            "failed": sum(not r.ok for r in part),
+            "e2e_p50_s": e2e.p50,
+            "e2e_p99_s": e2e.p99,
+            "e2e_max_s": e2e.max,
+            "slower_than_1s": sum(1 for r in part if r.ok and r.e2e_s > 1.0),
+        }
     streamed = build_result(stream_outcome, asked_rate=STREAM_RATE)
-    result["streams"] = {"sent": streamed["sent"], "failed": streamed["failed"], "errors": streamed["errors"],
-                         "cut_after_first_token": sum(n for e, n in streamed["errors"].items() if "StreamInterruptedError" in e)}
+    result["streams"] = {
+        "sent": streamed["sent"],
+        "failed": streamed["failed"],
+        "errors": streamed["errors"],
+        "cut_after_first_token": sum(n for e, n in streamed["errors"].items() if "StreamInterruptedError" in e),
+    }
     stats = client.stats()["8"]
     result["deadlines_fired_on_healthy"] = sum(s.timeouts for n, s in stats.items() if n not in (killed, stopped))
     result["deadlines_fired_on_stopped"] = stats[stopped].timeouts
@@ -167,8 +216,12 @@ def main() -> None:
     try:
         for policy_index, policy in enumerate(("fastest", "p2c")):
             fleet_path = tmp / f"{policy}.toml"
-            text = _common.fleet_text([(f"r{i + 1}", p, "sim/llama-8b", "chat") for i, p in enumerate(ports)],
-                                      client=dict(CLIENT, routing=policy), launch=launch, args=SIM_ARGS)
+            text = _common.fleet_text(
+                [(f"r{i + 1}", p, "sim/llama-8b", "chat") for i, p in enumerate(ports)],
+                client=dict(CLIENT, routing=policy),
+                launch=launch,
+                args=SIM_ARGS,
+            )
             # give each server its own simulated GPU
             text = text.replace('served_model_name = "chat"\n', 'served_model_name = "chat"\ngpus = [GPU]\n')
             for i in range(3):
@@ -176,8 +229,13 @@ def main() -> None:
             fleet_path.write_text(text, encoding="utf-8")
             if pipeline is None:
                 log = open(tmp / "pipeline.log", "ab")
-                pipeline = subprocess.Popen([sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(fleet_path)],
-                                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                pipeline = subprocess.Popen(
+                    [sys.executable, str(ROOT / "serve_llm_pipeline.py"), "--config", str(fleet_path)],
+                    cwd=tmp,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
                 watcher.start()
             watcher.wait_all_ready(["r1", "r2", "r3"], 90.0)
             results[policy] = asyncio.run(one_run(fleet_path, status_path, watcher, policy, policy_index))
@@ -194,17 +252,57 @@ def main() -> None:
     rows = []
     for policy, r in results.items():
         w = r["windows"]
-        rows.append([policy, r["sent"], r["failed"], _common.ms(w["before"]["e2e_p99_s"]), _common.ms(w["during"]["e2e_p99_s"]),
-                     _common.ms(w["during"]["e2e_max_s"]), w["during"]["slower_than_1s"], _common.ms(w["after"]["e2e_p99_s"]), f'{r["killed"]}: {_common.fmt(r["killed_ready_again_s"])}',
-                     f'{r["stopped"]}: {_common.fmt(r["stopped_ready_again_s"])}',
-                     f"{r['streams']['cut_after_first_token']}/{r['streams']['sent']}", r["streams"]["failed"] - r["streams"]["cut_after_first_token"],
-                     r["deadlines_fired_on_healthy"]])
-    _common.table(f"failover: 3 sims under the launch pipeline, chat {RATE:g} req/s + streams {STREAM_RATE:g} req/s for {LOAD_S:g} s; kill -9 the busiest replica at {KILL_AT_S:g} s, SIGSTOP the next busiest at {STOP_AT_S:g} s",
-                  ["policy", "chat requests", "chat failed", "p99 before ms", "p99 during ms", "max during ms", "during >1 s", "p99 after ms", "killed: READY again s",
-                   "stopped: READY again s", "streams cut mid-answer", "streams failed otherwise", "deadlines fired on healthy"], rows)
-    _common.save("failover", {"rate": RATE, "stream_rate": STREAM_RATE, "load_s": LOAD_S, "kill_at_s": KILL_AT_S, "stop_at_s": STOP_AT_S, "launch": LAUNCH, "client": CLIENT,
-                              "wall_s": time.monotonic() - started, "pipeline_exit": pipeline.returncode if pipeline else None,
-                              "results": {p: {k: v for k, v in r.items() if k != "run"} for p, r in results.items()}})
+        rows.append(
+            [
+                policy,
+                r["sent"],
+                r["failed"],
+                _common.ms(w["before"]["e2e_p99_s"]),
+                _common.ms(w["during"]["e2e_p99_s"]),
+                _common.ms(w["during"]["e2e_max_s"]),
+                w["during"]["slower_than_1s"],
+                _common.ms(w["after"]["e2e_p99_s"]),
+                f"{r['killed']}: {_common.fmt(r['killed_ready_again_s'])}",
+                f"{r['stopped']}: {_common.fmt(r['stopped_ready_again_s'])}",
+                f"{r['streams']['cut_after_first_token']}/{r['streams']['sent']}",
+                r["streams"]["failed"] - r["streams"]["cut_after_first_token"],
+                r["deadlines_fired_on_healthy"],
+            ]
+        )
+    _common.table(
+        f"failover: 3 sims under the launch pipeline, chat {RATE:g} req/s + streams {STREAM_RATE:g} req/s for {LOAD_S:g} s; kill -9 the busiest replica at {KILL_AT_S:g} s, SIGSTOP the next busiest at {STOP_AT_S:g} s",
+        [
+            "policy",
+            "chat requests",
+            "chat failed",
+            "p99 before ms",
+            "p99 during ms",
+            "max during ms",
+            "during >1 s",
+            "p99 after ms",
+            "killed: READY again s",
+            "stopped: READY again s",
+            "streams cut mid-answer",
+            "streams failed otherwise",
+            "deadlines fired on healthy",
+        ],
+        rows,
+    )
+    _common.save(
+        "failover",
+        {
+            "rate": RATE,
+            "stream_rate": STREAM_RATE,
+            "load_s": LOAD_S,
+            "kill_at_s": KILL_AT_S,
+            "stop_at_s": STOP_AT_S,
+            "launch": LAUNCH,
+            "client": CLIENT,
+            "wall_s": time.monotonic() - started,
+            "pipeline_exit": pipeline.returncode if pipeline else None,
+            "results": {p: {k: v for k, v in r.items() if k != "run"} for p, r in results.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

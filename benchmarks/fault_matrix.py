@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
+
 from model_server.client import GroupUnavailableError, ModelServer
 from model_server.config import load_fleet
 from model_server.sim.process import SimProcess
@@ -100,8 +101,13 @@ def kill_one() -> dict:
             sims[0].kill()
             cut_off = _wait(lambda: ms.stats()["8"]["r1"].breaker.value == "open", 30)
             time.sleep(2.0)
-        return {"fault": "kill -9 of one replica", "failed": len(load.errors), "longest_wait_s": load.max_latency_after(fault),
-                "recovered_s": cut_off, "recovered_means": "breaker open: no more attempts on it"}
+        return {
+            "fault": "kill -9 of one replica",
+            "failed": len(load.errors),
+            "longest_wait_s": load.max_latency_after(fault),
+            "recovered_s": cut_off,
+            "recovered_means": "breaker open: no more attempts on it",
+        }
 
 
 def stop_one() -> dict:
@@ -117,9 +123,13 @@ def stop_one() -> dict:
             time.sleep(2.0)
             sims[0].resume()
             back = _wait(lambda: ms.stats()["8"]["r1"].breaker.value == "closed", 30)
-        return {"fault": "SIGSTOP of one replica (hung), SIGCONT after", "failed": len(load.errors),
-                "longest_wait_s": load.max_latency_after(fault), "recovered_s": cut_off,
-                "recovered_means": f"breaker open; back in rotation {back:.1f} s after SIGCONT" if back else "breaker open"}
+        return {
+            "fault": "SIGSTOP of one replica (hung), SIGCONT after",
+            "failed": len(load.errors),
+            "longest_wait_s": load.max_latency_after(fault),
+            "recovered_s": cut_off,
+            "recovered_means": f"breaker open; back in rotation {back:.1f} s after SIGCONT" if back else "breaker open",
+        }
 
 
 def drops() -> dict:
@@ -131,9 +141,13 @@ def drops() -> dict:
             fault = time.monotonic()
             sims[0].set_faults(drop_stream_rate=0.5)
             time.sleep(6.0)
-        return {"fault": "streams cut mid-answer on one replica (50 %)", "failed": len(load.errors),
-                "longest_wait_s": load.max_latency_after(fault), "recovered_s": 0.0,
-                "recovered_means": "each cut stream resumed on another replica"}
+        return {
+            "fault": "streams cut mid-answer on one replica (50 %)",
+            "failed": len(load.errors),
+            "longest_wait_s": load.max_latency_after(fault),
+            "recovered_s": 0.0,
+            "recovered_means": "each cut stream resumed on another replica",
+        }
 
 
 def down_at_start() -> dict:
@@ -145,9 +159,13 @@ def down_at_start() -> dict:
         with Load(ms) as load:
             sims[2].resume()
             back = _wait(lambda: ms.stats()["8"]["r3"].successes > 0, 60)
-        return {"fault": "one replica down when the client started, back later", "failed": len(load.errors),
-                "longest_wait_s": max((lat for _, lat in load.records), default=0.0), "recovered_s": back,
-                "recovered_means": f"serving again (client.reprobe_interval_s = {ms.policy.reprobe_interval_s:g})"}
+        return {
+            "fault": "one replica down when the client started, back later",
+            "failed": len(load.errors),
+            "longest_wait_s": max((lat for _, lat in load.records), default=0.0),
+            "recovered_s": back,
+            "recovered_means": f"serving again (client.reprobe_interval_s = {ms.policy.reprobe_interval_s:g})",
+        }
 
 
 def fleet_restart() -> dict:
@@ -167,9 +185,13 @@ def fleet_restart() -> dict:
                 s.start(wait=False)
             back = _wait(lambda: load.served_since(fault + 3.0) > 20, 60)
             time.sleep(1.0)
-        return {"fault": "every replica killed, restarted after 3 s", "failed": len(load.errors),
-                "longest_wait_s": load.max_latency_after(fault), "recovered_s": 3.0 + (back or 0.0),
-                "recovered_means": "answers flowing again after the restart"}
+        return {
+            "fault": "every replica killed, restarted after 3 s",
+            "failed": len(load.errors),
+            "longest_wait_s": load.max_latency_after(fault),
+            "recovered_s": 3.0 + (back or 0.0),
+            "recovered_means": "answers flowing again after the restart",
+        }
 
 
 def all_hung() -> dict:
@@ -188,8 +210,13 @@ def all_hung() -> dict:
         elapsed = time.monotonic() - started
         for s in sims:
             s.resume()
-        return {"fault": "every replica hung", "failed": 1 if outcome != "answered" else 0, "longest_wait_s": elapsed,
-                "recovered_s": None, "recovered_means": f"{outcome} after client.wait_for_replica_s = {ms.policy.wait_for_replica_s:g}"}
+        return {
+            "fault": "every replica hung",
+            "failed": 1 if outcome != "answered" else 0,
+            "longest_wait_s": elapsed,
+            "recovered_s": None,
+            "recovered_means": f"{outcome} after client.wait_for_replica_s = {ms.policy.wait_for_replica_s:g}",
+        }
 
 
 def mixed() -> dict:
@@ -203,10 +230,14 @@ def mixed() -> dict:
         with Load(ms) as load:
             time.sleep(8.0)
         sims[2].resume()
-        lat = sorted(l for _, l in load.records)
-        return {"fault": "one replica 50 % HTTP 500, one malformed, one hung", "failed": len(load.errors),
-                "longest_wait_s": lat[-1] if lat else None, "recovered_s": None,
-                "recovered_means": f"p50 {statistics.median(lat) * 1000:.0f} ms, p99 {lat[int(0.99 * len(lat))] * 1000:.0f} ms over {len(lat)} answers"}
+        lat = sorted(latency for _, latency in load.records)
+        return {
+            "fault": "one replica 50 % HTTP 500, one malformed, one hung",
+            "failed": len(load.errors),
+            "longest_wait_s": lat[-1] if lat else None,
+            "recovered_s": None,
+            "recovered_means": f"p50 {statistics.median(lat) * 1000:.0f} ms, p99 {lat[int(0.99 * len(lat))] * 1000:.0f} ms over {len(lat)} answers",
+        }
 
 
 def main() -> None:
@@ -218,7 +249,10 @@ def main() -> None:
         ["fault", "failed", "longest wait s", "recovered after s", "meaning"],
         [[r["fault"], r["failed"], r["longest_wait_s"], r["recovered_s"], r["recovered_means"]] for r in rows],
     )
-    _common.save("fault_matrix", {"threads": THREADS, "sim_args": list(SIM_ARGS), "rows": rows, "wall_s": time.monotonic() - started})
+    _common.save(
+        "fault_matrix",
+        {"threads": THREADS, "sim_args": list(SIM_ARGS), "rows": rows, "wall_s": time.monotonic() - started},
+    )
 
 
 if __name__ == "__main__":

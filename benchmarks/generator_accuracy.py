@@ -17,10 +17,18 @@ import asyncio
 import time
 from contextlib import ExitStack
 
+import _common
 import psutil
 
-import _common
-from model_server.bench import LengthRange, LoadPlan, OpenAITarget, RequestSource, build_result, build_schedule, run_load
+from model_server.bench import (
+    LengthRange,
+    LoadPlan,
+    OpenAITarget,
+    RequestSource,
+    build_result,
+    build_schedule,
+    run_load,
+)
 from model_server.bench.runner import warm_up
 from model_server.bench.targets import RawTarget
 
@@ -59,14 +67,47 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         lag = r["dispatch_lag_s"]
-        rows.append([name, r["achieved_rate"], f"{(r['achieved_rate'] / RATE - 1) * 100:+.2f}%", r["steady_rate_ratio"],
-                     _common.ms(lag["p50"]), _common.ms(lag["p99"]), _common.ms(lag["max"]), _common.ms(r["e2e_s"]["p50"]),
-                     r["client_cpu_ms_per_request"], r["server_cpu_ms_per_request"], r["failed"]])
-    _common.table(f"generator accuracy: Poisson {RATE:g} req/s x {REQUESTS} against a zero-latency sim",
-                  ["transport", "achieved /s", "vs asked", "steady ratio", "lag p50 ms", "lag p99 ms", "lag max ms", "E2E p50 ms",
-                   "client CPU ms/req", "sim CPU ms/req", "failed"], rows)
-    _common.save("generator_accuracy", {"rate": RATE, "requests": REQUESTS, "wall_s": time.monotonic() - started,
-                                        "results": {k: {x: y for x, y in v.items() if x != "run"} for k, v in results.items()}})
+        rows.append(
+            [
+                name,
+                r["achieved_rate"],
+                f"{(r['achieved_rate'] / RATE - 1) * 100:+.2f}%",
+                r["steady_rate_ratio"],
+                _common.ms(lag["p50"]),
+                _common.ms(lag["p99"]),
+                _common.ms(lag["max"]),
+                _common.ms(r["e2e_s"]["p50"]),
+                r["client_cpu_ms_per_request"],
+                r["server_cpu_ms_per_request"],
+                r["failed"],
+            ]
+        )
+    _common.table(
+        f"generator accuracy: Poisson {RATE:g} req/s x {REQUESTS} against a zero-latency sim",
+        [
+            "transport",
+            "achieved /s",
+            "vs asked",
+            "steady ratio",
+            "lag p50 ms",
+            "lag p99 ms",
+            "lag max ms",
+            "E2E p50 ms",
+            "client CPU ms/req",
+            "sim CPU ms/req",
+            "failed",
+        ],
+        rows,
+    )
+    _common.save(
+        "generator_accuracy",
+        {
+            "rate": RATE,
+            "requests": REQUESTS,
+            "wall_s": time.monotonic() - started,
+            "results": {k: {x: y for x, y in v.items() if x != "run"} for k, v in results.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _common
-from model_server.client.async_driver import AsyncModelServer
+
 from model_server.client import ModelServer
-from model_server.config import load_fleet
+from model_server.client.async_driver import AsyncModelServer
 from model_server.client.probe import probe_group
+from model_server.config import load_fleet
 
 SIZES = (1, 4, 8, 16)
 REPEATS = 5
@@ -59,7 +60,11 @@ def sequential_probe(fleet) -> None:
 def main() -> None:
     _common.quiet_logs()
     started = time.monotonic()
-    medians: dict[str, dict[int, float]] = {"ModelServer (threads)": {}, "AsyncModelServer": {}, "one at a time (original)": {}}
+    medians: dict[str, dict[int, float]] = {
+        "ModelServer (threads)": {},
+        "AsyncModelServer": {},
+        "one at a time (original)": {},
+    }
     with ExitStack() as stack:
         sims = _common.start_sims(stack, max(SIZES), SIM_ARGS)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -79,11 +84,22 @@ def main() -> None:
     for name, by_n in medians.items():
         ratios[name] = {n: by_n[n] / by_n[1] for n in SIZES}
         rows.append([name, *(by_n[n] * 1000 for n in SIZES), *(ratios[name][n] for n in SIZES[1:])])
-    _common.table(f"group build: probing N replicas (sims with 20 ms TTFT), median of {REPEATS}",
-                  ["build", *(f"N={n} ms" for n in SIZES), *(f"N={n} / N=1" for n in SIZES[1:])], rows)
-    _common.save("group_build", {"sizes": list(SIZES), "repeats": REPEATS, "sim_args": list(SIM_ARGS), "wall_s": time.monotonic() - started,
-                                 "median_s": {k: {str(n): v for n, v in d.items()} for k, d in medians.items()},
-                                 "ratio_to_one": {k: {str(n): v for n, v in d.items()} for k, d in ratios.items()}})
+    _common.table(
+        f"group build: probing N replicas (sims with 20 ms TTFT), median of {REPEATS}",
+        ["build", *(f"N={n} ms" for n in SIZES), *(f"N={n} / N=1" for n in SIZES[1:])],
+        rows,
+    )
+    _common.save(
+        "group_build",
+        {
+            "sizes": list(SIZES),
+            "repeats": REPEATS,
+            "sim_args": list(SIM_ARGS),
+            "wall_s": time.monotonic() - started,
+            "median_s": {k: {str(n): v for n, v in d.items()} for k, d in medians.items()},
+            "ratio_to_one": {k: {str(n): v for n, v in d.items()} for k, d in ratios.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ from model_server.launcher.steps import hang_bounds_s  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["chat-1", "chat-2", "chat-3"]
 # benchmarks/failover.py's launch settings (health and restart); the sim answers /health_generate at once there
-BENCH = {"health_interval_s": 1.0, "health_timeout_s": 1.0, "health_failures_to_restart": 2, "restart_backoff_initial_s": 0.2, "restart_backoff_max_s": 2}
+BENCH = {
+    "health_interval_s": 1.0,
+    "health_timeout_s": 1.0,
+    "health_failures_to_restart": 2,
+    "restart_backoff_initial_s": 0.2,
+    "restart_backoff_max_s": 2,
+}
 BENCH_SIM_ARGS = ["--health-generate-s", "0"]
 
 
@@ -61,7 +67,11 @@ def fleet_copy(tmp: Path, launch: dict[str, float], sim_args: list[str]) -> Path
         if n == 0:
             text = text.replace("[launch]\n", f"[launch]\n{line}\n", 1)
     if sim_args:
-        text = re.sub(r'(?m)^args = \[(.*)\]$', lambda m: f"args = [{m.group(1)}, {', '.join(json.dumps(a) for a in sim_args)}]", text)
+        text = re.sub(
+            r"(?m)^args = \[(.*)\]$",
+            lambda m: f"args = [{m.group(1)}, {', '.join(json.dumps(a) for a in sim_args)}]",
+            text,
+        )
     path = tmp / "fleet.toml"
     path.write_text(text)
     return path
@@ -92,7 +102,9 @@ def one_fault(status_file: Path, pid: int, name: str, sig: int) -> dict:
     t0 = time.time()
     os.kill(old_pid, sig)
     left = wait(status_file, pid, lambda s: s[name]["restarts"] > old_restarts, f"{name} restarting")
-    back = wait(status_file, pid, lambda s: s[name]["state"] == "READY" and s[name]["pid"] != old_pid, f"{name} READY again")
+    back = wait(
+        status_file, pid, lambda s: s[name]["state"] == "READY" and s[name]["pid"] != old_pid, f"{name} READY again"
+    )
     if sig == signal.SIGSTOP:
         try:
             os.kill(old_pid, signal.SIGCONT)  # already killed by the pipeline; never leave a stopped process
@@ -130,7 +142,14 @@ def run_profile(label: str, launch: dict[str, float], sim_args: list[str], round
     low, high = hang_bounds_s(policy)
     health = {k: getattr(policy, k) for k in ("health_interval_s", "health_timeout_s", "health_failures_to_restart",
                                                "restart_backoff_initial_s", "restart_backoff_max_s")}  # fmt: skip
-    return {"profile": label, "launch": health, "sim_args": sim_args, "hung_bounds_s": [low, high], "kill": kills, "stop": stops}
+    return {
+        "profile": label,
+        "launch": health,
+        "sim_args": sim_args,
+        "hung_bounds_s": [low, high],
+        "kill": kills,
+        "stop": stops,
+    }
 
 
 def spread(values: list[float]) -> str:

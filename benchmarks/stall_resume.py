@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _common
+
 from model_server.client import ModelServer
 from model_server.config import load_fleet
 
@@ -74,12 +75,22 @@ def main() -> None:
         ["streams", "resumes", "texts identical to unfaulted", "stall -> next chunk p50 ms", "p99 ms", "max ms"],
         [[STREAMS, resumed, identical, _common.ms(p50), _common.ms(p99), _common.ms(gaps[-1] if gaps else None)]],
     )
-    _common.save("stall_resume", {
-        "streams": STREAMS, "concurrency": CONCURRENCY, "tokens": TOKENS, "stall_after_tokens": STALL_AFTER,
-        "sim_args": list(SIM_ARGS), "client": CLIENT, "stall_deadline_floor_s": stall_s, "resumes": resumed, "identical": identical,
-        "stall_to_next_chunk_s": {"p50": p50, "p99": p99, "max": gaps[-1] if gaps else None},
-        "wall_s": time.monotonic() - started,
-    })
+    _common.save(
+        "stall_resume",
+        {
+            "streams": STREAMS,
+            "concurrency": CONCURRENCY,
+            "tokens": TOKENS,
+            "stall_after_tokens": STALL_AFTER,
+            "sim_args": list(SIM_ARGS),
+            "client": CLIENT,
+            "stall_deadline_floor_s": stall_s,
+            "resumes": resumed,
+            "identical": identical,
+            "stall_to_next_chunk_s": {"p50": p50, "p99": p99, "max": gaps[-1] if gaps else None},
+            "wall_s": time.monotonic() - started,
+        },
+    )
 
 
 if __name__ == "__main__":

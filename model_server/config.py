@@ -70,7 +70,9 @@ def _no_nul_char(value: str) -> str:
 
 def _env_name(name: str) -> str:
     if not _ENV_NAME.match(name):
-        raise ValueError(f"holds {_short(name)}, which is not an environment variable name (letters, digits and _, not starting with a digit)")
+        raise ValueError(
+            f"holds {_short(name)}, which is not an environment variable name (letters, digits and _, not starting with a digit)"
+        )
     return name
 
 
@@ -147,7 +149,9 @@ class ServerSpec(_Strict):
             raise ValueError(f"has negative GPU index {negative[0]}: indices are as nvidia-smi shows them (0, 1, ...)")
         huge = [g for g in value if g > _MAX_GPU_INDEX]
         if huge:
-            raise ValueError(f"has GPU index {huge[0]}, above {_MAX_GPU_INDEX}: indices are as nvidia-smi shows them (0, 1, ...)")
+            raise ValueError(
+                f"has GPU index {huge[0]}, above {_MAX_GPU_INDEX}: indices are as nvidia-smi shows them (0, 1, ...)"
+            )
         repeated = sorted({g for g in value if value.count(g) > 1})
         if repeated:
             raise ValueError(f"repeats GPU index {repeated[0]}: list each GPU once")
@@ -393,7 +397,9 @@ class Fleet(_Strict):
                     f"(servers[{j}]): give each server its own port"
                 )
             elif s.name in seen_names:
-                problems.append(f"{label}: field 'name' repeats the name of servers[{seen_names[s.name]}], and names must be unique")
+                problems.append(
+                    f"{label}: field 'name' repeats the name of servers[{seen_names[s.name]}], and names must be unique"
+                )
             seen_names.setdefault(s.name, i)
             seen_addresses.setdefault(s.address, i)
             for g in s.gpus:
@@ -517,7 +523,9 @@ def _explain(err: ValidationError, data: dict[str, Any], source: str) -> ConfigE
             problems.append(f"{where}: {msg}, got {_short(e.get('input'))}")
     if len(problems) > MAX_PROBLEMS:
         problems = [*problems[:MAX_PROBLEMS], f"and {len(problems) - MAX_PROBLEMS} more problems"]
-    return ConfigError(f"{source}: invalid fleet table: " + "; ".join(problems) + ". Fix this and run `model-server check` again.")
+    return ConfigError(
+        f"{source}: invalid fleet table: " + "; ".join(problems) + ". Fix this and run `model-server check` again."
+    )
 
 
 def parse_fleet(text: str, source: str = "<memory>") -> Fleet:
@@ -526,7 +534,7 @@ def parse_fleet(text: str, source: str = "<memory>") -> Fleet:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: malformed TOML: {err}. Fix the syntax at that line.") from err
-    except RecursionError as err:  # tomllib recurses once per level of nested arrays or inline tables
+    except RecursionError:  # tomllib recurses once per level of nested arrays or inline tables
         raise ConfigError(
             f"{source}: malformed TOML: arrays or inline tables are nested hundreds of levels deep. A fleet table "
             f"nests at most 3 levels (mem_fraction_policy = [{{...}}]); fix the brackets."

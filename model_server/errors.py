@@ -82,7 +82,7 @@ class UnknownGroupError(ClientError, KeyError):
         self.known = tuple(known)
         super().__init__(
             f"{source} has no group '{group}'. Its groups are: {', '.join(repr(g) for g in self.known) or 'none'}. "
-            f"Ask for one of these, or add [[servers]] entries with group = \"{group}\"."
+            f'Ask for one of these, or add [[servers]] entries with group = "{group}".'
         )
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -120,10 +120,12 @@ class RequestRejectedError(ClientError):
 class GroupUnavailableError(ClientError):
     """Every attempt failed: no replica of the group answered within the retry budget."""
 
-    def __init__(self, group: str, attempts: Sequence["Attempt"], reason: str) -> None:
+    def __init__(self, group: str, attempts: Sequence[Attempt], reason: str) -> None:
         self.group = group
-        self.attempts: tuple["Attempt", ...] = tuple(attempts)
-        lines = "; ".join(f"#{i + 1} {a.replica}: {a.error} after {a.elapsed_s:.2f}s" for i, a in enumerate(self.attempts))
+        self.attempts: tuple[Attempt, ...] = tuple(attempts)
+        lines = "; ".join(
+            f"#{i + 1} {a.replica}: {a.error} after {a.elapsed_s:.2f}s" for i, a in enumerate(self.attempts)
+        )
         super().__init__(
             f"group '{group}' is unavailable: {reason}. Attempts: {lines or 'none'}. "
             f"Check that its servers are up (`model-server probe --group {group}`); to wait longer for a fleet "
@@ -137,7 +139,9 @@ class StreamInterruptedError(ClientError):
     ``why_not_resumed`` says why no (further) resume was tried; ``resumes`` counts those done before.
     """
 
-    def __init__(self, group: str, replica: str, text: str, cause: str, why_not_resumed: str = "", resumes: int = 0) -> None:
+    def __init__(
+        self, group: str, replica: str, text: str, cause: str, why_not_resumed: str = "", resumes: int = 0
+    ) -> None:
         self.group = group
         self.replica = replica
         self.text = text

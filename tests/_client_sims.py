@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import psutil
@@ -39,8 +38,12 @@ MESSAGES = [{"role": "user", "content": "Name a colour."}]
 def start_sims(n: int, *, embedding: bool = False, args: Sequence[str] = FAST_ARGS) -> list[SimProcess]:
     """n simulated replicas on free ports, started concurrently."""
     sims = [
-        SimProcess(model_path="sim/test-model", served_model_name="emb" if embedding else "chat", embedding=embedding,
-                   args=tuple(args))
+        SimProcess(
+            model_path="sim/test-model",
+            served_model_name="emb" if embedding else "chat",
+            embedding=embedding,
+            args=tuple(args),
+        )
         for _ in range(n)
     ]
     try:
@@ -70,9 +73,7 @@ def sims_running(n: int, **kw) -> Iterator[list[SimProcess]]:
         stop_sims(sims)
 
 
-def fleet_of(
-    groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fastest", **policy: object
-) -> Fleet:
+def fleet_of(groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fastest", **policy: object) -> Fleet:
     """A fleet table: {group: (kind, ports)}; replicas named <group>-<i>; TEST_POLICY with overrides."""
     fields = dict(TEST_POLICY, **policy)
     lines = ["[client]", f'routing = "{routing}"']
@@ -87,8 +88,15 @@ def fleet_of(
         model = "emb" if kind == "embedding" else "chat"
         for i, port in enumerate(ports):
             lines += [
-                "", "[[servers]]", f'name = "{group}-{i}"', f'group = "{group}"', f'kind = "{kind}"',
-                'host = "127.0.0.1"', f"port = {port}", 'model = "sim/test-model"', f'served_model_name = "{model}"',
+                "",
+                "[[servers]]",
+                f'name = "{group}-{i}"',
+                f'group = "{group}"',
+                f'kind = "{kind}"',
+                'host = "127.0.0.1"',
+                f"port = {port}",
+                'model = "sim/test-model"',
+                f'served_model_name = "{model}"',
             ]
     return parse_fleet("\n".join(lines) + "\n", source="<test fleet>")
 
@@ -98,14 +106,20 @@ def dead_ports(n: int) -> list[int]:
     return [free_port() for _ in range(n)]
 
 
-def chat_chunk(content: str | None = None, *, role: bool = False, finish: str | None = None,
-               usage: tuple[int, int] | None = None) -> dict:
+def chat_chunk(
+    content: str | None = None, *, role: bool = False, finish: str | None = None, usage: tuple[int, int] | None = None
+) -> dict:
     """One chat.completion.chunk event as SGLang streams it (usage: (prompt, completion) tokens so far)."""
     delta: dict = {"role": "assistant", "content": ""} if role else {}
     if content is not None:
         delta["content"] = content
-    event: dict = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "chat",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    event: dict = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "chat",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     if usage is not None:
         event["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
     return event

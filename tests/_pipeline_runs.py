@@ -21,8 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -46,6 +46,8 @@ FAST = {
     "restart_window_s": "120",
     "stop_grace_s": "3",
 }
+
+
 def free_port() -> int:
     """A TCP port the OS says is free on 127.0.0.1 now."""
     with socket.socket() as sock:
@@ -57,7 +59,12 @@ LOCAL = ["chat-1", "chat-2", "chat-3", "embed-1", "embed-2"]
 
 
 def local_copy(
-    tmp_path: Path, launch: dict[str, str] | None = None, top: str = "", inventory: str = "", extra: str = "", args: dict[str, list[str]] | None = None
+    tmp_path: Path,
+    launch: dict[str, str] | None = None,
+    top: str = "",
+    inventory: str = "",
+    extra: str = "",
+    args: dict[str, list[str]] | None = None,
 ) -> Path:
     """configs/local.toml with free ports, logs/status in tmp_path and the given [launch] values.
 
@@ -65,7 +72,11 @@ def local_copy(
     """
     text = (ROOT / "configs" / "local.toml").read_text()
     text = re.sub(r"(?m)^port = \d+$", lambda _m: f"port = {free_port()}", text)
-    values = {**FAST, "log_dir": json.dumps(str(tmp_path / "logs")), "status_file": json.dumps(str(tmp_path / "run" / "status.json"))}
+    values = {
+        **FAST,
+        "log_dir": json.dumps(str(tmp_path / "logs")),
+        "status_file": json.dumps(str(tmp_path / "run" / "status.json")),
+    }
     values.update(launch or {})
     for key, value in values.items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
@@ -91,7 +102,9 @@ def port_of(config: Path, name: str) -> int:
 class Run:
     """One pipeline subprocess; always gone (with its whole tree) after the test."""
 
-    def __init__(self, config: Path, tmp_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, tmp_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.status_file = tmp_path / "run" / "status.json"
         self.log = tmp_path / f"pipeline-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:

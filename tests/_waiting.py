@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02) -> T:
+def wait_for(
+    condition: Callable[[], T], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02
+) -> T:
     """``condition()``'s first truthy value; AssertionError naming ``what`` once ``timeout_s`` has passed."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -7,9 +7,9 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model_server.client.retry import backoff_s
 from model_server.common.backoff import jittered_backoff_s
 from model_server.config import ClientPolicy
-from model_server.client.retry import backoff_s
 
 
 def test_doubles_then_caps() -> None:

@@ -6,8 +6,8 @@ import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -51,9 +51,30 @@ def test_url_run_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     with SimProcess(args=FAST) as sim:
         done = _bench(
-            "--url", sim.base_url, "--model", sim.model_name, "--transport", "raw", "--rate", "40", "--requests", "60",
-            "--prompt-len", "8:16", "--output-len", "4:8", "--slo-ttft", "5", "--seed", "3",
-            "--fault", f"0.5s 500s 127.0.0.1:{sim.port} 1 for 0.8s", "--output", str(out), "--plot", str(png),
+            "--url",
+            sim.base_url,
+            "--model",
+            sim.model_name,
+            "--transport",
+            "raw",
+            "--rate",
+            "40",
+            "--requests",
+            "60",
+            "--prompt-len",
+            "8:16",
+            "--output-len",
+            "4:8",
+            "--slo-ttft",
+            "5",
+            "--seed",
+            "3",
+            "--fault",
+            f"0.5s 500s 127.0.0.1:{sim.port} 1 for 0.8s",
+            "--output",
+            str(out),
+            "--plot",
+            str(png),
         )
         assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
@@ -75,7 +96,7 @@ def _fleet(path: Path, sims: list[SimProcess]) -> Path:
         f'model = "{s.model_path}"\nserved_model_name = "{s.model_name}"\n'
         for i, s in enumerate(sims)
     )
-    path.write_text('[client]\ninitial_latency_s = 2.0\nrequest_timeout_floor_s = 5\n' + entries, encoding="utf-8")
+    path.write_text("[client]\ninitial_latency_s = 2.0\nrequest_timeout_floor_s = 5\n" + entries, encoding="utf-8")
     return path
 
 

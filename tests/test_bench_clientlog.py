@@ -186,8 +186,12 @@ def _fault(at: float, action: str, server: str, undo: bool = False, ok: bool = T
 
 
 def test_fault_effects_per_fault_window():
-    faults = [_fault(10, "kill", "chat-1"), _fault(20, "stop", "chat-2"), _fault(23, "resume", "chat-2", undo=True),
-              _fault(25, "kill", "chat-3", ok=False)]
+    faults = [
+        _fault(10, "kill", "chat-1"),
+        _fault(20, "stop", "chat-2"),
+        _fault(23, "resume", "chat-2", undo=True),
+        _fault(25, "kill", "chat-3", ok=False),
+    ]
     events = [
         _ev(5, EventKind.FAILOVER, "chat-1"),  # before the fault: not its
         _ev(10.1, EventKind.FAILOVER, "chat-1"),

@@ -166,8 +166,12 @@ def test_dataset_lines_and_default_output_len(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{not json\n", "line 1: not valid JSON"), ('{"x": 1}\n', 'line 1: needs a non-empty string field "prompt"'),
-     ('{"prompt": "a", "output_len": 0}\n', '"output_len" is 0'), ("\n", "has no requests")],
+    [
+        ("{not json\n", "line 1: not valid JSON"),
+        ('{"x": 1}\n', 'line 1: needs a non-empty string field "prompt"'),
+        ('{"prompt": "a", "output_len": 0}\n', '"output_len" is 0'),
+        ("\n", "has no requests"),
+    ],
 )
 def test_bad_dataset_lines_are_named(tmp_path, text, message):
     data = tmp_path / "d.jsonl"
@@ -197,8 +201,16 @@ def test_percentile_matches_numpy(values, q):
 
 
 def _record(i, sent, ttft, e2e, tokens, ok=True, error=None, scheduled=None):
-    return RequestRecord(i, scheduled_s=scheduled, sent_s=sent, first_token_s=sent + ttft if ttft is not None else None,
-                         done_s=sent + e2e, output_tokens=tokens, ok=ok, error=error)
+    return RequestRecord(
+        i,
+        scheduled_s=scheduled,
+        sent_s=sent,
+        first_token_s=sent + ttft if ttft is not None else None,
+        done_s=sent + e2e,
+        output_tokens=tokens,
+        ok=ok,
+        error=error,
+    )
 
 
 def test_record_ttft_tpot_e2e():

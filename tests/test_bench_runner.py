@@ -44,7 +44,7 @@ class FakeTarget:
             if index in self.fail:
                 raise ConnectionError("refused")
             await asyncio.sleep(0)
-            for i in range(request.max_tokens):
+            for _ in range(request.max_tokens):
                 yield StreamPiece("w ", None, False, "fake-1")
             if index in self.incomplete:
                 raise IncompleteStream("the stream ended without a finish_reason")

@@ -94,10 +94,14 @@ def test_faults_on_a_schedule_show_in_the_records(transport):
     """500s, malformed bodies, dropped streams and SIGSTOP, applied during a run, each leave their mark."""
     with SimProcess(args=("--ttft-ms", "1", "--tpot-ms", "0.5")) as sim:
         name = f"127.0.0.1:{sim.port}"
-        events = parse_faults([
-            f"0.4s 503s {name} 1 for 0.4s", f"1.0s malformed {name} 1 for 0.4s",
-            f"1.6s drop {name} 1 for 0.4s", f"2.2s stop {name} for 0.4s",
-        ])
+        events = parse_faults(
+            [
+                f"0.4s 503s {name} 1 for 0.4s",
+                f"1.0s malformed {name} 1 for 0.4s",
+                f"1.6s drop {name} 1 for 0.4s",
+                f"2.2s stop {name} for 0.4s",
+            ]
+        )
         injector = FaultInjector(events, {name: FaultTarget(name, sim.url, lambda: sim.pid)})
         target = transport(sim.base_url, sim.model_name, timeout_s=5.0)
         outcome = asyncio.run(_open_loop(target, 50.0, 150, output_len=4, timeout_s=5.0, injector=injector))

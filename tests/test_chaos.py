@@ -156,7 +156,9 @@ async def _load(fleet_path, fleet: Fleet, faults: list[ChaosFault]):
         source = RequestSource(prompt_len=LengthRange(8, 24), output_len=LengthRange(4, 12), seed=SEED)
         start = time.monotonic()
         return start, await asyncio.gather(
-            run_load(chat, source, chat_plan), run_load(stream, source, stream_plan), _run_chaos(fleet, faults, start),
+            run_load(chat, source, chat_plan),
+            run_load(stream, source, stream_plan),
+            _run_chaos(fleet, faults, start),
         )
     finally:
         await client.aclose()

@@ -9,7 +9,6 @@ from _client_sims import MESSAGES, fleet_of, start_sims, stop_sims
 from openai.types.chat import ChatCompletion
 from prometheus_client import CollectorRegistry
 
-from model_server.client.breaker import BreakerState
 from model_server.client import (
     GroupUnavailableError,
     ModelServer,
@@ -17,6 +16,7 @@ from model_server.client import (
     StreamInterruptedError,
     UnknownGroupError,
 )
+from model_server.client.breaker import BreakerState
 from model_server.errors import ClientError, ModelServerError
 
 
@@ -76,7 +76,9 @@ def test_a_400_is_rejected_on_the_first_attempt_and_blames_no_replica(ms, sims) 
 
 def test_a_404_is_rejected_too_and_an_unknown_model_name_is_not_an_error(sims) -> None:
     fleet = fleet_of({"8": ("completion", [sims[0].port])})
-    wrong = fleet.model_copy(update={"servers": tuple(s.model_copy(update={"served_model_name": "nope"}) for s in fleet.servers)})
+    wrong = fleet.model_copy(
+        update={"servers": tuple(s.model_copy(update={"served_model_name": "nope"}) for s in fleet.servers)}
+    )
     with ModelServer(wrong) as ms:
         assert ms.chat("8", MESSAGES, max_tokens=2).model == "nope"  # SGLang accepts any name and echoes it
         sims[0].set_faults(error_rate=1.0, error_status=404)
@@ -171,8 +173,10 @@ def test_prometheus_metrics_count_requests_failures_and_failovers(ms, sims) -> N
     assert reg.get_sample_value("model_server_client_requests_total", labels) == 1
     assert reg.get_sample_value("model_server_client_failures_total", dict(labels, kind="server")) == 1
     assert reg.get_sample_value("model_server_client_failovers_total", labels) == 1
-    total = sum(reg.get_sample_value("model_server_client_latency_seconds_count", {"group": "8", "replica": f"8-{i}"}) or 0
-                for i in range(3))
+    total = sum(
+        reg.get_sample_value("model_server_client_latency_seconds_count", {"group": "8", "replica": f"8-{i}"}) or 0
+        for i in range(3)
+    )
     assert total == 1
 
 

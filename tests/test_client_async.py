@@ -8,9 +8,9 @@ import json
 import pytest
 from _client_sims import MESSAGES, dead_ports, fleet_of, sims_running
 
+from model_server.client import GroupUnavailableError, RequestRejectedError, StreamInterruptedError, UnknownGroupError
 from model_server.client.async_driver import AsyncModelServer
 from model_server.client.breaker import BreakerState
-from model_server.client import GroupUnavailableError, RequestRejectedError, StreamInterruptedError, UnknownGroupError
 
 
 @pytest.mark.timeout(90)

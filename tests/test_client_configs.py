@@ -23,9 +23,18 @@ def _toml(groups: dict[str, tuple[str, list[int]]]) -> str:
     for group, (kind, ports) in groups.items():
         for i, port in enumerate(ports):
             gpu += 1
-            lines += ["[[servers]]", f'name = "{group}-{i}"', f'group = "{group}"', f'kind = "{kind}"',
-                      'host = "127.0.0.1"', f"port = {port}", 'model = "sim/test-model"',
-                      f'served_model_name = "{"emb" if kind == "embedding" else "chat"}"', f"gpus = [{gpu}]", ""]
+            lines += [
+                "[[servers]]",
+                f'name = "{group}-{i}"',
+                f'group = "{group}"',
+                f'kind = "{kind}"',
+                'host = "127.0.0.1"',
+                f"port = {port}",
+                'model = "sim/test-model"',
+                f'served_model_name = "{"emb" if kind == "embedding" else "chat"}"',
+                f"gpus = [{gpu}]",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -78,22 +87,38 @@ def test_module_tables_come_from_model_server_config(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     completion, embedding, sizes = json.loads(out.stdout)
-    assert completion == [["127.0.0.1", 18001, "8", "sim/test-model", "1"], ["127.0.0.1", 18002, "8", "sim/test-model", "2"]]
+    assert completion == [
+        ["127.0.0.1", 18001, "8", "sim/test-model", "1"],
+        ["127.0.0.1", 18002, "8", "sim/test-model", "2"],
+    ]
     assert embedding == [["127.0.0.1", 18003, "7", "sim/test-model", "3"]] and sizes == ["8", "7"]
     assert client_configs.INF == 200
 
 
 def _probe_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_server", "probe", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env=dict(os.environ, COLUMNS="200"))
+    return subprocess.run(
+        [sys.executable, "-m", "model_server", "probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=dict(os.environ, COLUMNS="200"),
+    )
 
 
 def test_probe_command_prints_every_replica_and_fails_on_a_dead_group(fleet_sims, tmp_path) -> None:
     chat, emb = fleet_sims
     table = tmp_path / "fleet.toml"
     dead = dead_ports(2)
-    table.write_text(_toml({"8": ("completion", [chat[0].port, dead[0]]), "7": ("embedding", [emb[0].port]),
-                            "9": ("completion", [dead[1]])}))
+    table.write_text(
+        _toml(
+            {
+                "8": ("completion", [chat[0].port, dead[0]]),
+                "7": ("embedding", [emb[0].port]),
+                "9": ("completion", [dead[1]]),
+            }
+        )
+    )
     live = _probe_cli("--config", str(table), "--group", "8", "--group", "7", "--timeout-s", "5")
     assert live.returncode == 0, live.stdout + live.stderr
     assert "8-0" in live.stdout and "8-1" in live.stdout and "7-0" in live.stdout and "connection error" in live.stdout

@@ -9,15 +9,21 @@ import pytest
 from _client_sims import chat_chunk
 
 from model_server.client.answer import StreamAssembly, embedding_vectors
-from model_server.errors import InvalidRequestError, UnexpectedAnswerError
-from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
-from model_server.client.deadlines import StreamTiming, attempt_deadlines, estimate_tokens, first_token_timeout_s, stall_timeout_s
-from model_server.client.replica_group import ProbeResult, ReplicaGroup
+from model_server.client.deadlines import (
+    StreamTiming,
+    attempt_deadlines,
+    estimate_tokens,
+    first_token_timeout_s,
+    stall_timeout_s,
+)
 from model_server.client.probe import RoundWatch
+from model_server.client.replica_group import ProbeResult, ReplicaGroup
 from model_server.client.resume import continuation_body, why_no_resume, why_not_resumable
 from model_server.client.retry import MalformedResponse, OutcomeKind, StreamEventError
 from model_server.client.routing import Candidate, choose
 from model_server.client.wire import CHAT_PARAMS, check_params, encode_body, error_message, normalize_embedding_input
+from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
+from model_server.errors import InvalidRequestError, UnexpectedAnswerError
 
 POLICY = ClientPolicy()
 
@@ -129,7 +135,11 @@ def test_a_resumed_stream_sums_completion_tokens_and_counts_the_prompt_once() ->
     completion = a.chat_completion()
     assert completion.choices[0].message.content == "Hello world again"
     assert completion.choices[0].finish_reason == "stop"
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (10, 3, 13)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
+        10,
+        3,
+        13,
+    )
 
 
 def test_without_usage_tokens_are_counted_by_text_chunks() -> None:
@@ -143,7 +153,9 @@ def test_without_usage_tokens_are_counted_by_text_chunks() -> None:
 def test_a_restart_forgets_what_never_reached_the_caller() -> None:
     a = StreamAssembly()
     a.begin_segment()
-    a.take({"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}], "usage": {"completion_tokens": 5}})
+    a.take(
+        {"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}], "usage": {"completion_tokens": 5}}
+    )
     assert a.progressed and a.text == ""
     a.restart()
     a.begin_segment()
@@ -246,8 +258,10 @@ class _Clock:
 
 
 def _specs(n: int) -> list[ServerSpec]:
-    return [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
-            for i in range(n)]
+    return [
+        ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+        for i in range(n)
+    ]
 
 
 def test_a_request_waiting_past_half_its_deadline_marks_its_replica_stuck() -> None:
@@ -267,8 +281,13 @@ def test_replicas_that_never_answered_are_reprobed_and_come_back() -> None:
     clock = _Clock()
     specs = _specs(3)
     group = ReplicaGroup("8", specs, ClientPolicy(reprobe_interval_s=5), clock=clock)
-    group.apply_probes([ProbeResult(specs[0], 0.01, 1), ProbeResult(specs[1], 0.01, 1),
-                        ProbeResult(specs[2], None, error="timeout", timed_out=True)])
+    group.apply_probes(
+        [
+            ProbeResult(specs[0], 0.01, 1),
+            ProbeResult(specs[1], 0.01, 1),
+            ProbeResult(specs[2], None, error="timeout", timed_out=True),
+        ]
+    )
     lease = group.acquire(random.Random(0), tried={"r2"})
     assert group.release(lease, OutcomeKind.OK, output_tokens=4)  # r2 never answered: a re-probe is due
     assert group.wants_reprobe() and group.try_start_reprobe()
@@ -289,8 +308,10 @@ def test_a_probe_round_that_ended_early_says_nothing_of_the_replicas_still_probi
 
 
 def _specs(n: int):
-    return [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
-            for i in range(n)]
+    return [
+        ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+        for i in range(n)
+    ]
 
 
 def test_a_probe_round_ends_soon_after_the_first_good_answer() -> None:

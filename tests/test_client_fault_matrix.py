@@ -119,8 +119,12 @@ def test_a_fleet_restart_within_the_wait_bound_costs_latency_not_errors() -> Non
 @pytest.mark.timeout(60)
 def test_every_replica_hung_ends_within_the_wait_bound_with_an_honest_message() -> None:
     with sims_running(3) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, wait_for_replica_s=6, breaker_failures=2,
-                         breaker_cooldown_s=30)
+        fleet = fleet_of(
+            {"8": ("completion", [s.port for s in sims])},
+            wait_for_replica_s=6,
+            breaker_failures=2,
+            breaker_cooldown_s=30,
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             for s in sims:
@@ -144,8 +148,14 @@ def test_every_replica_hung_ends_within_the_wait_bound_with_an_honest_message() 
 def test_mixed_faults_500s_malformed_and_hung_lose_no_request() -> None:
     with sims_running(3) as sims:
         flaky, malformed, hung = sims
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_failures=5,
-                         breaker_cooldown_s=30, max_retry=20, wait_for_replica_s=60)
+        fleet = fleet_of(
+            {"8": ("completion", [s.port for s in sims])},
+            routing="p2c",
+            breaker_failures=5,
+            breaker_cooldown_s=30,
+            max_retry=20,
+            wait_for_replica_s=60,
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             flaky.set_faults(error_rate=0.5)
@@ -160,9 +170,15 @@ def test_mixed_faults_500s_malformed_and_hung_lose_no_request() -> None:
 @pytest.mark.timeout(120)
 def test_a_call_deadline_leaves_room_for_the_next_replica() -> None:
     with sims_running(3) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", request_deadline_s=10,
-                         breaker_failures=1000, first_token_timeout_floor_s=20, first_token_timeout_ceiling_s=60,
-                         wait_for_replica_s=60)
+        fleet = fleet_of(
+            {"8": ("completion", [s.port for s in sims])},
+            routing="p2c",
+            request_deadline_s=10,
+            breaker_failures=1000,
+            first_token_timeout_floor_s=20,
+            first_token_timeout_ceiling_s=60,
+            wait_for_replica_s=60,
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             sims[0].suspend()

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from _client_sims import MESSAGES, dead_ports, fleet_of, sims_running, wait_for
 
-from model_server.client.breaker import BreakerState
 from model_server.client import GroupUnavailableError, ModelServer
+from model_server.client.breaker import BreakerState
 
 
 def _hammer(ms: ModelServer, total: int, threads: int, on_progress=None) -> tuple[list[str], list[BaseException]]:
@@ -65,8 +65,11 @@ def test_kill_9_of_a_replica_under_16_threads_loses_no_request(routing: str) -> 
         assert errors2 == [] and len(replies2) == 60
         assert not by_name[victim].is_alive()
         assert after[victim].attempts == stats[victim].attempts
-        assert sum(s.successes for n, s in after.items() if n != victim) - sum(
-            s.successes for n, s in stats.items() if n != victim) == 60
+        assert (
+            sum(s.successes for n, s in after.items() if n != victim)
+            - sum(s.successes for n, s in stats.items() if n != victim)
+            == 60
+        )
 
 
 @pytest.mark.timeout(90)
@@ -144,7 +147,9 @@ def test_warmup_of_a_dead_group_names_each_replica_and_its_error() -> None:
 def test_hung_replicas_give_up_within_the_deadline_and_retry_budget(tmp_path) -> None:
     state = tmp_path / "state.json"
     with sims_running(2) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, request_deadline_s=3.0, run_state_file=str(state))
+        fleet = fleet_of(
+            {"8": ("completion", [s.port for s in sims])}, request_deadline_s=3.0, run_state_file=str(state)
+        )
         ms = ModelServer(fleet)
         try:
             ms.warmup()

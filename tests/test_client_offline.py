@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
 from _client_sims import MESSAGES, fleet_of
-
-import threading
-
 from _waiting import wait_for
 
 from model_server.client import AsyncModelServer, GroupUnavailableError, ModelServer
@@ -31,8 +29,13 @@ class FakeClock:
 
 
 def _event(content: str | None, tokens: int | None = None) -> bytes:
-    event: dict = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "chat",
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}]}
+    event: dict = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "chat",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}],
+    }
     if tokens is not None:
         event["choices"] = []
         event["usage"] = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
@@ -136,8 +139,13 @@ def _advance(clock: FakeClock):
     return sleep
 
 
-DEADLINED = fleet_of({"8": ("completion", [1, 2])}, initial_latency_s=100, request_timeout_ceiling_s=600,
-                     request_deadline_s=0.3, build_rounds=1)
+DEADLINED = fleet_of(
+    {"8": ("completion", [1, 2])},
+    initial_latency_s=100,
+    request_timeout_ceiling_s=600,
+    request_deadline_s=0.3,
+    build_rounds=1,
+)
 
 
 class _HangingProbes:

@@ -6,10 +6,15 @@ import json
 import os
 
 import model_server.client as client
-from model_server.errors import GroupUnavailableError, RequestRejectedError, StreamInterruptedError, UnknownGroupError
-from model_server.errors import ClientError
 from model_server.client.retry import Attempt
 from model_server.client.runstate import mark_not_running, update_run_state
+from model_server.errors import (
+    ClientError,
+    GroupUnavailableError,
+    RequestRejectedError,
+    StreamInterruptedError,
+    UnknownGroupError,
+)
 
 
 def test_is_running_is_cleared_keeping_every_other_key(tmp_path) -> None:
@@ -46,7 +51,9 @@ def test_an_unwritable_directory_is_reported_not_raised(tmp_path) -> None:
 def test_exception_tree_and_messages() -> None:
     for cls in (UnknownGroupError, RequestRejectedError, GroupUnavailableError, StreamInterruptedError):
         assert issubclass(cls, ClientError)
-    err = GroupUnavailableError("8", [Attempt("8-0", "timeout: slow", 2.0), Attempt("8-1", "HTTP 503: busy", 0.01)], "budget spent")
+    err = GroupUnavailableError(
+        "8", [Attempt("8-0", "timeout: slow", 2.0), Attempt("8-1", "HTTP 503: busy", 0.01)], "budget spent"
+    )
     text = str(err)
     assert "#1 8-0: timeout: slow after 2.00s" in text and "#2 8-1: HTTP 503: busy" in text
     assert err.attempts[1].replica == "8-1" and err.attempts[0].elapsed_s == 2.0
@@ -55,9 +62,20 @@ def test_exception_tree_and_messages() -> None:
 
 
 def test_client_all_is_pinned() -> None:
-    assert sorted(client.__all__) == sorted([
-        "AsyncChatStream", "AsyncModelServer", "ChatStream", "ClientError", "GroupUnavailableError", "InvalidRequestError",
-        "ModelServer", "RequestRejectedError", "StreamInterruptedError", "UnexpectedAnswerError", "UnknownGroupError",
-    ])
+    assert sorted(client.__all__) == sorted(
+        [
+            "AsyncChatStream",
+            "AsyncModelServer",
+            "ChatStream",
+            "ClientError",
+            "GroupUnavailableError",
+            "InvalidRequestError",
+            "ModelServer",
+            "RequestRejectedError",
+            "StreamInterruptedError",
+            "UnexpectedAnswerError",
+            "UnknownGroupError",
+        ]
+    )
     for name in client.__all__:
         assert getattr(client, name) is not None

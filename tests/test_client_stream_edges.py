@@ -15,9 +15,9 @@ import pytest
 from _client_sims import MESSAGES, chat_chunk, fleet_of, sims_running
 
 from model_server.client import ModelServer, RequestRejectedError, StreamInterruptedError
-from model_server.config import ClientPolicy, ServerKind, ServerSpec
 from model_server.client.replica_group import ProbeResult, ReplicaGroup
 from model_server.client.retry import OutcomeKind
+from model_server.config import ClientPolicy, ServerKind, ServerSpec
 
 DONE = b"data: [DONE]\n\n"
 
@@ -60,15 +60,22 @@ def _fastest_first(specs, timeout_s, **kwargs):
 
 
 def _client(replicas: Replicas, **policy) -> ModelServer:
-    fleet = fleet_of({"8": ("completion", [1, 2])}, routing="fastest", retry_backoff_initial_ms=0,
-                     retry_backoff_max_ms=0, **policy)
+    fleet = fleet_of(
+        {"8": ("completion", [1, 2])}, routing="fastest", retry_backoff_initial_ms=0, retry_backoff_max_ms=0, **policy
+    )
     ms = ModelServer(fleet, transport=replicas.transport(), prober=_fastest_first)
     ms.warmup()
     return ms
 
 
-WHOLE = [_event(role=True, usage=(7, 0)), _event("Hello", usage=(7, 1)), _event(" world", usage=(7, 2)),
-         _event(finish="stop"), _event(usage=(7, 2)).replace(b'"choices": [{', b'"x": [{'), DONE]
+WHOLE = [
+    _event(role=True, usage=(7, 0)),
+    _event("Hello", usage=(7, 1)),
+    _event(" world", usage=(7, 2)),
+    _event(finish="stop"),
+    _event(usage=(7, 2)).replace(b'"choices": [{', b'"x": [{'),
+    DONE,
+]
 
 
 def test_an_attempt_that_failed_before_its_first_token_leaves_no_trace_in_the_answer() -> None:
@@ -108,7 +115,11 @@ def test_an_aborted_answer_is_resumed_not_taken_as_finished() -> None:
 
 
 def test_a_stream_with_every_token_it_asked_for_is_not_resumed() -> None:
-    cut = lambda b: _broken_after([_event(role=True, usage=(7, 0)), _event("Hello", usage=(7, 1)), _event(" world", usage=(7, 2))])  # noqa: E731
+    def cut(body):
+        return _broken_after(
+            [_event(role=True, usage=(7, 0)), _event("Hello", usage=(7, 1)), _event(" world", usage=(7, 2))]
+        )
+
     replicas = Replicas(p1=cut, p2=lambda b: WHOLE)
     with _client(replicas) as ms:
         reply = ms.chat("8", MESSAGES, max_tokens=2)
@@ -121,7 +132,9 @@ def test_a_refused_continuation_keeps_the_text_for_streams_and_starts_over_for_c
 
     def second(body: dict) -> object:
         if body.get("continue_final_message"):
-            return httpx.Response(400, json={"object": "error", "message": "too long", "type": "Bad Request", "code": 400})
+            return httpx.Response(
+                400, json={"object": "error", "message": "too long", "type": "Bad Request", "code": 400}
+            )
         return WHOLE
 
     replicas = Replicas(p1=lambda b: _broken_after(cut), p2=second)
@@ -134,10 +147,21 @@ def test_a_refused_continuation_keeps_the_text_for_streams_and_starts_over_for_c
 
 def test_a_tool_call_counts_as_the_first_token() -> None:
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    tool = [b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "chat",
-                                    "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]},
-                                                 "finish_reason": None}]}).encode() + b"\n\n",
-            _event(finish="tool_calls"), DONE]
+    tool = [
+        b"data: "
+        + json.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "chat",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]}, "finish_reason": None}],
+            }
+        ).encode()
+        + b"\n\n",
+        _event(finish="tool_calls"),
+        DONE,
+    ]
     clock = [0.0]
 
     def slow_tool(body: dict) -> Iterator[bytes]:
@@ -187,7 +211,7 @@ def test_a_slow_reader_does_not_lengthen_the_groups_stall_deadline() -> None:
     with sims_running(1, args=("--ttft-ms", "5", "--tpot-ms", "2")) as sims:
         fleet = fleet_of({"8": ("completion", [sims[0].port])})
         with ModelServer(fleet) as ms:
-            for piece in ms.stream_chat("8", MESSAGES, max_tokens=5):
+            for _piece in ms.stream_chat("8", MESSAGES, max_tokens=5):
                 time.sleep(0.3)  # the caller's time, not the replica's
             gap_s = ms.timing("8").gap_s
     assert gap_s is not None and gap_s < 0.1  # the replica's pace (ms per token), not the caller's 0.3 s

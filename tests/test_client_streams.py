@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from _client_sims import fleet_of, sims_running, wait_for
 
-from model_server.client.async_driver import AsyncModelServer
 from model_server.client import ModelServer, StreamInterruptedError
+from model_server.client.async_driver import AsyncModelServer
 from model_server.config import parse_fleet
 
 # Slow enough that a stream lasts about a second, so faults land in the middle of streams.
@@ -35,7 +35,12 @@ def _prompt(i: int) -> list[dict]:
 def _expected(fleet, n: int) -> list[str]:
     """The answers of a fleet that never fails."""
     with ModelServer(fleet) as ms, ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda i: ms.chat("8", _prompt(i), max_tokens=TOKENS, temperature=0).choices[0].message.content, range(n)))
+        return list(
+            pool.map(
+                lambda i: ms.chat("8", _prompt(i), max_tokens=TOKENS, temperature=0).choices[0].message.content,
+                range(n),
+            )
+        )
 
 
 def _inject_faults(sims, started: callable) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from model_server.config import Fleet, RoutingPolicy, ServerKind, load_fleet, parse_fleet
 from model_server.errors import ConfigError
@@ -48,7 +49,11 @@ def _error(text: str) -> str:
 def _server(**fields: object) -> str:
     port = fields.get("port", 9000)
     base: dict[str, object] = {
-        "group": "8", "kind": "completion", "host": "h", "port": port, "model": "m",
+        "group": "8",
+        "kind": "completion",
+        "host": "h",
+        "port": port,
+        "model": "m",
         "gpus": [abs(port) % 64 if isinstance(port, int) else 0],
     }
     base.update(fields)
@@ -93,7 +98,7 @@ def test_malformed_toml_names_the_line() -> None:
 
 
 def test_unknown_key_is_named_with_its_server() -> None:
-    message = _error(GOOD.replace('port = 8001', 'port = 8001\nprot = 8002'))
+    message = _error(GOOD.replace("port = 8001", "port = 8001\nprot = 8002"))
     assert "server 'b' (servers[1]), field 'prot' is not a known key" in message
 
 
@@ -109,7 +114,12 @@ def test_duplicate_host_port() -> None:
 
 
 def test_same_port_on_two_hosts_is_fine() -> None:
-    fleet = parse_fleet(GOOD.replace('port = 8001', 'port = 8000').replace('host = "10.0.0.1"\nport = 8000\nmodel = "m"\ngpus = [1, 2]', 'host = "10.0.0.2"\nport = 8000\nmodel = "m"\ngpus = [1, 2]'))
+    fleet = parse_fleet(
+        GOOD.replace("port = 8001", "port = 8000").replace(
+            'host = "10.0.0.1"\nport = 8000\nmodel = "m"\ngpus = [1, 2]',
+            'host = "10.0.0.2"\nport = 8000\nmodel = "m"\ngpus = [1, 2]',
+        )
+    )
     assert {s.host for s in fleet.servers} == {"10.0.0.1", "10.0.0.2"}
 
 
@@ -125,7 +135,11 @@ def test_gpu_index_reused_on_another_host_is_fine() -> None:
 
 
 def test_group_that_mixes_kinds() -> None:
-    message = _error(GOOD.replace('kind = "completion"\nhost = "10.0.0.1"\nport = 8001', 'kind = "embedding"\nhost = "10.0.0.1"\nport = 8001'))
+    message = _error(
+        GOOD.replace(
+            'kind = "completion"\nhost = "10.0.0.1"\nport = 8001', 'kind = "embedding"\nhost = "10.0.0.1"\nport = 8001'
+        )
+    )
     assert "server 'b' (servers[1]): field 'kind' is embedding but group '8' is completion" in message
 
 
@@ -234,7 +248,7 @@ def test_local_fleet_is_simulated_on_loopback() -> None:
 
 def test_models_are_frozen() -> None:
     fleet = parse_fleet(GOOD)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         fleet.servers[0].port = 1  # type: ignore[misc]
     assert isinstance(fleet, Fleet)
 
@@ -242,11 +256,30 @@ def test_models_are_frozen() -> None:
 # ---- fuzzing: nothing but ConfigError ever escapes --------------------------------
 
 _keys = st.sampled_from(
-    ["servers", "group", "kind", "host", "port", "model", "gpus", "name", "launch", "client", "args",
-     "api_key_env", "gpu_inventory", "engine", "routing", "x"]
+    [
+        "servers",
+        "group",
+        "kind",
+        "host",
+        "port",
+        "model",
+        "gpus",
+        "name",
+        "launch",
+        "client",
+        "args",
+        "api_key_env",
+        "gpu_inventory",
+        "engine",
+        "routing",
+        "x",
+    ]
 )
 _scalars = st.one_of(
-    st.integers(-(2**70), 2**70), st.text(max_size=8), st.booleans(), st.floats(allow_nan=True),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=8),
+    st.booleans(),
+    st.floats(allow_nan=True),
     st.lists(st.integers(-3, 3), max_size=4),
 )
 
@@ -293,7 +326,10 @@ def test_mutated_table_only_raises_config_error(data: st.DataObject) -> None:
 def _check(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "model_server", "check", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
 
 
@@ -349,7 +385,10 @@ def test_every_launch_float_field_has_an_upper_bound() -> None:
         (f"gpu_free_threshold_mib = {2**70}", "field 'launch.gpu_free_threshold_mib'"),
         (f"max_restarts = {2**70}", "field 'launch.max_restarts'"),
         ('secret_env = ["HF TOKEN"]', "'HF TOKEN', which is not an environment variable name"),
-        ("restart_backoff_initial_s = 10\nrestart_backoff_max_s = 1", "field 'launch.restart_backoff_initial_s' (10) is above"),
+        (
+            "restart_backoff_initial_s = 10\nrestart_backoff_max_s = 1",
+            "field 'launch.restart_backoff_initial_s' (10) is above",
+        ),
     ],
 )
 def test_launch_values_that_would_fail_later_are_refused_now(line: str, expected: str) -> None:
@@ -357,9 +396,13 @@ def test_launch_values_that_would_fail_later_are_refused_now(line: str, expected
 
 
 def test_sglang_health_timeout_leaves_room_for_health_generate() -> None:
-    message = _error('[launch]\nhealth_timeout_s = 1\n' + GOOD)
-    assert "field 'launch.health_timeout_s' is 1 s" in message and "/health_generate" in message and "at least 2 s" in message
-    parse_fleet('[launch]\nhealth_timeout_s = 2\n' + GOOD)
+    message = _error("[launch]\nhealth_timeout_s = 1\n" + GOOD)
+    assert (
+        "field 'launch.health_timeout_s' is 1 s" in message
+        and "/health_generate" in message
+        and "at least 2 s" in message
+    )
+    parse_fleet("[launch]\nhealth_timeout_s = 2\n" + GOOD)
     parse_fleet('[launch]\nengine = "sim"\nhealth_timeout_s = 0.5\n' + GOOD)  # the sim can answer at once (its flag)
 
 
@@ -399,16 +442,38 @@ def test_check_refuses_deep_nesting_without_a_traceback(tmp_path: Path) -> None:
 
 
 _deep = st.integers(1, 3000).flatmap(
-    lambda depth: st.sampled_from(["[" * depth + "]" * depth, "{a = " * depth + "1" + "}" * depth, "[" * depth + "1" + "]" * depth])
+    lambda depth: st.sampled_from(
+        ["[" * depth + "]" * depth, "{a = " * depth + "1" + "}" * depth, "[" * depth + "1" + "]" * depth]
+    )
 )
 _huge = st.one_of(
-    st.sampled_from(["inf", "-inf", "nan", "1e308", "1e309", "-1e400", "9223372036854775808", str(2**200), "0x7fffffffffffffff", "1e-400"]),
+    st.sampled_from(
+        [
+            "inf",
+            "-inf",
+            "nan",
+            "1e308",
+            "1e309",
+            "-1e400",
+            "9223372036854775808",
+            str(2**200),
+            "0x7fffffffffffffff",
+            "1e-400",
+        ]
+    ),
     st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(f).replace("inf", "inf").replace("nan", "nan")),
     st.integers(-(2**256), 2**256).map(str),
 )
 _any_field = st.sampled_from(
-    [f"[launch]\n{f}" for f in LAUNCH_DURATIONS + ["context_length", "max_restarts", "health_failures_to_restart", "gpu_free_threshold_mib"]]
-    + [f"[client]\n{f}" for f in ("initial_latency_s", "connect_timeout_s", "max_retry", "breaker_cooldown_s", "request_deadline_s")]
+    [
+        f"[launch]\n{f}"
+        for f in LAUNCH_DURATIONS
+        + ["context_length", "max_restarts", "health_failures_to_restart", "gpu_free_threshold_mib"]
+    ]
+    + [
+        f"[client]\n{f}"
+        for f in ("initial_latency_s", "connect_timeout_s", "max_retry", "breaker_cooldown_s", "request_deadline_s")
+    ]
     + [f"[gpu_inventory]\n{f}" for f in ("count", "total_mib")]
 )
 

@@ -1,4 +1,4 @@
-"""The embedded default: which fleet table runs with no --config (model_server/fleet_choice.py).
+"""The embedded default: which fleet table runs with no --config (model_server/common/fleet_choice.py).
 
 The rule is a pure function, tested on every combination of facts; the facts
 are read from a real machine in a few in-process tests; and two real-process
@@ -24,8 +24,15 @@ import psutil
 import pytest
 
 from model_server.common import fleet_choice
+from model_server.common.fleet_choice import (
+    FleetFacts,
+    Source,
+    choose_fleet,
+    default_fleet_path,
+    gather_facts,
+    nvml_sees_gpu,
+)
 from model_server.config import CONFIG_ENV, load_fleet
-from model_server.common.fleet_choice import FleetFacts, Source, choose_fleet, default_fleet_path, gather_facts, nvml_sees_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = Path("configs") / "servers.toml"
@@ -44,7 +51,10 @@ def facts(**kw) -> FleetFacts:
 @pytest.mark.parametrize("in_table", [False, True])
 @pytest.mark.parametrize("gpu", [False, True])
 def test_a_named_table_wins_over_the_machine(gpu, in_table, for_client):
-    given = choose_fleet(facts(config=Path("my.toml"), env_config="env.toml", host_in_table=in_table, gpu_present=gpu), for_client=for_client)
+    given = choose_fleet(
+        facts(config=Path("my.toml"), env_config="env.toml", host_in_table=in_table, gpu_present=gpu),
+        for_client=for_client,
+    )
     assert (given.path, given.source) == (Path("my.toml"), Source.GIVEN)
     env = choose_fleet(facts(env_config="env.toml", host_in_table=in_table, gpu_present=gpu), for_client=for_client)
     assert (env.path, env.source) == (Path("env.toml"), Source.ENV)
@@ -74,7 +84,9 @@ def test_a_gpu_machine_not_in_the_table_is_refused_with_both_fixes():
     assert m.startswith("configs/servers.toml: this machine has an NVIDIA GPU but is not a host of this table")
     assert "The table's hosts are 192.0.2.11; this machine is 10.1.2.3, box" in m
     assert "put this machine's address in the 'host'" in m and "--host-ip" in m  # fix 1: the table
-    assert f"--config FILE or ${CONFIG_ENV}" in m and "--config configs/local.toml for the simulated fleet" in m  # fix 2
+    assert (
+        f"--config FILE or ${CONFIG_ENV}" in m and "--config configs/local.toml for the simulated fleet" in m
+    )  # fix 2
 
 
 def test_the_client_on_a_gpu_machine_not_in_the_table_still_reads_the_table():
@@ -266,8 +278,8 @@ def _status(path: Path, pid: int) -> dict[str, dict]:
 def _readme_quick_start_call() -> list[str]:
     """The `python -c ...` client call that README.md's quick start tells a new user to run."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    quick = text[text.index("## Quick start"):text.index("## Install")]
-    line = next(l for l in quick.splitlines() if l.startswith("python -c "))
+    quick = text[text.index("## Quick start") : text.index("## Install")]
+    line = next(text for text in quick.splitlines() if text.startswith("python -c "))
     argv = shlex.split(line)
     return [sys.executable, *argv[1:]]
 
@@ -287,7 +299,11 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
     seen: set[int] = set()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "serve_llm_pipeline.py")], cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, str(ROOT / "serve_llm_pipeline.py")],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
     def tree() -> None:
@@ -300,8 +316,12 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
         deadline = time.monotonic() + 90.0  # each sim refuses connections until loaded; 2 busy cores
         while not all(_status(status_file, proc.pid).get(n, {}).get("state") == "READY" for n in names):
             tree()
-            assert proc.poll() is None, f"the pipeline exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}"
-            assert time.monotonic() < deadline, f"not READY in 90 s: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}"
+            assert proc.poll() is None, (
+                f"the pipeline exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"not READY in 90 s: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}"
+            )
             time.sleep(0.2)
         tree()
         # The README's quick start, in its order: the client call of its second shell, as printed there.
@@ -309,7 +329,11 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
         reply = subprocess.run(call, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
         assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr[-3000:]
         first = log.read_text(errors="replace").splitlines()[0]
-        assert "INFO" in first and "no GPU here and this host is not in" in first and "running the simulated fleet" in first
+        assert (
+            "INFO" in first
+            and "no GPU here and this host is not in" in first
+            and "running the simulated fleet" in first
+        )
         assert first.rstrip().endswith("pass --config to choose")
         assert (tmp_path / "logs").is_dir() and status_file.is_file()
         proc.send_signal(signal.SIGTERM)

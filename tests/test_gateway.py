@@ -21,8 +21,8 @@ from model_server.errors import ConfigError, LaunchError
 from model_server.gateway import command, launcher, membership, settings, supervisor
 from model_server.gateway.membership import Member, Membership, same_url
 from model_server.gateway.settings import PINNED_VERSION, GatewaySettings
-from model_server.gateway_table import GatewaySpec
 from model_server.gateway.supervisor import GatewayDeps, GatewayKeys, GatewaySupervisor
+from model_server.gateway_table import GatewaySpec
 from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import Secret
 

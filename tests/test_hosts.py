@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
+from model_server.common.hosts import local_identities, match_servers, select_local_servers
 from model_server.config import parse_fleet
 from model_server.errors import LaunchError
-from model_server.common.hosts import local_identities, match_servers, select_local_servers
 
 TABLE = """
 [[servers]]

@@ -20,13 +20,27 @@ KEY = "sk-test-Do-Not-Leak-7f3a"
 
 
 def spec(**fields: object) -> ServerSpec:
-    base: dict[str, object] = {"name": "s", "group": "8", "kind": "completion", "host": "10.0.0.1", "port": 8056, "model": "m/x", "gpus": (1,)}
+    base: dict[str, object] = {
+        "name": "s",
+        "group": "8",
+        "kind": "completion",
+        "host": "10.0.0.1",
+        "port": 8056,
+        "model": "m/x",
+        "gpus": (1,),
+    }
     base.update(fields)
     return ServerSpec(**base)
 
 
 def test_sglang_completion_command_is_exact() -> None:
-    cmd = build_command(spec(served_model_name="llama", args=("--log-level", "warning")), LaunchPolicy(), 0.7, key_file="/run/k.yaml", python="py")
+    cmd = build_command(
+        spec(served_model_name="llama", args=("--log-level", "warning")),
+        LaunchPolicy(),
+        0.7,
+        key_file="/run/k.yaml",
+        python="py",
+    )
     assert cmd.argv == (
         "py", "-m", "sglang.launch_server", "--model-path", "m/x", "--tp-size", "1", "--host", "0.0.0.0",
         "--port", "8056", "--mem-fraction-static", "0.7", "--context-length", "131072",
@@ -88,7 +102,9 @@ def dry_run(config: Path, cwd: Path, *extra: str) -> dict[str, tuple[dict[str, s
     return commands
 
 
-def sglang_argv(model: str, tp: int, port: int, context: int, prefill: int, key: Path, embedding: bool = False) -> list[str]:
+def sglang_argv(
+    model: str, tp: int, port: int, context: int, prefill: int, key: Path, embedding: bool = False
+) -> list[str]:
     argv = [PY, "-m", "sglang.launch_server", "--model-path", model, "--tp-size", str(tp), "--host", "0.0.0.0",
             "--port", str(port), "--mem-fraction-static", "0.8", "--context-length", str(context),
             "--chunked-prefill-size", str(prefill), "--enable-metrics"]  # fmt: skip
@@ -106,7 +122,9 @@ def test_dry_run_of_servers_toml_gives_exact_commands(tmp_path: Path) -> None:
     assert argv == sglang_argv("meta-llama/Llama-3.1-8B-Instruct", 1, 8056, 131072, 16384, secrets / "llama8b-1.yaml")
     env, argv = commands["7777"]
     assert env == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    assert argv == sglang_argv("Alibaba-NLP/gte-Qwen2-7B-instruct", 1, 7777, 32768, 4096, secrets / "gte7b-embed.yaml", embedding=True)
+    assert argv == sglang_argv(
+        "Alibaba-NLP/gte-Qwen2-7B-instruct", 1, 7777, 32768, 4096, secrets / "gte7b-embed.yaml", embedding=True
+    )
 
 
 def seventy_b_table(tmp_path: Path) -> Path:
@@ -161,7 +179,9 @@ def test_bad_selection_exits_2_with_a_clear_message(tmp_path: Path, args: list[s
     cmd = [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), "--dry-run", *args]
     if "--host-ip" not in args:
         cmd += ["--host-ip", "192.0.2.11"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "MODEL_SERVER_API_KEY": KEY})
+    out = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "MODEL_SERVER_API_KEY": KEY}
+    )
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
 
@@ -207,10 +227,16 @@ def test_dry_run_chooses_the_memory_fraction_the_supervisor_would(tmp_path: Path
         "chat-1": 0.7, "chat-2": None, "chat-3": 0.8, "embed-1": 0.8, "embed-2": 0.8,
     }  # fmt: skip
     argv = lines["chat-1"].command.argv
-    assert argv[argv.index("--mem-fraction-static") + 1] == "0.7" and lines["chat-1"].basis == "GPU 1: 3000 of 40000 MiB used"
+    assert (
+        argv[argv.index("--mem-fraction-static") + 1] == "0.7"
+        and lines["chat-1"].basis == "GPU 1: 3000 of 40000 MiB used"
+    )
     assert lines["chat-2"].command is None
     assert "GPU memory is not enough: GPU 2: 9000 of 40000 MiB used (77.5% free)" in lines["chat-2"].basis
-    assert "busy now (GPU 3: 30000 of 40000 MiB used), so a real run waits for them; this is for idle GPUs" in lines["chat-3"].basis
+    assert (
+        "busy now (GPU 3: 30000 of 40000 MiB used), so a real run waits for them; this is for idle GPUs"
+        in lines["chat-3"].basis
+    )
     inventory = make_inventory(p.fleet.gpu_inventory)
     for s in p.servers:  # the supervisor, given the same readings, starts with the same fraction
         if s.name in ("chat-2", "chat-3"):
@@ -225,7 +251,9 @@ def test_dry_run_prints_the_chosen_fraction_and_exits_1_for_a_server_it_would_re
     cmd = [PY, str(ROOT / "serve_llm_pipeline.py"), "--config", str(config), "--dry-run"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
-    fractions = sorted(shlex.split(line)[shlex.split(line).index("--mem-fraction-static") + 1] for line in out.stdout.splitlines())
+    fractions = sorted(
+        shlex.split(line)[shlex.split(line).index("--mem-fraction-static") + 1] for line in out.stdout.splitlines()
+    )
     assert fractions == ["0.7", "0.8", "0.8", "0.8"]  # chat-2 is refused: no command for it
     assert "dry run: server chat-1: --mem-fraction-static 0.7 (GPU 1: 3000 of 40000 MiB used)" in out.stderr
     assert "dry run: server chat-2 would not start: server 'chat-2': GPU memory is not enough" in out.stderr

@@ -11,10 +11,28 @@ import model_server
 
 def test_all_is_pinned() -> None:
     assert sorted(model_server.__all__) == sorted(
-        ["AsyncChatStream", "AsyncModelServer", "BenchError", "ChatStream", "ClientError", "ConfigError", "Fleet",
-         "GroupUnavailableError", "InvalidRequestError", "LaunchError", "ModelServer", "ModelServerError",
-         "RequestRejectedError", "ServerSpec", "SimError", "StreamInterruptedError", "UnexpectedAnswerError",
-         "UnknownGroupError", "__version__", "load_fleet"]
+        [
+            "AsyncChatStream",
+            "AsyncModelServer",
+            "BenchError",
+            "ChatStream",
+            "ClientError",
+            "ConfigError",
+            "Fleet",
+            "GroupUnavailableError",
+            "InvalidRequestError",
+            "LaunchError",
+            "ModelServer",
+            "ModelServerError",
+            "RequestRejectedError",
+            "ServerSpec",
+            "SimError",
+            "StreamInterruptedError",
+            "UnexpectedAnswerError",
+            "UnknownGroupError",
+            "__version__",
+            "load_fleet",
+        ]
     )
     for name in model_server.__all__:
         assert getattr(model_server, name) is not None  # every public name resolves, the client's lazily

@@ -39,17 +39,25 @@ args = ["--no-such-flag"]
 def test_local_fleet_ready_heals_crash_and_hang_fails_crash_loop_and_stops_clean(tmp_path: Path, runs) -> None:
     config = local_copy(tmp_path, extra=CRASHY.format(port=free_port()))
     run = runs(config, tmp_path)
-    servers = run.wait(lambda s: all_ready(LOCAL)(s) and s["crashy"]["state"] == "FAILED", "every server READY, crashy FAILED")
-    assert "crash loop" in servers["crashy"]["last_error"] and "unrecognized arguments" in servers["crashy"]["last_error"]
+    servers = run.wait(
+        lambda s: all_ready(LOCAL)(s) and s["crashy"]["state"] == "FAILED", "every server READY, crashy FAILED"
+    )
+    assert (
+        "crash loop" in servers["crashy"]["last_error"] and "unrecognized arguments" in servers["crashy"]["last_error"]
+    )
     assert servers["crashy"]["restarts"] == 2
     before = {n: servers[n]["pid"] for n in LOCAL}
 
     os.kill(before["chat-1"], signal.SIGKILL)  # a crash
-    servers = run.wait(lambda s: s["chat-1"]["state"] == "READY" and s["chat-1"]["pid"] != before["chat-1"], "chat-1 back")
+    servers = run.wait(
+        lambda s: s["chat-1"]["state"] == "READY" and s["chat-1"]["pid"] != before["chat-1"], "chat-1 back"
+    )
     assert servers["chat-1"]["restarts"] == 1 and "killed by signal 9" in servers["chat-1"]["last_error"]
 
     os.kill(before["chat-2"], signal.SIGSTOP)  # a hang: the port accepts, nothing answers
-    servers = run.wait(lambda s: s["chat-2"]["state"] == "READY" and s["chat-2"]["pid"] != before["chat-2"], "chat-2 back")
+    servers = run.wait(
+        lambda s: s["chat-2"]["state"] == "READY" and s["chat-2"]["pid"] != before["chat-2"], "chat-2 back"
+    )
     assert "hung: 2 health probes failed in a row" in servers["chat-2"]["last_error"]
     wait_gone([before["chat-2"]])
     for name in ("chat-3", "embed-1", "embed-2"):  # the others were never touched
@@ -116,7 +124,9 @@ def test_gpu_wait_short_memory_busy_port_and_stale_cleanup(tmp_path: Path, runs)
     embed_port = int(re.search(r'name = "embed-1"(?:.|\n)*?port = (\d+)', text).group(1))
 
     # an engine of an "earlier run" still alive, recorded in the status file
-    leftover = procs.spawn_engine(LaunchCommand("old", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "old.log")
+    leftover = procs.spawn_engine(
+        LaunchCommand("old", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "old.log"
+    )
     status_file = tmp_path / "run" / "status.json"
     status_file.parent.mkdir(parents=True)
     status_file.write_text(json.dumps({"pipeline": {"pid": 1, "create_time": 0.0}, "servers": {
@@ -133,7 +143,9 @@ def test_gpu_wait_short_memory_busy_port_and_stale_cleanup(tmp_path: Path, runs)
             "chat-3 READY, chat-1 waiting, chat-2 and embed-1 refused",
         )  # fmt: skip
         assert leftover.wait(timeout=10) is not None  # the stale-run cleanup stopped it
-        assert f"server chat-1: 1 process(es) of an earlier run still alive (pid {leftover.pid})" in run.output(tail=False)
+        assert f"server chat-1: 1 process(es) of an earlier run still alive (pid {leftover.pid})" in run.output(
+            tail=False
+        )
         assert "GPU memory is not enough: GPU 2: 9000 of 40000 MiB used (77.5% free)" in servers["chat-2"]["last_error"]
         assert f"port {embed_port} on 127.0.0.1 is already in use" in servers["embed-1"]["last_error"]
         assert servers["chat-2"]["restarts"] == 0 and servers["embed-1"]["restarts"] == 0

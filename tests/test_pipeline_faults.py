@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from _pipeline_runs import FAKE, ROOT, all_ready, alive, fake_engine, local_copy, port_of, runs, wait_for, wait_gone  # noqa: F401
+from _pipeline_runs import FAKE, ROOT, alive, all_ready, fake_engine, local_copy, port_of, runs, wait_for, wait_gone  # noqa: F401
 
 from model_server.launcher import processes as procs
 
@@ -66,7 +66,12 @@ def test_workers_that_outlive_their_leader_are_stopped_by_the_next_pipeline(tmp_
     first = runs(config, tmp_path, CHAT1, env=FAKE)
     servers = first.wait(all_ready(["chat-1"]), "chat-1 READY")
     leader = servers["chat-1"]["pid"]
-    workers = wait_for(lambda: [p.pid for p in psutil.Process(leader).children()] if len(psutil.Process(leader).children()) == 2 else None, what="two workers")
+    workers = wait_for(
+        lambda: (
+            [p.pid for p in psutil.Process(leader).children()] if len(psutil.Process(leader).children()) == 2 else None
+        ),
+        what="two workers",
+    )
 
     first.proc.kill()  # SIGKILL: the leader gets its parent-death signal, the workers do not
     first.proc.wait(10)
@@ -104,7 +109,9 @@ def test_workers_that_outlive_their_leader_are_stopped_by_the_next_pipeline(tmp_
 def test_sighup_and_sigquit_stop_gracefully_and_no_key_file_outlives_its_use(tmp_path: Path, runs, sig: int) -> None:
     key_env = f"MS_TEST_KEY_{os.getpid()}"
     key = f"sk-{time.monotonic_ns()}"
-    config = local_copy(tmp_path, launch=SGLANG, top=f'api_key_env = "{key_env}"', args={"chat-1": ["--fake-listen-delay-s", "1.5"]})
+    config = local_copy(
+        tmp_path, launch=SGLANG, top=f'api_key_env = "{key_env}"', args={"chat-1": ["--fake-listen-delay-s", "1.5"]}
+    )
     run = runs(config, tmp_path, CHAT1, env={**FAKE, key_env: key})
     secrets = tmp_path / "run" / "secrets"
 
@@ -133,7 +140,10 @@ def test_sighup_and_sigquit_stop_gracefully_and_no_key_file_outlives_its_use(tmp
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_port_taken_during_a_restart_is_retried_with_backoff_until_free(tmp_path: Path, runs) -> None:
-    config = local_copy(tmp_path, launch={**SGLANG, "restart_backoff_initial_s": "1.0", "restart_backoff_max_s": "1.5", "max_restarts": "10"})
+    config = local_copy(
+        tmp_path,
+        launch={**SGLANG, "restart_backoff_initial_s": "1.0", "restart_backoff_max_s": "1.5", "max_restarts": "10"},
+    )
     port = port_of(config, "chat-1")
     run = runs(config, tmp_path, CHAT1, env=FAKE)
     servers = run.wait(all_ready(["chat-1"]), "chat-1 READY")
@@ -162,7 +172,11 @@ def test_a_port_taken_during_a_restart_is_retried_with_backoff_until_free(tmp_pa
         assert f"port {port}" in servers["chat-1"]["last_error"] and str(os.getpid()) in servers["chat-1"]["last_error"]
     finally:
         blocker.close()
-    servers = run.wait(lambda s: s["chat-1"]["state"] == "READY" and s["chat-1"]["pid"] != old, "chat-1 READY once the port is free", timeout_s=30)
+    servers = run.wait(
+        lambda s: s["chat-1"]["state"] == "READY" and s["chat-1"]["pid"] != old,
+        "chat-1 READY once the port is free",
+        timeout_s=30,
+    )
     assert servers["chat-1"]["restarts"] >= 3
     assert run.stop() == 0
 
@@ -192,7 +206,9 @@ def test_a_status_file_with_wrong_types_is_refused_in_one_paragraph(tmp_path: Pa
 
 STATUS_CLI_CASES = {
     "a string entry": json.dumps({"pipeline": {}, "servers": {"only": "READY"}}),
-    "since yesterday": json.dumps({"pipeline": {}, "servers": {"only": {"state": "READY", "pid": 12, "since": "yesterday"}}}),
+    "since yesterday": json.dumps(
+        {"pipeline": {}, "servers": {"only": {"state": "READY", "pid": 12, "since": "yesterday"}}}
+    ),
     "corrupt JSON": "{not json",
     "a list": "[]",
 }
@@ -210,7 +226,9 @@ def test_status_command_always_shows_its_live_probes(tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "model_server", "status", "--config", str(fleet), "--timeout-s", "5"]
         for case, text in STATUS_CLI_CASES.items():
             status_file.write_text(text)
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
+            )
             no_traceback(result.stdout + result.stderr)
             assert result.returncode == 0, (case, result.stdout, result.stderr)  # the server is up
             assert "1 up, 0 down" in result.stdout and "only" in result.stdout, (case, result.stdout)
@@ -269,11 +287,16 @@ def test_no_secret_reaches_a_log_the_status_file_or_status_output(tmp_path: Path
         tmp_path,
         launch={**SGLANG, "secret_env": json.dumps([secret_env]), "max_restarts": "1"},
         top=f'api_key_env = "{key_env}"',
-        args={"chat-1": ["--fake-print-env", secret_env], "chat-2": ["--fake-print-env", secret_env, "--fake-exit-after-print"]},
+        args={
+            "chat-1": ["--fake-print-env", secret_env],
+            "chat-2": ["--fake-print-env", secret_env, "--fake-exit-after-print"],
+        },
     )
     env = {**FAKE, key_env: key, secret_env: secret}
     run = runs(config, tmp_path, ("--only", "chat-1", "--only", "chat-2"), env=env)
-    servers = run.wait(lambda s: s["chat-1"]["state"] == "READY" and s["chat-2"]["state"] == "FAILED", "chat-1 READY, chat-2 FAILED")
+    servers = run.wait(
+        lambda s: s["chat-1"]["state"] == "READY" and s["chat-2"]["state"] == "FAILED", "chat-1 READY, chat-2 FAILED"
+    )
     assert "exit status 3" in servers["chat-2"]["last_error"]
     status = subprocess.run(
         [sys.executable, "-m", "model_server", "status", "--config", str(config)],
@@ -288,7 +311,9 @@ def test_no_secret_reaches_a_log_the_status_file_or_status_output(tmp_path: Path
     for path in logs.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     variants = {key, secret, repr(key)[1:-1], json.dumps(key)[1:-1]}
-    places = {str(p): p.read_text(errors="replace") for d in (logs, tmp_path / "run") for p in d.rglob("*") if p.is_file()}
+    places = {
+        str(p): p.read_text(errors="replace") for d in (logs, tmp_path / "run") for p in d.rglob("*") if p.is_file()
+    }
     places["pipeline output"] = run.output(tail=False)
     places["status stdout"], places["status stderr"] = status.stdout, status.stderr
     for where, text in places.items():
@@ -301,7 +326,10 @@ def test_no_secret_reaches_a_log_the_status_file_or_status_output(tmp_path: Path
 def test_readiness_waits_for_a_late_listener_and_slow_health_generate_is_not_a_hang(tmp_path: Path, runs) -> None:
     """Connection refused while loading, 503 while warming up, ~1 s /health_generate: with local.toml's health settings."""
     local = (ROOT / "configs" / "local.toml").read_text()
-    health = {k: re.search(rf"(?m)^{k} = (.*?)\s*(#.*)?$", local).group(1) for k in ("health_interval_s", "health_timeout_s", "health_failures_to_restart")}
+    health = {
+        k: re.search(rf"(?m)^{k} = (.*?)\s*(#.*)?$", local).group(1)
+        for k in ("health_interval_s", "health_timeout_s", "health_failures_to_restart")
+    }
     slow = ["--fake-listen-delay-s", "2", "--fake-warmup-s", "1", "--fake-health-s", "1.0"]
     config = local_copy(tmp_path, launch={**SGLANG, **health}, args={"chat-1": slow})
     run = runs(config, tmp_path, CHAT1, env=FAKE)
@@ -312,7 +340,11 @@ def test_readiness_waits_for_a_late_listener_and_slow_health_generate_is_not_a_h
     # a few probe cycles: a healthy engine whose /health_generate takes 1 s is never counted as failing
     cycles = 3 * float(health["health_interval_s"]) + 3.0
     observed_until = time.monotonic() + cycles
-    run.wait(lambda s: time.monotonic() >= observed_until or s["chat-1"]["state"] != "READY", "the observation window", timeout_s=cycles + 10)
+    run.wait(
+        lambda s: time.monotonic() >= observed_until or s["chat-1"]["state"] != "READY",
+        "the observation window",
+        timeout_s=cycles + 10,
+    )
     servers = run.servers()
     assert servers["chat-1"]["state"] == "READY" and servers["chat-1"]["restarts"] == 0
     assert "health probe" not in run.output(tail=False)

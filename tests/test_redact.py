@@ -63,10 +63,16 @@ def test_the_logging_filter_masks_messages_and_arguments(caplog: pytest.LogCaptu
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(blacklist_characters="*"), min_size=1, max_size=20), st.text(max_size=40), st.text(max_size=40))
+@given(
+    st.text(st.characters(blacklist_characters="*"), min_size=1, max_size=20),
+    st.text(max_size=40),
+    st.text(max_size=40),
+)
 def test_a_secret_never_survives_in_any_text(secret: str, before: str, after: str) -> None:
     out = Redactor([secret]).redact(before + secret + after)
-    assert secret not in out and secret not in Redactor([secret]).redact_bytes((before + secret + after).encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
+    assert secret not in out and secret not in Redactor([secret]).redact_bytes(
+        (before + secret + after).encode("utf-8", "surrogatepass")
+    ).decode("utf-8", "surrogatepass")
 
 
 # ---- the pump: a real pipe, a real thread ----------------------------------------------------------
@@ -90,18 +96,27 @@ def pump_through(tmp_path: Path, redactor: Redactor, writes: list[bytes], pause_
 @pytest.mark.timeout(30)
 def test_a_secret_split_between_two_writes_is_still_masked(tmp_path: Path) -> None:
     key = "sk-ABCDEFGHIJKLMNOP"
-    text = pump_through(tmp_path, Redactor([key]), [b"partial line with sk-ABCDEFG", b"HIJKLMNOP and more\n"], pause_s=IDLE_FLUSH_S * 2)
+    text = pump_through(
+        tmp_path, Redactor([key]), [b"partial line with sk-ABCDEFG", b"HIJKLMNOP and more\n"], pause_s=IDLE_FLUSH_S * 2
+    )
     assert key not in text and "sk-ABCDEFG" not in text and text == f"partial line with {MASK} and more\n"
 
 
 @pytest.mark.timeout(30)
 def test_long_lines_and_progress_bars_pass_through_masked(tmp_path: Path) -> None:
     key = "sk-0123456789"
-    chunks = [b"x" * 70000 + key.encode() + b"y" * 10, b"\r 10%" + key.encode(), b"\r 100%\n", b"last line without newline " + key.encode()]
+    chunks = [
+        b"x" * 70000 + key.encode() + b"y" * 10,
+        b"\r 10%" + key.encode(),
+        b"\r 100%\n",
+        b"last line without newline " + key.encode(),
+    ]
     text = pump_through(tmp_path, Redactor([key]), chunks)
     assert key not in text
     assert text.count(MASK) == 3 and text.endswith("last line without newline " + MASK)
-    assert len(text) == 70000 + len(MASK) + 10 + len(f"\r 10%{MASK}\r 100%\n") + len("last line without newline ") + len(MASK)
+    assert len(text) == 70000 + len(MASK) + 10 + len(f"\r 10%{MASK}\r 100%\n") + len(
+        "last line without newline "
+    ) + len(MASK)
 
 
 def test_log_files_are_0600_in_a_0700_directory(tmp_path: Path) -> None:

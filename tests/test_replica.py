@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model_server.client.breaker import Breaker, BreakerState
-from model_server.config import ServerKind, ServerSpec
 from model_server.client.replica import Endpoint
+from model_server.config import ServerKind, ServerSpec
 
 SPEC = ServerSpec(name="r", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000, model="m")
 
@@ -85,12 +85,14 @@ def test_bad_alpha_is_refused() -> None:
 def test_replicas_known_only_from_probes_compete_fairly_with_busy_ones() -> None:
     import random
 
-    from model_server.config import ClientPolicy, RoutingPolicy
     from model_server.client.replica_group import ProbeResult, ReplicaGroup
     from model_server.client.retry import OutcomeKind
+    from model_server.config import ClientPolicy, RoutingPolicy
 
-    specs = [ServerSpec(name=n, group="8", kind=ServerKind.completion, host="127.0.0.1", port=9100 + i, model="m")
-             for i, n in enumerate(["busy", "idle", "slow"])]
+    specs = [
+        ServerSpec(name=n, group="8", kind=ServerKind.completion, host="127.0.0.1", port=9100 + i, model="m")
+        for i, n in enumerate(["busy", "idle", "slow"])
+    ]
     now = [0.0]
     group = ReplicaGroup("8", specs, ClientPolicy(routing=RoutingPolicy.fastest), clock=lambda: now[0])
     # probes: 50 ms for a 1-token answer on busy and idle, 500 ms on slow
@@ -105,7 +107,9 @@ def test_replicas_known_only_from_probes_compete_fairly_with_busy_ones() -> None
     assert held.spec.name == "busy"
     assert group.acquire(random.Random(0)).spec.name == "idle"  # busy has one in flight, idle none
     p2c_group = ReplicaGroup("8", specs, ClientPolicy(routing=RoutingPolicy.p2c), clock=lambda: now[0])
-    p2c_group.apply_probes([ProbeResult(specs[0], 0.05, 1), ProbeResult(specs[1], 0.05, 1), ProbeResult(specs[2], 0.5, 1)])
+    p2c_group.apply_probes(
+        [ProbeResult(specs[0], 0.05, 1), ProbeResult(specs[1], 0.05, 1), ProbeResult(specs[2], 0.5, 1)]
+    )
     first = p2c_group.acquire(random.Random(1))
     now[0] = 1.2
     p2c_group.release(first, OutcomeKind.OK, output_tokens=100)

@@ -9,9 +9,7 @@ import httpx
 import openai
 import pytest
 
-from model_server.errors import GroupUnavailableError, RequestRejectedError
 from model_server.client.metrics import ClientMetrics
-from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
 from model_server.client.replica_group import ProbeResult, ReplicaGroup
 from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState, Sleep, request_plan
 from model_server.client.retry import (
@@ -21,6 +19,8 @@ from model_server.client.retry import (
     classify,
     probe_timeout_s,
 )
+from model_server.config import ClientPolicy, RoutingPolicy, ServerKind, ServerSpec
+from model_server.errors import GroupUnavailableError, RequestRejectedError
 
 REQ = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
 
@@ -122,8 +122,10 @@ def _group(n: int = 3, **policy_fields) -> tuple[ReplicaGroup, ClientPolicy, Fak
     policy_fields.setdefault("routing", RoutingPolicy.fastest)  # the tests follow fastest's order r0, r1, r2
     fields = dict(breaker_failures=2, breaker_cooldown_s=10, max_retry=6, build_rounds=2)
     policy = ClientPolicy(**dict(fields, **policy_fields))
-    specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
-             for i in range(n)]
+    specs = [
+        ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+        for i in range(n)
+    ]
     clock = FakeClock()
     group = ReplicaGroup("8", specs, policy, clock=clock)
     latencies = [0.01 * (i + 1) for i in range(n)]
@@ -169,7 +171,9 @@ def test_a_rejected_request_is_raised_at_once_and_blames_no_replica() -> None:
     assert snap.failures == 0 and snap.rejected == 1 and snap.consecutive_failures == 0
 
 
-def _run_refused(plan, group: ReplicaGroup, clock: FakeClock, probe_s: float = 0.0) -> tuple[int, int, int, GroupUnavailableError]:
+def _run_refused(
+    plan, group: ReplicaGroup, clock: FakeClock, probe_s: float = 0.0
+) -> tuple[int, int, int, GroupUnavailableError]:
     """Drive a plan whose replicas all refuse; (calls, probe rounds, sleeps, the final error)."""
     action = next(plan)
     calls = probes = sleeps = 0
@@ -263,8 +267,10 @@ def test_the_latency_bound_comes_back_down_once_probes_find_replicas_again() -> 
     policy = ClientPolicy(
         initial_latency_s=3, latency_growing_rate=20, request_timeout_ceiling_s=600, latency_bound_max_s=2000
     )
-    specs = [ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
-             for i in range(2)]
+    specs = [
+        ServerSpec(name=f"r{i}", group="8", kind=ServerKind.completion, host="127.0.0.1", port=9000 + i, model="m")
+        for i in range(2)
+    ]
     group = ReplicaGroup("8", specs, policy, clock=FakeClock())
     silent = [ProbeResult(s, None, error="timeout", timed_out=True) for s in specs]
     group.apply_probes(silent)

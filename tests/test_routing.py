@@ -6,8 +6,8 @@ import math
 import random
 from collections import Counter
 
-from model_server.config import RoutingPolicy
 from model_server.client.routing import Candidate, choose, fastest, p2c
+from model_server.config import RoutingPolicy
 
 
 def _c(name: str, latency: float, in_flight: int = 0, **kw) -> Candidate:

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai

@@ -396,18 +396,53 @@ _json_values = st.recursive(
     max_leaves=6,
 )
 _fields = st.sampled_from(
-    ["model", "messages", "prompt", "input", "text", "max_tokens", "stop", "stream", "n", "sampling_params",
-     "encoding_format", "stream_options", "max_completion_tokens", "input_ids", "tools", "tool_choice",
-     "response_format", "logprobs", "top_logprobs", "stop_token_ids", "min_tokens", "continue_final_message",
-     "ignore_eos", "seed", "temperature", "dimensions", "json_schema", "return_logprob", "top_logprobs_num"]
+    [
+        "model",
+        "messages",
+        "prompt",
+        "input",
+        "text",
+        "max_tokens",
+        "stop",
+        "stream",
+        "n",
+        "sampling_params",
+        "encoding_format",
+        "stream_options",
+        "max_completion_tokens",
+        "input_ids",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "stop_token_ids",
+        "min_tokens",
+        "continue_final_message",
+        "ignore_eos",
+        "seed",
+        "temperature",
+        "dimensions",
+        "json_schema",
+        "return_logprob",
+        "top_logprobs_num",
+    ]
 )
 
 
 @hyp_settings(deadline=None, max_examples=150)
 @given(
     route=st.sampled_from(
-        ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate", "/encode", "/sim/faults",
-         "/v1/tokenize", "/v1/detokenize"]
+        [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/generate",
+            "/encode",
+            "/sim/faults",
+            "/v1/tokenize",
+            "/v1/detokenize",
+        ]
     ),
     body=st.dictionaries(_fields, _json_values, max_size=5) | _json_values,
 )

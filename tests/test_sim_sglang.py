@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -408,8 +409,8 @@ def test_7_metrics_have_sglangs_names_labels_and_per_token_latency() -> None:
     assert 'sglang:num_requests_total{engine_type="unified",is_streaming="true",model_name="sim/llama-8b"} 1.0' in text
     assert 'sglang:num_requests_total{engine_type="unified",is_streaming="false",model_name="sim/llama-8b"} 1.0' in text
     # one inter-token latency per token after the first: 9 + 4
-    assert re.search(r'^sglang:inter_token_latency_seconds_count\{[^}]*\} 13\.0$', text, re.M)
-    assert "le=\"400.0\"" in text and "le=\"2400.0\"" in text  # SGLang's TTFT and e2e buckets
+    assert re.search(r"^sglang:inter_token_latency_seconds_count\{[^}]*\} 13\.0$", text, re.M)
+    assert 'le="400.0"' in text and 'le="2400.0"' in text  # SGLang's TTFT and e2e buckets
     assert 'sglang:http_responses_total{endpoint="/v1/completions",method="POST",status_code="200"} 2.0' in text
     for streaming in ("true", "false"):
         labels = f'engine_type="unified",is_streaming="{streaming}",model_name="sim/llama-8b"'

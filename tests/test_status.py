@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from _waiting import wait_for as wait_until
 from _pipeline_runs import fake_engine, free_port
+from _waiting import wait_for as wait_until
 
 from model_server.common.processes import same_process
 from model_server.errors import LaunchError
@@ -122,7 +121,9 @@ def test_cleanup_finds_workers_by_their_record_and_by_their_tag(tmp_path: Path) 
         path.write_text(json.dumps({"pipeline": {}, "servers": {"chat-1": {
             "pid": 999999, "create_time": 1.0, "tag": "owner/old/chat-1",
             "workers": [{"pid": recorded.pid, "create_time": psutil.Process(recorded.pid).create_time()}]}}}))  # fmt: skip
-        stopped = cleanup_stale(load_status(path), 2.0, procs.kill_groups, procs.tagged_processes, "owner", "owner/now/")
+        stopped = cleanup_stale(
+            load_status(path), 2.0, procs.kill_groups, procs.tagged_processes, "owner", "owner/now/"
+        )
         assert stopped == ["chat-1"]
         assert recorded.wait(10) is not None and untracked.wait(10) is not None
         assert mine.poll() is None and foreign.poll() is None
@@ -133,8 +134,12 @@ def test_cleanup_finds_workers_by_their_record_and_by_their_tag(tmp_path: Path) 
 
 @pytest.mark.timeout(60)
 def test_kill_groups_ends_a_tagged_process_that_left_the_group(tmp_path: Path) -> None:
-    leader = procs.spawn_engine(LaunchCommand("e", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "e.log", tag="o/r/e")
-    escaped = procs.spawn_engine(LaunchCommand("w", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "w.log", tag="o/r/e")
+    leader = procs.spawn_engine(
+        LaunchCommand("e", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "e.log", tag="o/r/e"
+    )
+    escaped = procs.spawn_engine(
+        LaunchCommand("w", (sys.executable, "-c", "import time; time.sleep(120)")), tmp_path / "w.log", tag="o/r/e"
+    )
     try:
         hard = procs.kill_groups([leader.pid], 2.0, reap=[leader, escaped], tags=lambda t: t == "o/r/e")
         assert hard == []
@@ -196,7 +201,11 @@ def test_load_status_names_every_wrong_field(tmp_path: Path, entry: object, prob
 def test_load_status_of_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
     assert load_status(tmp_path / "none.json") == StatusFile(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
-    for text, problem in (("{not json", "it is not JSON"), ("[]", "not a model-server status file"), ("[" * 100000, "it is not JSON")):
+    for text, problem in (
+        ("{not json", "it is not JSON"),
+        ("[]", "not a model-server status file"),
+        ("[" * 100000, "it is not JSON"),
+    ):
         bad.write_text(text)
         status = load_status(bad)
         assert status.exists and problem in status.problems[0] and not status.servers

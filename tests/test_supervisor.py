@@ -30,7 +30,18 @@ S = ServerState
 
 def test_legal_life_of_a_server() -> None:
     state = None
-    for new in (S.WAITING_GPU, S.STARTING, S.READY, S.RESTARTING, S.WAITING_GPU, S.STARTING, S.RESTARTING, S.STARTING, S.READY, S.STOPPED):
+    for new in (
+        S.WAITING_GPU,
+        S.STARTING,
+        S.READY,
+        S.RESTARTING,
+        S.WAITING_GPU,
+        S.STARTING,
+        S.RESTARTING,
+        S.STARTING,
+        S.READY,
+        S.STOPPED,
+    ):
         state = transition(state, new)
     assert state is S.STOPPED
 
@@ -65,7 +76,11 @@ def test_more_restarts_than_allowed_in_the_window_fail() -> None:
     assert (first.restart, first.delay_s, second.restart, second.delay_s) == (True, 1.0, True, 2.0)
     third = decide(second.history, 20.0)
     assert not third.restart
-    assert "crash loop" in third.reason and "3 restarts within 100 s" in third.reason and "max_restarts is 2" in third.reason
+    assert (
+        "crash loop" in third.reason
+        and "3 restarts within 100 s" in third.reason
+        and "max_restarts is 2" in third.reason
+    )
     assert "exit status 1" in third.reason
 
 
@@ -212,7 +227,9 @@ def test_waits_for_busy_gpus_then_starts(tmp_path: Path, caplog: pytest.LogCaptu
     sup, board = make(world, tmp_path)
     thread, _ = run_in_thread(sup)
     wait_until(lambda: board.get("s1").state == "READY")
-    assert "WAITING_GPU -> STARTING" in caplog.text and "waiting for GPUs (GPU 1: 50000 of 81920 MiB used)" in caplog.text
+    assert (
+        "WAITING_GPU -> STARTING" in caplog.text and "waiting for GPUs (GPU 1: 50000 of 81920 MiB used)" in caplog.text
+    )
     sup.request_stop()
     thread.join(5)
     assert not thread.is_alive(), "the supervisor did not stop within 5 s"
@@ -240,7 +257,7 @@ def fake_pipeline(world: World, tmp_path: Path):
     fleet = parse_fleet(
         f'[launch]\nengine = "sim"\nbind_host = "127.0.0.1"\nstatus_file = "{tmp_path / "status.json"}"\n'
         f'log_dir = "{tmp_path}"\nhealth_interval_s = 0.01\nhealth_timeout_s = 0.01\nrestart_backoff_initial_s = 0.001\n'
-        f'max_restarts = 1\nstop_grace_s = 0\n'
+        f"max_restarts = 1\nstop_grace_s = 0\n"
         + "".join(
             f'[[servers]]\nname = "s{i}"\ngroup = "8"\nkind = "completion"\nhost = "127.0.0.1"\nport = {9000 + i}\nmodel = "m"\n'
             for i in (1, 2)
@@ -262,7 +279,12 @@ def test_pipeline_exits_0_when_all_were_ready_until_the_stop(tmp_path: Path) -> 
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(pipeline.run(install_signals=False)), daemon=True)
     thread.start()
-    wait_until(lambda: {s["state"] for s in (read_status(tmp_path / "status.json") or {"servers": {}})["servers"].values()} == {"READY"})
+    wait_until(
+        lambda: (
+            {s["state"] for s in (read_status(tmp_path / "status.json") or {"servers": {}})["servers"].values()}
+            == {"READY"}
+        )
+    )
     pipeline.request_stop()
     thread.join(10)
     assert result == [0]
@@ -290,7 +312,9 @@ def test_a_port_taken_at_a_restart_uses_the_restart_budget_then_fails_naming_the
     assert len(world.procs) == 1  # never started over the other process
     status = board.get("s1")
     assert status.restarts == 3  # the crash, then two attempts that found the port taken
-    assert status.last_error.startswith("server 's1': gave up: port 9 on 127.0.0.1 is in use by another process (pid 4242 (nc -l))")
+    assert status.last_error.startswith(
+        "server 's1': gave up: port 9 on 127.0.0.1 is in use by another process (pid 4242 (nc -l))"
+    )
     assert "max_restarts is 3" in status.last_error and "crash loop" not in status.last_error
 
 
@@ -331,7 +355,14 @@ def test_the_key_file_exists_only_while_the_engine_starts(tmp_path: Path) -> Non
     sup.request_stop()
     thread.join(5)
     # written before each start; removed when the first engine exited and once the second answered
-    assert events[:ready_at] == ["write k.yaml sk-1", "spawn", "remove k.yaml", "write k.yaml sk-1", "spawn", "remove k.yaml"]
+    assert events[:ready_at] == [
+        "write k.yaml sk-1",
+        "spawn",
+        "remove k.yaml",
+        "write k.yaml sk-1",
+        "spawn",
+        "remove k.yaml",
+    ]
     assert events[-1] == "remove k.yaml"
 
 
@@ -344,13 +375,18 @@ def test_waiting_for_a_gpu_names_the_processes_that_hold_it(tmp_path: Path, capl
     deps = fake_deps(
         world,
         gpu_processes=lambda inventory, indices: [GpuProcess(1, 777, 49000)],
-        describe_pid=lambda pid, owner=None: f"pid {pid} (python -m sglang.launch_server; an engine process of this pipeline's status file)",
+        describe_pid=lambda pid, owner=None: (
+            f"pid {pid} (python -m sglang.launch_server; an engine process of this pipeline's status file)"
+        ),
     )
     board = StatusBoard(tmp_path / "status.json", [ServerStatus("s1", "8", "127.0.0.1", 9)], {})
     sup = ServerSupervisor(SPEC, POLICY, board, deps, tmp_path / "s1.log", tag="own/run/s1")
     thread, _ = run_in_thread(sup)
     wait_until(lambda: board.get("s1").state == "READY")
-    assert "waiting for GPUs (GPU 1: 50000 of 81920 MiB used (pid 777 holds 49000 MiB of GPU 1: pid 777 (python -m sglang.launch_server;" in caplog.text
+    assert (
+        "waiting for GPUs (GPU 1: 50000 of 81920 MiB used (pid 777 holds 49000 MiB of GPU 1: pid 777 (python -m sglang.launch_server;"
+        in caplog.text
+    )
     sup.request_stop()
     thread.join(5)
 
@@ -363,7 +399,10 @@ def test_workers_are_recorded_in_the_status_file(tmp_path: Path) -> None:
     thread, _ = run_in_thread(sup)
     wait_until(lambda: board.get("s1").state == "READY" and len(board.get("s1").workers) == 2)
     status = board.get("s1")
-    assert status.pgid == status.pid and [(w.pid, w.create_time) for w in status.workers] == [(status.pid + 1, 5.0), (status.pid + 2, 6.0)]
+    assert status.pgid == status.pid and [(w.pid, w.create_time) for w in status.workers] == [
+        (status.pid + 1, 5.0),
+        (status.pid + 2, 6.0),
+    ]
     sup.request_stop()
     thread.join(5)
     assert board.get("s1").workers == () and board.get("s1").pid is None
@@ -387,7 +426,11 @@ def test_engines_of_ours_still_on_a_gpu_after_the_stop_are_reported(caplog: pyte
     world = World([])
     deps = fake_deps(
         world,
-        gpu_processes=lambda inventory, indices: [GpuProcess(1, 50, 30000), GpuProcess(1, 60, 100), GpuProcess(1, 70, 5)],
+        gpu_processes=lambda inventory, indices: [
+            GpuProcess(1, 50, 30000),
+            GpuProcess(1, 60, 100),
+            GpuProcess(1, 70, 5),
+        ],
         engine_tag=lambda pid: {50: "own/run1/s1", 60: None, 70: "another/run/s1"}[pid],
         describe_pid=lambda pid, owner=None: f"pid {pid} (x; an engine process of this pipeline's status file)",
     )
@@ -403,7 +446,9 @@ def test_the_launcher_modules_pin_their_surface() -> None:
     from model_server.launcher import status_file as status
 
     assert sorted(supervisor.__all__) == ["Deps", "ServerSupervisor", "probe_health"]
-    assert sorted(steps.__all__) == ["Settings", "Supervision", "exit_cause", "hang_bounds_s", "health_url", "step"]
+    assert sorted(steps.__all__) == sorted(
+        ["Settings", "Supervision", "command_refusal", "exit_cause", "hang_bounds_s", "health_url", "step"]
+    )
     assert sorted(pipeline.__all__) == sorted(
         ["DryRunCommand", "Pipeline", "Plan", "STOP_SIGNALS", "dry_run_commands", "fleet_redactor", "plan"]
     )
@@ -421,5 +466,7 @@ def test_the_launcher_modules_pin_their_surface() -> None:
 def test_hang_bounds_follow_the_settings() -> None:
     from model_server.launcher.steps import hang_bounds_s
 
-    assert hang_bounds_s(LaunchPolicy(engine="sim", health_interval_s=1, health_timeout_s=3, health_failures_to_restart=2)) == (4, 8)
+    assert hang_bounds_s(
+        LaunchPolicy(engine="sim", health_interval_s=1, health_timeout_s=3, health_failures_to_restart=2)
+    ) == (4, 8)
     assert hang_bounds_s(LaunchPolicy()) == (70, 105)  # configs/servers.toml's: every 10 s, 25 s timeout, 3 in a row

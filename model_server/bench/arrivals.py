@@ -137,7 +137,7 @@ def build_schedule(
     if kind is ArrivalKind.trace:
         if not trace:
             raise BenchError("--arrival trace needs --trace FILE: a file of arrival times in seconds, one per line.")
-        times = list(trace[: requests] if requests else trace)
+        times = list(trace[:requests] if requests else trace)
         if len(times) < 2:
             raise BenchError("the trace keeps fewer than two arrivals after --requests: ask for at least 2.")
         span = times[-1] - times[0]

@@ -22,10 +22,10 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 __all__ = [
     "ClientEvent",
@@ -187,18 +187,24 @@ def _status_of(log: ClientEventLog) -> str:
 # ---- what each fault did, as the client saw it ---------------------------------------
 
 
-def fault_effects(faults: Sequence[dict], events: Iterable[ClientEvent], failed_at_s: Iterable[float], *,
-                  start_wall_s: float, end_s: float) -> list[dict | None]:
+def fault_effects(
+    faults: Sequence[dict],
+    events: Iterable[ClientEvent],
+    failed_at_s: Iterable[float],
+    *,
+    start_wall_s: float,
+    end_s: float,
+) -> list[dict | None]:
     """Pure: per applied fault (the result's ``faults`` entries), what the client saw; None for an undo.
 
-    A fault's window runs from when it was applied to the next fault (not an undo) on the same
-    server, or the end of the run. In it: the failovers off that server, its breaker changes and
-the client's other warnings that name it (such as "degraded");
-    the resumed streams and the failed requests are counted for the whole fleet, until the next
-    fault on any server. ``seen`` says whether the client noticed the fault at all (a replica
-    that was getting no traffic may not be noticed). ``recovered_after_s`` (seconds after the
-    fault): when its breaker closed again if it opened, else its last failover or warning; None if
-    not seen, or if its breaker was still not closed at the end of the window.
+        A fault's window runs from when it was applied to the next fault (not an undo) on the same
+        server, or the end of the run. In it: the failovers off that server, its breaker changes and
+    the client's other warnings that name it (such as "degraded");
+        the resumed streams and the failed requests are counted for the whole fleet, until the next
+        fault on any server. ``seen`` says whether the client noticed the fault at all (a replica
+        that was getting no traffic may not be noticed). ``recovered_after_s`` (seconds after the
+        fault): when its breaker closed again if it opened, else its last failover or warning; None if
+        not seen, or if its breaker was still not closed at the end of the window.
     """
     timed = sorted(((e.at_s - start_wall_s, e) for e in events), key=lambda pair: pair[0])
     failed = sorted(failed_at_s)
@@ -226,17 +232,19 @@ the client's other warnings that name it (such as "degraded");
             recovered = last_t - at if last.new == "closed" else None
         elif failovers or warnings:
             recovered = max(failovers + warnings) - at
-        out.append({
-            "seen": bool(failovers or breaker or warnings),
-            "failovers": len(failovers),
-            "warnings": len(warnings),
-            "resumes": resumes,
-            "failed_requests": failed_requests,
-            "breaker": [{"after_s": round(t - at, 3), "from": e.old, "to": e.new} for t, e in breaker],
-            "last_failover_after_s": round(failovers[-1] - at, 3) if failovers else None,
-            "recovered_after_s": None if recovered is None else round(recovered, 3),
-            "window_s": round(end_same - at, 3),
-        })
+        out.append(
+            {
+                "seen": bool(failovers or breaker or warnings),
+                "failovers": len(failovers),
+                "warnings": len(warnings),
+                "resumes": resumes,
+                "failed_requests": failed_requests,
+                "breaker": [{"after_s": round(t - at, 3), "from": e.old, "to": e.new} for t, e in breaker],
+                "last_failover_after_s": round(failovers[-1] - at, 3) if failovers else None,
+                "recovered_after_s": None if recovered is None else round(recovered, 3),
+                "window_s": round(end_same - at, 3),
+            }
+        )
     return out
 
 

@@ -89,9 +89,11 @@ _UNDO_VALUE = {
 }
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?$")
 _STATUS = re.compile(r"^([45]\d\d)s$")
-_HELP = ("Write it as '<time> <action> <server> [value] [for <duration>]', e.g. '10s kill chat-1', "
-         "'20s stop chat-2 for 5s', '5s 500s chat-3 0.5', '8s slow chat-1 10'; actions: kill, term, stop, resume, "
-         "hang, unhang, 500s (any 4xx/5xx code + 's'), slow, malformed, drop, heal.")
+_HELP = (
+    "Write it as '<time> <action> <server> [value] [for <duration>]', e.g. '10s kill chat-1', "
+    "'20s stop chat-2 for 5s', '5s 500s chat-3 0.5', '8s slow chat-1 10'; actions: kill, term, stop, resume, "
+    "hang, unhang, 500s (any 4xx/5xx code + 's'), slow, malformed, drop, heal."
+)
 
 
 def parse_duration_s(text: str) -> float:

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Sequence
 
 import httpx
 
@@ -78,15 +78,27 @@ class AppliedFault:
     detail: str
 
     def as_dict(self) -> dict:
-        return {**self.event.as_dict(), "spec": self.event.describe(), "undo": self.event.undo, "applied_s": self.applied_s,
-                "ok": self.ok, "detail": self.detail}
+        return {
+            **self.event.as_dict(),
+            "spec": self.event.describe(),
+            "undo": self.event.undo,
+            "applied_s": self.applied_s,
+            "ok": self.ok,
+            "detail": self.detail,
+        }
 
 
 class FaultInjector:
     """Applies events at their times; never raises for a fault that cannot be applied (it is recorded)."""
 
-    def __init__(self, events: Sequence[FaultEvent], targets: Mapping[str, FaultTarget], *, timeout_s: float = 3.0,
-                 send_signal: Callable[[int, int], None] = os.kill) -> None:
+    def __init__(
+        self,
+        events: Sequence[FaultEvent],
+        targets: Mapping[str, FaultTarget],
+        *,
+        timeout_s: float = 3.0,
+        send_signal: Callable[[int, int], None] = os.kill,
+    ) -> None:
         self.events = tuple(sorted(events, key=lambda e: e.at_s))
         self.targets = dict(targets)
         self.timeout_s = timeout_s
@@ -131,7 +143,9 @@ class FaultInjector:
             ok, detail = False, f"{type(err).__name__}: {err}"
         at_s = now_s() if callable(now_s) else now_s
         outcome = AppliedFault(event, at_s, ok, detail)
-        detail = outcome.detail if len(outcome.detail) <= 120 else outcome.detail[:117] + "..."  # the result file has it all
+        detail = (
+            outcome.detail if len(outcome.detail) <= 120 else outcome.detail[:117] + "..."
+        )  # the result file has it all
         log.info("fault %s at %.2fs: %s", event.describe(), at_s, detail)
         self.applied.append(outcome)
         return outcome
@@ -143,8 +157,13 @@ class FaultInjector:
             self._http = httpx.AsyncClient(timeout=self.timeout_s)
         return self._http
 
-    async def run(self, start: float, *, clock: Callable[[], float] = time.monotonic,
-                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[AppliedFault]:
+    async def run(
+        self,
+        start: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> list[AppliedFault]:
         """Apply every event at ``start + at_s``; cancel it to end the run.
 
         On cancel, the faults not yet due are dropped, but every pending undo

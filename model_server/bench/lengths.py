@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from model_server.errors import BenchError
 
@@ -117,7 +117,7 @@ def load_dataset(path: str | Path) -> tuple[tuple[str, int | None], ...]:
                 f"dataset {file}, line {number}: not valid JSON ({err.msg}). Each line must be one JSON object."
             ) from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
-            raise BenchError(f"dataset {file}, line {number}: needs a non-empty string field \"prompt\".")
+            raise BenchError(f'dataset {file}, line {number}: needs a non-empty string field "prompt".')
         out = item.get("output_len")
         if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
             raise BenchError(

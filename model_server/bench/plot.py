@@ -5,8 +5,8 @@ matplotlib is imported here only, lazily, with the Agg backend (no display).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from model_server.bench.stats import RequestRecord
 from model_server.errors import BenchError
@@ -53,8 +53,15 @@ def plot_run(
     for fault in faults:
         at = fault.get("applied_s") if fault.get("applied_s") is not None else fault.get("at_s")
         over_time.axvline(at, color="grey", linestyle="--", linewidth=1)
-        over_time.annotate(fault.get("spec", fault.get("action", "")), (at, 1), xycoords=("data", "axes fraction"),
-                           rotation=90, va="top", ha="right", fontsize=7)
+        over_time.annotate(
+            fault.get("spec", fault.get("action", "")),
+            (at, 1),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+        )
     over_time.set_xlabel("send time (s from start)")
     over_time.set_ylabel("E2E latency (ms)")
     over_time.set_title("latency over time")

@@ -15,7 +15,7 @@ timeout); connecting has its own.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from model_server.common.aio import within
@@ -86,8 +86,16 @@ class RawPool:
         """POST ``body`` to ``path`` (under the base URL's path) and yield the answer's lines (no line ends)."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
         request = (
-            b"POST " + (self.prefix + path).encode() + b" HTTP/1.1\r\nHost: " + self._host_header
-            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
+            b"POST "
+            + (self.prefix + path).encode()
+            + b" HTTP/1.1\r\nHost: "
+            + self._host_header
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n"
+            + extra
+            + b"\r\n"
+            + body
         )
         conn, reused = await self._acquire()
         clean = False

@@ -19,8 +19,8 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from model_server.bench.arrivals import ArrivalSchedule
 from model_server.bench.injector import AppliedFault, FaultInjector

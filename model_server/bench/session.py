@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from model_server.bench.arrivals import ArrivalKind, build_schedule, read_trace
@@ -137,9 +138,7 @@ class BenchSession:
             if o.rate is None:
                 raise BenchError("give the load: --rate R (open loop, requests/s) or --concurrency N (closed loop).")
             if o.requests is not None and o.duration_s is not None:
-                raise BenchError(
-                    "an open-loop run takes --requests N or --duration S, not both (N = rate x duration)."
-                )
+                raise BenchError("an open-loop run takes --requests N or --duration S, not both (N = rate x duration).")
             if o.requests is None and o.duration_s is None:
                 raise BenchError("give how long: --duration S or --requests N.")
             requests = o.requests if o.requests is not None else max(1, round(o.rate * o.duration_s))

@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -163,8 +164,17 @@ class OpenAITarget:
     keeps the generator off the critical path at hundreds of requests/s.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 60.0,
-                 http: httpx.AsyncClient | None = None, name: str | None = None, typed: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        http: httpx.AsyncClient | None = None,
+        name: str | None = None,
+        typed: bool = False,
+    ) -> None:
         self.name = name or base_url
         self.model = model
         self.typed = typed
@@ -191,8 +201,16 @@ class StreamErrorEvent(Exception):
 class RawTarget:
     """One server through :mod:`model_server.bench.rawhttp`: the cheapest per request (plain http only)."""
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 60.0,
-                 name: str | None = None, connect_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        name: str | None = None,
+        connect_timeout_s: float = 3.0,
+    ) -> None:
         from model_server.bench.rawhttp import RawPool
 
         self.name = name or base_url
@@ -245,9 +263,16 @@ async def _sse_pieces(lines: AsyncIterator[Any], server: str) -> AsyncIterator[S
 class RoundRobinTarget:
     """Several servers of one model, each request to the next one in turn (no health feedback)."""
 
-    def __init__(self, servers: list[tuple[str, str]] | tuple[tuple[str, str], ...], model: str, *,
-                 api_key: str | None = None, timeout_s: float = 60.0, name: str = "round-robin",
-                 typed: bool = False) -> None:
+    def __init__(
+        self,
+        servers: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        name: str = "round-robin",
+        typed: bool = False,
+    ) -> None:
         if not servers:
             raise ValueError("RoundRobinTarget needs at least one (name, base_url)")
         self.name = name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -66,31 +65,27 @@ async def _run_with_progress(session, show: bool) -> tuple[dict, object]:
 
 @app.command()
 def bench(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
-    group: Optional[str] = typer.Option(
-        None, "--group", "-g", help="Load this group of the fleet, through ModelServer."
-    ),
-    url: Optional[str] = typer.Option(
+    config: Path | None = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
+    group: str | None = typer.Option(None, "--group", "-g", help="Load this group of the fleet, through ModelServer."),
+    url: str | None = typer.Option(
         None, "--url", help="Load one server directly: its OpenAI base URL, e.g. http://127.0.0.1:30000/v1."
     ),
-    model: Optional[str] = typer.Option(None, "--model", help="With --url: the model name the server answers to."),
-    api_key_env: Optional[str] = typer.Option(
+    model: str | None = typer.Option(None, "--model", help="With --url: the model name the server answers to."),
+    api_key_env: str | None = typer.Option(
         None, "--api-key-env", help="With --url: the NAME of the environment variable holding the API key."
     ),
     transport: str = typer.Option(_OPTIONS.transport, "--transport", help=_TRANSPORT_HELP),
-    rate: Optional[float] = typer.Option(None, "--rate", help="Open loop: requests per second."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Closed loop: requests in flight."),
-    duration: Optional[float] = typer.Option(
-        None, "--duration", help="Seconds of load (open loop: N = rate x duration)."
-    ),
-    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Number of requests."),
+    rate: float | None = typer.Option(None, "--rate", help="Open loop: requests per second."),
+    concurrency: int | None = typer.Option(None, "--concurrency", help="Closed loop: requests in flight."),
+    duration: float | None = typer.Option(None, "--duration", help="Seconds of load (open loop: N = rate x duration)."),
+    requests: int | None = typer.Option(None, "--requests", "-n", help="Number of requests."),
     prompt_len: str = typer.Option(
         _OPTIONS.prompt_len, "--prompt-len", help="Prompt words: N (fixed) or A:B (uniform)."
     ),
     output_len: str = typer.Option(
         _OPTIONS.output_len, "--output-len", help="Max output tokens: N (fixed) or A:B (uniform)."
     ),
-    dataset: Optional[Path] = typer.Option(
+    dataset: Path | None = typer.Option(
         None, "--dataset", help='JSONL, one {"prompt": ..., "output_len": ...} per line (cycled).'
     ),
     arrival: str = typer.Option(
@@ -99,20 +94,20 @@ def bench(
     cv: float = typer.Option(
         _OPTIONS.cv, "--cv", help="--arrival gamma: coefficient of variation of the gaps (>1 bursty)."
     ),
-    trace: Optional[Path] = typer.Option(
+    trace: Path | None = typer.Option(
         None, "--trace", help="--arrival trace: file of arrival times in seconds, one per line."
     ),
-    slo_ttft: Optional[float] = typer.Option(None, "--slo-ttft", help="SLO: time to first token, seconds."),
-    slo_tpot: Optional[float] = typer.Option(None, "--slo-tpot", help=_SLO_TPOT_HELP),
-    fault: Optional[List[str]] = typer.Option(None, "--fault", help=_FAULT_HELP),
-    status_file: Optional[Path] = typer.Option(
+    slo_ttft: float | None = typer.Option(None, "--slo-ttft", help="SLO: time to first token, seconds."),
+    slo_tpot: float | None = typer.Option(None, "--slo-tpot", help=_SLO_TPOT_HELP),
+    fault: list[str] | None = typer.Option(None, "--fault", help=_FAULT_HELP),
+    status_file: Path | None = typer.Option(
         None, "--status-file", help="Launch pipeline status file for pids (default: the fleet's)."
     ),
     timeout: float = typer.Option(
         _OPTIONS.timeout_s, "--timeout", help="Per-request timeout, seconds (the whole stream)."
     ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON here."),
-    plot: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the result as JSON here."),
+    plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG: latency CDF and latency over time, faults marked."
     ),
     seed: int = typer.Option(_OPTIONS.seed, "--seed", help="Seed of arrivals and lengths."),
@@ -121,7 +116,7 @@ def bench(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help=_LOG_FILE_HELP),
+    log_file: Path | None = typer.Option(None, "--log-file", help=_LOG_FILE_HELP),
 ) -> None:
     """Benchmark a group or one server: TTFT, TPOT, E2E percentiles, throughput, SLO goodput,
     with faults on a schedule."""
@@ -133,10 +128,29 @@ def bench(
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     options = BenchOptions(
-        config=config, group=group, url=url, model=model, api_key_env=api_key_env, transport=transport, rate=rate,
-        concurrency=concurrency, duration_s=duration, requests=requests, prompt_len=prompt_len, output_len=output_len,
-        dataset=dataset, arrival=arrival, cv=cv, trace=trace, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot,
-        faults=tuple(fault or ()), status_file=status_file, timeout_s=timeout, seed=seed, warmup_requests=warmup,
+        config=config,
+        group=group,
+        url=url,
+        model=model,
+        api_key_env=api_key_env,
+        transport=transport,
+        rate=rate,
+        concurrency=concurrency,
+        duration_s=duration,
+        requests=requests,
+        prompt_len=prompt_len,
+        output_len=output_len,
+        dataset=dataset,
+        arrival=arrival,
+        cv=cv,
+        trace=trace,
+        slo_ttft_s=slo_ttft,
+        slo_tpot_s=slo_tpot,
+        faults=tuple(fault or ()),
+        status_file=status_file,
+        timeout_s=timeout,
+        seed=seed,
+        warmup_requests=warmup,
     )
     session = BenchSession(options)
     console = Console()

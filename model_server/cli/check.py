@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +32,7 @@ def summary_table(fleet: Fleet) -> Table:
 
 @app.command()
 def check(
-    config: Optional[Path] = typer.Argument(None, help=CONFIG_HELP),
+    config: Path | None = typer.Argument(None, help=CONFIG_HELP),
 ) -> None:
     """Validate a fleet table; print its servers per host, groups and GPUs (exit 2 if invalid)."""
     fleet = load_fleet(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,15 +15,15 @@ from model_server.config import load_fleet
 
 @app.command()
 def probe(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    group: Optional[list[str]] = typer.Option(None, "--group", "-g", help="Only this group (repeatable)."),
-    timeout_s: Optional[float] = typer.Option(
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    group: list[str] | None = typer.Option(None, "--group", "-g", help="Only this group (repeatable)."),
+    timeout_s: float | None = typer.Option(
         None, "--timeout-s", help="Probe bound in seconds. Default: the table's client.initial_latency_s."
     ),
 ) -> None:
-    """Probe every replica of the table's groups at once (one small request each); exit 1 if a group has no live replica."""
-    from model_server.errors import UnknownGroupError
+    """Probe every replica of the table's groups at once (one small request each); exit 1 if a group is down."""
     from model_server.client.probe import probe_group
+    from model_server.errors import UnknownGroupError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the table says it all; no line per request
     fleet = load_fleet(config)
@@ -44,11 +43,19 @@ def probe(
     for r in results:
         s = r.spec
         if r.ok and r.rejected:
-            table.add_row(s.group, s.name, s.address, s.kind.value, f"{(r.latency_s or 0) * 1000:.1f} ms",
-                          f"[yellow]up, but refuses the probe: {r.rejected}[/yellow]")
+            table.add_row(
+                s.group,
+                s.name,
+                s.address,
+                s.kind.value,
+                f"{(r.latency_s or 0) * 1000:.1f} ms",
+                f"[yellow]up, but refuses the probe: {r.rejected}[/yellow]",
+            )
         elif r.ok:
             live[s.group] += 1
-            table.add_row(s.group, s.name, s.address, s.kind.value, f"{(r.latency_s or 0) * 1000:.1f} ms", "[green]ok[/green]")
+            table.add_row(
+                s.group, s.name, s.address, s.kind.value, f"{(r.latency_s or 0) * 1000:.1f} ms", "[green]ok[/green]"
+            )
         else:
             table.add_row(s.group, s.name, s.address, s.kind.value, "-", f"[red]{r.error}[/red]")
     console = Console()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -15,14 +14,18 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
-    host_ip: Optional[List[str]] = typer.Option(
-        None, "--host-ip", help="An address (or name) the table uses for this machine, besides its own interface addresses and hostname."
+    config: Path | None = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
+    host_ip: list[str] | None = typer.Option(
+        None,
+        "--host-ip",
+        help="An address (or name) the table uses for this machine, besides its own interface addresses and hostname.",
     ),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="Start only this server (by name); repeat for more."),
+    only: list[str] | None = typer.Option(None, "--only", help="Start only this server (by name); repeat for more."),
     dry_run: bool = typer.Option(
-        False, "--dry-run",
-        help="Print one shell-quoted command per server of this host, its memory fraction chosen from the GPUs now; start nothing.",
+        False,
+        "--dry-run",
+        help="Print one shell-quoted command per server of this host, its memory fraction chosen from the GPUs now; "
+        "start nothing.",
     ),  # fmt: skip
 ) -> None:
     """Start this host's servers once their GPUs are free, keep them healthy, stop them on Ctrl-C / SIGTERM.
@@ -30,8 +33,8 @@ def serve(
     Exit status: 0 if every server was READY until the stop, 1 otherwise, 2 for a bad table or option.
     With --dry-run: 0, or 1 if a server would be refused now (GPU memory short, an unknown GPU).
     """
-    from model_server.errors import LaunchError
     from model_server.common.fleet_choice import Source, resolve_fleet
+    from model_server.errors import LaunchError
     from model_server.launcher.pipeline import Pipeline, dry_run_commands, plan
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe is noise
@@ -55,4 +58,3 @@ def serve(
         raise typer.Exit(1 if refused else 0)
     code = Pipeline(p).run()
     raise typer.Exit(code)
-

@@ -11,7 +11,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -37,10 +36,12 @@ def _ago(since: float | None) -> str:
 
 @app.command()
 def status(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    timeout_s: float = typer.Option(PROBE_TIMEOUT_S, "--timeout-s", help="Timeout of each live /health_generate probe."),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    timeout_s: float = typer.Option(
+        PROBE_TIMEOUT_S, "--timeout-s", help="Timeout of each live /health_generate probe."
+    ),
 ) -> None:
-    """Show the pipeline's status file and probe /health_generate of every server of the table (exit 1 if any is down)."""
+    """Show the pipeline's status file and probe /health_generate of every server (exit 1 if any is down)."""
     from model_server.common.processes import same_process
     from model_server.launcher import rundir
     from model_server.launcher.status_file import load_status
@@ -56,7 +57,10 @@ def status(
         started = time.monotonic()
         futures = [pool.submit(probe_health, health_url(s.host, s.port), timeout_s) for s in fleet.servers]
         results = [f.result() for f in futures]
-    table = Table(title=f"{fleet.source}: {len(fleet.servers)} servers; status file {path}" + ("" if status_file.exists else " (none)"))
+    table = Table(
+        title=f"{fleet.source}: {len(fleet.servers)} servers; status file {path}"
+        + ("" if status_file.exists else " (none)")
+    )
     for column in ("server", "group", "address", "state", "pid", "restarts", "since", "live", "last error"):
         table.add_column(column)
     down = 0
@@ -80,7 +84,10 @@ def status(
     owner = status_file.pipeline
     if status_file.exists and not status_file.problems:
         alive = same_process(owner.get("pid"), owner.get("create_time"))
-        console.print(f"pipeline pid {owner.get('pid', '?')}: " + ("running" if alive else "not running (the states above are its last)"))
+        console.print(
+            f"pipeline pid {owner.get('pid', '?')}: "
+            + ("running" if alive else "not running (the states above are its last)")
+        )
     elapsed = time.monotonic() - started
     console.print(f"{len(fleet.servers) - down} up, {down} down (probed in {elapsed:.1f} s)")
     if status_file.problems:

@@ -19,9 +19,9 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from model_server.errors import UnexpectedAnswerError
 from model_server.client.retry import MalformedResponse
 from model_server.client.wire import StreamEventError, error_message
+from model_server.errors import UnexpectedAnswerError
 
 __all__ = ["StreamAssembly", "embedding_vectors", "needs_rich_assembly"]
 
@@ -156,7 +156,9 @@ class StreamAssembly:
         if not isinstance(delta, dict):
             raise MalformedResponse("a chat chunk's delta is not an object")
         content, reasoning = delta.get("content"), delta.get("reasoning_content")
-        if (content is not None and not isinstance(content, str)) or (reasoning is not None and not isinstance(reasoning, str)):
+        if (content is not None and not isinstance(content, str)) or (
+            reasoning is not None and not isinstance(reasoning, str)
+        ):
             raise MalformedResponse("a chat chunk's content is not a string")
         return content or "", reasoning or ""
 
@@ -165,7 +167,12 @@ class StreamAssembly:
         if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
             self.segment_usage_tokens = tokens
             self.usage_seen = True
-        if self.prompt_tokens is None and self.segments <= 1 and isinstance(prompt, int) and not isinstance(prompt, bool):
+        if (
+            self.prompt_tokens is None
+            and self.segments <= 1
+            and isinstance(prompt, int)
+            and not isinstance(prompt, bool)
+        ):
             self.prompt_tokens = prompt
 
     def _take_rich(self, event: dict[str, Any]) -> str:
@@ -177,8 +184,9 @@ class StreamAssembly:
         text = ""
         for choice in chunk.choices:
             delta = choice.delta
-            if delta is not None and (delta.content or delta.tool_calls or delta.function_call
-                                      or getattr(delta, "reasoning_content", None)):
+            if delta is not None and (
+                delta.content or delta.tool_calls or delta.function_call or getattr(delta, "reasoning_content", None)
+            ):
                 self.progressed = True  # any choice's token: text, a tool call, reasoning
             if choice.finish_reason is not None:
                 _no_abort(choice.finish_reason)
@@ -212,7 +220,10 @@ class StreamAssembly:
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         choice: dict[str, Any] = {
-            "index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason or "stop",
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": self.finish_reason or "stop",
         }
         if self.matched_stop is not None:
             choice["matched_stop"] = self.matched_stop

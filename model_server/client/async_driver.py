@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
 
+from model_server.client import effects as fx
 from model_server.client.base import ClientBase
 from model_server.client.core import POOL_CONNECTIONS, POOL_KEEPALIVE
-from model_server.client import effects as fx
 from model_server.client.probe import aprobe_group
 from model_server.client.replica_group import ReplicaGroup
 from model_server.client.segments import StreamResult
 from model_server.common.aio import timeout_after
-from model_server.config import ClientPolicy, Fleet
 
 __all__ = ["AsyncChatStream", "AsyncModelServer"]
 
@@ -58,27 +54,20 @@ class AsyncChatStream(StreamResult):
 
 
 class AsyncModelServer(ClientBase):
-    """Async client of the fleet's groups: ``await chat(...)``, ``await embed(...)``, ``async for`` over ``stream_chat``.
+    """Async client of the fleet's groups: ``await chat(...)``, ``await embed(...)``, ``async for`` over a stream.
 
-    The arguments are ModelServer's; ``sleep`` is a coroutine function, ``transport`` an
-    ``httpx.AsyncBaseTransport`` and ``prober`` a coroutine function in place of ``aprobe_group``.
+    The arguments are :class:`~model_server.client.base.ClientBase`'s; ``sleep`` is a coroutine function,
+    ``transport`` an ``httpx.AsyncBaseTransport`` and ``prober`` a coroutine function shaped as ``aprobe_group``.
     """
 
     _stream_type = AsyncChatStream
 
-    def __init__(
-        self, config: str | os.PathLike[str] | Fleet | None = None, *, state_path: str | os.PathLike[str] | None = None,
-        policy: ClientPolicy | None = None, metrics_registry: Any = None,
-        clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        transport: httpx.AsyncBaseTransport | None = None, prober: Callable[..., Awaitable[Any]] = aprobe_group,
-    ) -> None:
-        super().__init__(config, state_path, policy, metrics_registry, clock, rng)
-        self._sleep = sleep
-        self._prober = prober
+    _default_sleep = staticmethod(asyncio.sleep)
+    _default_prober = staticmethod(aprobe_group)
+
+    def _connect(self, transport: httpx.AsyncBaseTransport | None) -> None:
         self._transport = transport
-        self._http: httpx.AsyncClient | None = None
-        self._effects = fx.effect_table(self, fx.EFFECT_METHODS)
+        self._http: httpx.AsyncClient | None = None  # made in the event loop that first uses it
         self._probe_locks: dict[str, asyncio.Lock] = {}
         self._reprobes: set[asyncio.Task] = set()  # one event loop: no lock needed
 
@@ -122,7 +111,9 @@ class AsyncModelServer(ClientBase):
     def _start_reprobe(self, g: ReplicaGroup) -> None:
         if self._core.closed or not g.try_start_reprobe():
             return
-        task = asyncio.get_running_loop().create_task(self._finish(self._reprobe(g)), name=f"model-server-reprobe-{g.name}")
+        task = asyncio.get_running_loop().create_task(
+            self._finish(self._reprobe(g)), name=f"model-server-reprobe-{g.name}"
+        )
         self._reprobes.add(task)
         task.add_done_callback(self._reprobes.discard)
 
@@ -131,7 +122,8 @@ class AsyncModelServer(ClientBase):
             self._http = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_KEEPALIVE),
                 timeout=httpx.Timeout(self.policy.request_timeout_ceiling_s, connect=self.policy.connect_timeout_s),
-                trust_env=False, transport=self._transport,
+                trust_env=False,
+                transport=self._transport,
             )
         return self._http
 
@@ -174,8 +166,13 @@ class AsyncModelServer(ClientBase):
 
     async def _probe_replicas(self, effect: fx.ProbeReplicas) -> Any:
         return await self._prober(
-            effect.specs, effect.timeout_s, client=self._pool(), suspects=effect.suspects, patient=effect.patient,
-            api_key=effect.api_key, connect_timeout_s=effect.connect_timeout_s,
+            effect.specs,
+            effect.timeout_s,
+            client=self._pool(),
+            suspects=effect.suspects,
+            patient=effect.patient,
+            api_key=effect.api_key,
+            connect_timeout_s=effect.connect_timeout_s,
         )
 
     async def _concurrently(self, effect: fx.Concurrently) -> dict[str, Any]:

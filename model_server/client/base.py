@@ -19,13 +19,16 @@ import functools
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 from model_server.client.answer import StreamAssembly, embedding_vectors
-from model_server.client.core import ClientCore
+from model_server.client.core import ClientCore, fleet_from
 from model_server.client.deadlines import GroupTiming
 from model_server.client.effects import (
+    EFFECT_METHODS,
     Close,
     Concurrently,
     Deadline,
@@ -36,7 +39,9 @@ from model_server.client.effects import (
     ProbeReplicas,
     Read,
     Send,
+    effect_table,
 )
+from model_server.client.metrics import ClientMetrics
 from model_server.client.replica import EndpointSnapshot
 from model_server.client.replica_group import ReplicaGroup
 from model_server.client.request_plan import Call, CallResult, Done, Probe, RequestState
@@ -56,19 +61,47 @@ Attempt = Callable[[Call], Generator[Any, Any, tuple[Any, "int | None"]]]
 class ClientBase:
     """What both clients are: the table, the policy, the public methods, and one flow per call.
 
-    A driver subclass sets ``_stream_type`` and implements ``_finish(flow)``, ``_stream(flow)``,
-    ``_start_reprobe(group)`` and one method per effect (see ``EFFECT_METHODS``).
+    ``config``: a fleet table path or a :class:`Fleet`; default ``$MODEL_SERVER_CONFIG``, else the
+    table for this machine (see :mod:`model_server.common.fleet_choice`). ``state_path`` overrides
+    ``client.run_state_file``; ``policy`` overrides the table's ``[client]`` section;
+    ``metrics_registry`` turns on Prometheus metrics (see :mod:`model_server.client.metrics`).
+    Seams for tests: ``clock``, ``rng``, ``sleep``, ``transport`` (an httpx transport of the
+    driver's kind, e.g. ``httpx.MockTransport``) and ``prober`` (in place of ``probe_group``).
+
+    A driver subclass sets ``_stream_type``, ``_default_sleep`` and ``_default_prober`` and
+    implements ``_connect``, ``_finish(flow)``, ``_stream(flow)``, ``_start_reprobe(group)`` and one
+    method per effect (see ``EFFECT_METHODS``).
     """
 
     _stream_type: Callable[..., Any]
+    _default_sleep: Callable[[float], Any]
+    _default_prober: Callable[..., Any]
 
     def __init__(
-        self, config: str | os.PathLike[str] | Fleet | None, state_path: str | os.PathLike[str] | None,
-        policy: ClientPolicy | None, metrics_registry: Any, clock: Callable[[], float], rng: random.Random | None,
+        self,
+        config: str | os.PathLike[str] | Fleet | None = None,
+        *,
+        state_path: str | os.PathLike[str] | None = None,
+        policy: ClientPolicy | None = None,
+        metrics_registry: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Any] | None = None,
+        transport: Any = None,
+        prober: Callable[..., Any] | None = None,
     ) -> None:
-        self._core = ClientCore(config, state_path, policy, metrics_registry, clock, rng)
-        self.policy = self._core.policy
-        self.fleet = self._core.fleet
+        fleet = fleet_from(config)
+        self.fleet = fleet
+        self.policy = policy or fleet.client
+        state = state_path if state_path is not None else self.policy.run_state_file
+        self._core = ClientCore(
+            fleet, self.policy, Path(state) if state is not None else None, ClientMetrics(metrics_registry), clock,
+            rng or random.Random(),
+        )  # fmt: skip
+        self._sleep = sleep or self._default_sleep
+        self._prober = prober or self._default_prober
+        self._effects = effect_table(self, EFFECT_METHODS)
+        self._connect(transport)
 
     # ---- the public methods (in the async client each returns an awaitable) ----------------
 
@@ -98,7 +131,11 @@ class ClientBase:
         return self._finish(self._embed(self._core.group(group, ServerKind.embedding), req))
 
     def get_completion_or_embedding(
-        self, model_size: str | int, message: Any, temperature: float = 0.0, max_tokens: int = 256,
+        self,
+        model_size: str | int,
+        message: Any,
+        temperature: float = 0.0,
+        max_tokens: int = 256,
         get_embedding: bool = False,
     ) -> Any:
         """The original call shape: chat messages -> reply text; a string with get_embedding=True -> a vector."""
@@ -129,7 +166,11 @@ class ClientBase:
 
     # ---- what a driver provides ---------------------------------------------------------------
 
-    def _finish(self, flow: Flow) -> Any:  # pragma: no cover - every driver overrides
+    def _connect(self, transport: Any) -> None:  # pragma: no cover - every driver overrides
+        """Set up the driver's connection pool (through ``transport`` if given) and its locks."""
+        raise NotImplementedError
+
+    def _finish(self, flow: Flow) -> Any:  # pragma: no cover
         raise NotImplementedError
 
     def _stream(self, flow: Flow) -> Any:  # pragma: no cover

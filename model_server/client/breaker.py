@@ -98,7 +98,9 @@ class Breaker:
         s = self.state
         stale = s is not BreakerState.CLOSED and not trial  # a request sent before the breaker opened
         if event is BreakerEvent.RESET:
-            return replace(self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False)
+            return replace(
+                self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False
+            )
         if event is BreakerEvent.ACQUIRE:
             if not self.allows(now):
                 raise RuntimeError(f"breaker is {s.value}: check allows() before acquire()")
@@ -110,7 +112,9 @@ class Breaker:
         if event is BreakerEvent.SUCCESS:
             if stale:
                 return self  # proves nothing about the replica now: only the trial closes the breaker
-            return replace(self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False)
+            return replace(
+                self, state=BreakerState.CLOSED, consecutive_failures=0, opened_at=None, trial_in_flight=False
+            )
         if event is BreakerEvent.FAILURE:
             failures = self.consecutive_failures + 1
             if stale:  # count it, keep the cooldown (and any trial) running

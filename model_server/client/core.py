@@ -41,7 +41,20 @@ from model_server.errors import (
     UnknownGroupError,
 )
 
-__all__ = ["POOL_CONNECTIONS", "POOL_KEEPALIVE", "ClientCore"]
+__all__ = ["POOL_CONNECTIONS", "POOL_KEEPALIVE", "ClientCore", "fleet_from"]
+
+Clock = Callable[[], float]
+Rng = random.Random
+
+
+def fleet_from(config: str | os.PathLike[str] | Fleet | None) -> Fleet:
+    """The table a client uses: the one given, else the default for this machine (see common/fleet_choice.py)."""
+    if config is None:
+        from model_server.common.fleet_choice import default_fleet_path
+
+        config = default_fleet_path()  # $MODEL_SERVER_CONFIG, servers.toml on its hosts, else (no GPU) local.toml
+    return config if isinstance(config, Fleet) else load_fleet(config)
+
 
 log = logging.getLogger("model_server.client")
 
@@ -53,21 +66,11 @@ class ClientCore:
     """What the sync and async clients share: the table, the groups, the policy, the decisions."""
 
     def __init__(
-        self, config: str | os.PathLike[str] | Fleet | None, state_path: str | os.PathLike[str] | None,
-        policy: ClientPolicy | None, metrics_registry: Any, clock: Callable[[], float], rng: random.Random | None,
-    ) -> None:
-        if config is None:
-            from model_server.common.fleet_choice import default_fleet_path
-
-            config = default_fleet_path()  # $MODEL_SERVER_CONFIG, servers.toml on its hosts, else (no GPU) local.toml
-        self.fleet = config if isinstance(config, Fleet) else load_fleet(config)
-        self.policy = policy or self.fleet.client
-        state = state_path if state_path is not None else self.policy.run_state_file
-        self.state_path = Path(state) if state is not None else None
-        self.api_key = self.fleet.api_key()
-        self.metrics = ClientMetrics(metrics_registry)
-        self.clock = clock
-        self.rng = rng or random.Random()
+        self, fleet: Fleet, policy: ClientPolicy, state: Path | None, metrics: ClientMetrics, clock: Clock, rng: Rng
+    ):
+        self.fleet, self.policy, self.state_path = fleet, policy, state
+        self.metrics, self.clock, self.rng = metrics, clock, rng
+        self.api_key = fleet.api_key()
         self._groups: dict[str, ReplicaGroup] = {}
         self._lock = threading.Lock()
         self.closed = False  # set by close()/aclose(): no new background re-probes
@@ -128,7 +131,13 @@ class ClientCore:
 
     def plan(self, group: ReplicaGroup, state: RequestState, hold_lease: bool = False, prompt_tokens: int = 0):
         return request_plan(
-            group, self.policy, state, rng=self.rng, clock=self.clock, metrics=self.metrics, hold_lease=hold_lease,
+            group,
+            self.policy,
+            state,
+            rng=self.rng,
+            clock=self.clock,
+            metrics=self.metrics,
+            hold_lease=hold_lease,
             prompt_tokens=prompt_tokens,
         )
 
@@ -144,7 +153,9 @@ class ClientCore:
                 self.unavailable(groups[name])
                 attempts = [Attempt(s.name, s.last_error or "no answer", 0.0) for s in groups[name].snapshot().values()]
                 raise GroupUnavailableError(
-                    name, attempts, f"no replica answered {self.policy.build_rounds} probe round(s) (client.build_rounds)"
+                    name,
+                    attempts,
+                    f"no replica answered {self.policy.build_rounds} probe round(s) (client.build_rounds)",
                 )
 
     def timing(self, name: str | int) -> GroupTiming:
@@ -193,7 +204,12 @@ class ClientCore:
         return SegmentTally(self, group, lease, stall_s)
 
     def after_break(
-        self, group: ReplicaGroup, req: ChatRequest, state: RequestState, assembly: StreamAssembly, body: dict[str, Any],
+        self,
+        group: ReplicaGroup,
+        req: ChatRequest,
+        state: RequestState,
+        assembly: StreamAssembly,
+        body: dict[str, Any],
         tally: SegmentTally,
     ) -> dict[str, Any] | None:
         """A stream broke after it began: the body that continues it, None if the answer was whole after all,
@@ -205,7 +221,11 @@ class ClientCore:
             if req.call == "chat" or not received:
                 raise rejected_from(err, replica) from err
             raise StreamInterruptedError(
-                group.name, replica, received, tally.error, why_not_resumed="the replica refused to go on with it",
+                group.name,
+                replica,
+                received,
+                tally.error,
+                why_not_resumed="the replica refused to go on with it",
                 resumes=state.resumes,
             ) from err
         limit = req.body.get("max_tokens") or req.body.get("max_completion_tokens")
@@ -219,8 +239,13 @@ class ClientCore:
         if why is not None:
             if req.call == "chat" and state.spent(self.clock()) is None:
                 # chat() has shown the caller nothing yet: the whole answer again, within the call's bounds
-                log.warning("group '%s': %s broke mid-answer (%s) and %s: asking again from the start",
-                            group.name, replica, tally.error, why)
+                log.warning(
+                    "group '%s': %s broke mid-answer (%s) and %s: asking again from the start",
+                    group.name,
+                    replica,
+                    tally.error,
+                    why,
+                )
                 assembly.restart()
                 return req.body
             raise StreamInterruptedError(
@@ -230,13 +255,23 @@ class ClientCore:
         self.metrics.resume(group.name, replica)
         log.warning(
             "resuming a stream of group '%s': %s broke after %d token(s) (%s); continuing on another replica "
-            "(resume %d/%d)", group.name, replica, assembly.tokens, tally.error, state.resumes, self.policy.max_resumes,
+            "(resume %d/%d)",
+            group.name,
+            replica,
+            assembly.tokens,
+            tally.error,
+            state.resumes,
+            self.policy.max_resumes,
         )
         return continuation_body(req.kind, req.body, received, assembly.tokens)
 
     @staticmethod
     def after_refused(
-        group: ReplicaGroup, req: ChatRequest, state: RequestState, assembly: StreamAssembly, err: ClientError,
+        group: ReplicaGroup,
+        req: ChatRequest,
+        state: RequestState,
+        assembly: StreamAssembly,
+        err: ClientError,
         previous: str | None,
     ) -> dict[str, Any]:
         """No replica took a continuation (spent bounds, or a refusal): raise the caller's error, or start over."""
@@ -248,17 +283,28 @@ class ClientCore:
                 return req.body
             raise err
         raise StreamInterruptedError(
-            group.name, previous, assembly.text, str(state.last_error or "broken"),
-            why_not_resumed=f"no replica could continue it ({err})", resumes=state.resumes,
+            group.name,
+            previous,
+            assembly.text,
+            str(state.last_error or "broken"),
+            why_not_resumed=f"no replica could continue it ({err})",
+            resumes=state.resumes,
         ) from err
 
     @staticmethod
     def ends_whole(assembly: StreamAssembly, err: BaseException) -> bool:
         """A stream that broke after its finish reason arrived (before [DONE]) is a whole answer."""
-        return assembly.finished and classify(err) in (OutcomeKind.CONNECTION, OutcomeKind.TIMEOUT, OutcomeKind.MALFORMED)
+        return assembly.finished and classify(err) in (
+            OutcomeKind.CONNECTION,
+            OutcomeKind.TIMEOUT,
+            OutcomeKind.MALFORMED,
+        )
 
     def note_resumed(self, group: ReplicaGroup, previous: str, lease: Lease, assembly: StreamAssembly) -> None:
         log.warning(
             "stream of group '%s' resumed on %s after %s broke (%d token(s) carried over)",
-            group.name, lease.spec.name, previous, assembly.tokens_before,
+            group.name,
+            lease.spec.name,
+            previous,
+            assembly.tokens_before,
         )

@@ -25,8 +25,15 @@ from typing import Any
 
 from model_server.config import ClientPolicy
 
-__all__ = ["AttemptDeadlines", "GroupTiming", "StreamTiming", "attempt_deadlines", "estimate_tokens", "first_token_timeout_s",
-           "stall_timeout_s"]
+__all__ = [
+    "AttemptDeadlines",
+    "GroupTiming",
+    "StreamTiming",
+    "attempt_deadlines",
+    "estimate_tokens",
+    "first_token_timeout_s",
+    "stall_timeout_s",
+]
 
 CHARS_PER_TOKEN = 4.0  # a rough, tokenizer-free estimate (English text with a BPE tokenizer)
 TIMING_ALPHA = 0.2

@@ -51,16 +51,23 @@ class ClientMetrics:
             "model_server_client_failovers", "Requests that left this replica for another", labels, registry=registry
         )
         self._resumes = Counter(
-            "model_server_client_resumes", "Streams broken on this replica and resumed on another", labels,
+            "model_server_client_resumes",
+            "Streams broken on this replica and resumed on another",
+            labels,
             registry=registry,
         )
         self._stalls = Counter(
-            "model_server_client_stalls", "Deadlines that fired on this replica, by phase", (*labels, "phase"),
+            "model_server_client_stalls",
+            "Deadlines that fired on this replica, by phase",
+            (*labels, "phase"),
             registry=registry,
         )
         self._latency = Histogram(
-            "model_server_client_latency_seconds", "Latency of answered attempts", labels,
-            buckets=_BUCKETS_S, registry=registry,
+            "model_server_client_latency_seconds",
+            "Latency of answered attempts",
+            labels,
+            buckets=_BUCKETS_S,
+            registry=registry,
         )
 
     def attempt(self, group: str, replica: str) -> None:

@@ -20,12 +20,20 @@ from typing import Any
 
 import httpx
 
-from model_server.common.urls import bearer_headers
-from model_server.config import ServerKind, ServerSpec
 from model_server.client.replica_group import ProbeResult
 from model_server.client.retry import is_retryable_status
+from model_server.common.urls import bearer_headers
+from model_server.config import ServerKind, ServerSpec
 
-__all__ = ["PROBE_TEXT", "RoundWatch", "aprobe_group", "check_probe_answer", "probe_group", "probe_one", "probe_request"]
+__all__ = [
+    "PROBE_TEXT",
+    "RoundWatch",
+    "aprobe_group",
+    "check_probe_answer",
+    "probe_group",
+    "probe_one",
+    "probe_request",
+]
 
 PROBE_TEXT = "Reply with one word: ready?"
 
@@ -88,7 +96,11 @@ def _timeout(timeout_s: float, connect_timeout_s: float) -> httpx.Timeout:
 
 
 def probe_one(
-    spec: ServerSpec, timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
+    spec: ServerSpec,
+    timeout_s: float,
+    *,
+    api_key: str | None = None,
+    client: httpx.Client | None = None,
     connect_timeout_s: float = 3.0,
 ) -> ProbeResult:
     """Probe one replica (blocking, at most about ``timeout_s``)."""
@@ -97,7 +109,9 @@ def probe_one(
     http = client or httpx.Client()
     started = time.monotonic()
     try:
-        response = http.post(url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s))
+        response = http.post(
+            url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)
+        )
         elapsed = time.monotonic() - started
     except httpx.TimeoutException:
         return ProbeResult(spec, None, error=f"timeout: no answer within {timeout_s:.2f}s", timed_out=True)
@@ -120,8 +134,13 @@ class RoundWatch:
     """
 
     def __init__(
-        self, specs: Sequence[ServerSpec], timeout_s: float, connect_timeout_s: float, suspects: Collection[str],
-        patient: bool, now: float,
+        self,
+        specs: Sequence[ServerSpec],
+        timeout_s: float,
+        connect_timeout_s: float,
+        suspects: Collection[str],
+        patient: bool,
+        now: float,
     ) -> None:
         self.total, self.timeout_s, self.suspects, self.patient = len(specs), timeout_s, suspects, patient
         self.end = now + timeout_s + connect_timeout_s + 1.0  # each probe bounds itself; this bounds the round
@@ -150,8 +169,14 @@ class RoundWatch:
 
 
 def probe_group(
-    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None, client: httpx.Client | None = None,
-    connect_timeout_s: float = 3.0, suspects: Collection[str] = (), patient: bool = False,
+    specs: Sequence[ServerSpec],
+    timeout_s: float,
+    *,
+    api_key: str | None = None,
+    client: httpx.Client | None = None,
+    connect_timeout_s: float = 3.0,
+    suspects: Collection[str] = (),
+    patient: bool = False,
 ) -> list[ProbeResult]:
     """Probe every replica concurrently (threads); results in the order of ``specs``, within about ``timeout_s``.
 
@@ -200,7 +225,9 @@ async def _aprobe_one(
     started = time.monotonic()
     try:
         response = await asyncio.wait_for(
-            client.post(url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)),
+            client.post(
+                url, json=body, headers=bearer_headers(api_key), timeout=_timeout(timeout_s, connect_timeout_s)
+            ),
             timeout=timeout_s + connect_timeout_s,
         )
         elapsed = time.monotonic() - started
@@ -212,8 +239,13 @@ async def _aprobe_one(
 
 
 async def aprobe_group(
-    specs: Sequence[ServerSpec], timeout_s: float, *, api_key: str | None = None,
-    client: httpx.AsyncClient | None = None, connect_timeout_s: float = 3.0, suspects: Collection[str] = (),
+    specs: Sequence[ServerSpec],
+    timeout_s: float,
+    *,
+    api_key: str | None = None,
+    client: httpx.AsyncClient | None = None,
+    connect_timeout_s: float = 3.0,
+    suspects: Collection[str] = (),
     patient: bool = False,
 ) -> list[ProbeResult]:
     """The asyncio twin of :func:`probe_group`: every replica at once (tasks), results in order, the same early end."""
@@ -227,8 +259,9 @@ async def aprobe_group(
         watch = RoundWatch(specs, timeout_s, connect_timeout_s, suspects, patient, loop.time())
         waiting = set(tasks)
         while waiting:
-            done, waiting = await asyncio.wait(waiting, timeout=watch.left_s(loop.time()),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, waiting = await asyncio.wait(
+                waiting, timeout=watch.left_s(loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
             finished = [t.result() for t in tasks if t.done()]
             if not done or watch.stop_after(finished, [tasks[t] for t in waiting], loop.time()):
                 break

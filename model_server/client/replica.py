@@ -125,7 +125,7 @@ class Endpoint:
     def succeed(
         self, now: float, elapsed_s: float, output_tokens: int | None, *, trial: bool = False, token: int = 0
     ) -> bool:
-        """The replica answered (``trial``: as the half-open trial). Returns True if this reply made it newly degraded."""
+        """The replica answered (``trial``: as the half-open trial). True if this reply made it newly degraded."""
         self._finish(token)
         self.breaker = self.breaker.success(now, trial)
         self.successes += 1

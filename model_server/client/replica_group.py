@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from model_server.client.breaker import Breaker, BreakerState
-from model_server.config import ClientPolicy, ServerKind, ServerSpec
 from model_server.client.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
 from model_server.client.replica import Endpoint, EndpointSnapshot
 from model_server.client.retry import OutcomeKind, probe_timeout_s
 from model_server.client.routing import Candidate, choose
+from model_server.config import ClientPolicy, ServerKind, ServerSpec
 
 __all__ = ["Lease", "ProbeResult", "ReplicaGroup"]
 
@@ -74,7 +74,9 @@ class ProbeResult:
 class ReplicaGroup:
     """Replicas of one group: routing, outcomes, breakers, the latency bound, the rebuild bookkeeping."""
 
-    def __init__(self, name: str, specs: Sequence[ServerSpec], policy: ClientPolicy, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, name: str, specs: Sequence[ServerSpec], policy: ClientPolicy, *, clock: Callable[[], float]
+    ) -> None:
         if not specs:
             raise ValueError(f"group '{name}' has no servers")
         self.name = name
@@ -124,8 +126,14 @@ class ReplicaGroup:
             scale = statistics.median(ratios) if ratios else 1.0
             stuck_after = STUCK_SHARE * attempt_deadlines(self.policy, self.timing, 0).first_token_s
             candidates = [
-                Candidate(e.name, e.score_latency_s(scale), e.in_flight, e.available(now), e.degraded,
-                          e.stuck(now, stuck_after))
+                Candidate(
+                    e.name,
+                    e.score_latency_s(scale),
+                    e.in_flight,
+                    e.available(now),
+                    e.degraded,
+                    e.stuck(now, stuck_after),
+                )
                 for e in endpoints
             ]
             index = choose(candidates, self.policy.routing, rng, frozenset(tried))
@@ -135,7 +143,10 @@ class ReplicaGroup:
             lease = Lease(self.name, chosen.spec, now, chosen.breaker.takes_trial)
             old = chosen.start(now, lease.token)
             if old is not chosen.breaker.state:
-                notes.append(f"breaker of {chosen.name} (group '{self.name}'): {old.value} -> {chosen.breaker.state.value} (trial request)")
+                notes.append(
+                    f"breaker of {chosen.name} (group '{self.name}'): {old.value} -> {chosen.breaker.state.value} "
+                    "(trial request)"
+                )
         for note in notes:
             log.info(note)
         return lease
@@ -160,11 +171,20 @@ class ReplicaGroup:
                 closed_from = e.breaker.state
                 e.breaker = e.breaker.success(self._clock(), trial=True)
         if closed_from is not None:
-            log.warning("breaker of %s (group '%s'): %s -> closed (the trial request is answering)",
-                        lease.spec.name, self.name, closed_from.value)
+            log.warning(
+                "breaker of %s (group '%s'): %s -> closed (the trial request is answering)",
+                lease.spec.name,
+                self.name,
+                closed_from.value,
+            )
 
     def release(
-        self, lease: Lease, kind: OutcomeKind | None, *, error: str = "", output_tokens: int | None = None,
+        self,
+        lease: Lease,
+        kind: OutcomeKind | None,
+        *,
+        error: str = "",
+        output_tokens: int | None = None,
         gap_s: float | None = None,
     ) -> bool:
         """Record an attempt's outcome (None: cancelled). Returns True if the group should be re-probed.
@@ -198,13 +218,24 @@ class ReplicaGroup:
             new = e.breaker.state
             latency, baseline = e.latency_s, e.baseline_s
         if old is not new:
-            log.warning("breaker of %s (group '%s'): %s -> %s%s", lease.spec.name, self.name, old.value, new.value,
-                        f" after {error}" if error else "")
+            log.warning(
+                "breaker of %s (group '%s'): %s -> %s%s",
+                lease.spec.name,
+                self.name,
+                old.value,
+                new.value,
+                f" after {error}" if error else "",
+            )
         if reprobe and degraded:
             log.warning(
                 "group '%s': degraded replica(s) %s (last answer from %s: %.4f s%s smoothed vs a baseline of %.4f s); "
-                "re-probing the group", self.name, ", ".join(degraded), lease.spec.name, latency or 0.0,
-                "/token" if self.per_token else "", baseline or 0.0,
+                "re-probing the group",
+                self.name,
+                ", ".join(degraded),
+                lease.spec.name,
+                latency or 0.0,
+                "/token" if self.per_token else "",
+                baseline or 0.0,
             )
         return reprobe
 
@@ -216,7 +247,8 @@ class ReplicaGroup:
         """Replicas whose breaker a timeout opened: a probe round does not wait for them (they may be hung)."""
         with self._lock:
             return frozenset(
-                e.name for e in self._endpoints.values()
+                e.name
+                for e in self._endpoints.values()
                 if e.breaker.state is not BreakerState.CLOSED and (e.last_error or "").startswith("timeout")
             )
 
@@ -297,9 +329,13 @@ class ReplicaGroup:
         for name, old, new in changes:
             log.warning("breaker of %s (group '%s'): %s -> %s (probe)", name, self.name, old.value, new.value)
         for name, latency in back:
-            log.warning("replica %s of group '%s' answers again (probe %.3f s): back in rotation", name, self.name, latency)
+            log.warning(
+                "replica %s of group '%s' answers again (probe %.3f s): back in rotation", name, self.name, latency
+            )
         if grow:
-            log.warning("no replica of group '%s' answered a probe in time; the latency bound grows to %.2f s", self.name, bound)
+            log.warning(
+                "no replica of group '%s' answered a probe in time; the latency bound grows to %.2f s", self.name, bound
+            )
         elif not found:
             log.warning("no replica of group '%s' answered a probe (%s)", self.name, self.last_round_summary)
         return found

@@ -33,15 +33,14 @@ import logging
 import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-from model_server.errors import GroupUnavailableError
-from model_server.client.retry import rejected_from
-from model_server.client.metrics import ClientMetrics
-from model_server.config import ClientPolicy
 from model_server.client.deadlines import AttemptDeadlines
+from model_server.client.metrics import ClientMetrics
 from model_server.client.replica_group import Lease, ReplicaGroup
-from model_server.client.retry import Attempt, OutcomeKind, backoff_s, describe
+from model_server.client.retry import Attempt, OutcomeKind, backoff_s, describe, rejected_from
+from model_server.config import ClientPolicy
+from model_server.errors import GroupUnavailableError
 
 __all__ = ["Call", "CallResult", "Done", "Probe", "RequestState", "Sleep", "request_plan"]
 
@@ -154,7 +153,7 @@ class RequestState:
         return max(MIN_TIMEOUT_S, min(timeout_s, left))
 
 
-Action = Union[Call, Sleep, Probe]
+Action = Call | Sleep | Probe
 
 
 def request_plan(
@@ -214,13 +213,23 @@ def request_plan(
         metrics.failover(group.name, lease.spec.name)
         log.warning(
             "failover in group '%s': attempt %d/%d on %s failed (%s); next replica in %.0f ms",
-            group.name, state.attempts_used, policy.max_retry, lease.spec.name, error, delay * 1000,
+            group.name,
+            state.attempts_used,
+            policy.max_retry,
+            lease.spec.name,
+            error,
+            delay * 1000,
         )
         yield Sleep(delay)
 
 
 def note_failure(
-    group: ReplicaGroup, state: RequestState, lease: Lease, kind: OutcomeKind, error: str, elapsed_s: float,
+    group: ReplicaGroup,
+    state: RequestState,
+    lease: Lease,
+    kind: OutcomeKind,
+    error: str,
+    elapsed_s: float,
     metrics: ClientMetrics,
 ) -> None:
     """Book a failed attempt (or a broken segment) in the call's state and the metrics."""

@@ -88,7 +88,6 @@ def parse_event(data: str) -> Any:
         raise MalformedResponse(f"a stream event is not JSON: {data[:80]!r}") from err
 
 
-
 def chat_request(call: str, messages: Any, params: dict[str, Any], policy: ClientPolicy) -> ChatRequest:
     """The checked request for chat()/stream_chat(): InvalidRequestError before any attempt."""
     check_params(params, CHAT_PARAMS, call)
@@ -103,11 +102,18 @@ def chat_request(call: str, messages: Any, params: dict[str, Any], policy: Clien
     body["stream"] = True
     body["stream_options"] = dict(STREAM_OPTIONS)
     return ChatRequest(
-        call=call, kind="chat", path="/chat/completions", body=body, headers=headers, query=query,
+        call=call,
+        kind="chat",
+        path="/chat/completions",
+        body=body,
+        headers=headers,
+        query=query,
         prompt_tokens=estimate_tokens(body["messages"]),
-        not_resumable=why_not_resumable("chat", body, policy), rich=needs_rich_assembly(body),
+        not_resumable=why_not_resumable("chat", body, policy),
+        rich=needs_rich_assembly(body),
         wire=encode_body(body, call),  # every problem of the caller's arguments shows here, before any attempt
     )
+
 
 def embed_request(inputs: Any, params: dict[str, Any]) -> EmbedRequest:
     check_params(params, EMBED_PARAMS, "embed")

@@ -214,7 +214,10 @@ class SegmentTally:
             note_failure(self.group, state, self.lease, self.outcome, self.error, elapsed, self.core.metrics)
             state.last_error = self.error_obj
         reprobe = self.group.release(
-            self.lease, self.outcome, error=self.error, output_tokens=max(1, tokens),
+            self.lease,
+            self.outcome,
+            error=self.error,
+            output_tokens=max(1, tokens),
             gap_s=gap if self.outcome is OutcomeKind.OK else None,
         )
         return reprobe and not self.core.closed

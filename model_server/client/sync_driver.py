@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,14 +31,13 @@ from typing import Any
 
 import httpx
 
+from model_server.client import effects as fx
 from model_server.client.base import ClientBase
 from model_server.client.core import POOL_CONNECTIONS, POOL_KEEPALIVE
 from model_server.client.deadline_transport import deadline_transport, set_deadline
-from model_server.client import effects as fx
 from model_server.client.probe import probe_group
 from model_server.client.replica_group import ReplicaGroup
 from model_server.client.segments import StreamResult
-from model_server.config import ClientPolicy, Fleet
 
 __all__ = ["ChatStream", "ModelServer"]
 
@@ -77,32 +74,21 @@ class ChatStream(StreamResult):
 class ModelServer(ClientBase):
     """A thread-safe client of the fleet's groups, with deadlines, failover, resumes, breakers and re-probes.
 
-    ``config``: a fleet table path or a :class:`Fleet`; default ``$MODEL_SERVER_CONFIG``, else the
-    table for this machine (see :mod:`model_server.common.fleet_choice`). ``state_path`` overrides
-    ``client.run_state_file``; ``policy`` overrides the table's ``[client]`` section;
-    ``metrics_registry`` turns on Prometheus metrics (see :mod:`model_server.client.metrics`).
-    Seams for tests: ``clock``, ``rng``, ``sleep``, ``transport`` (an httpx transport, e.g.
-    ``httpx.MockTransport``) and ``prober`` (in place of :func:`~model_server.client.probe.probe_group`).
+    The arguments are :class:`~model_server.client.base.ClientBase`'s; ``sleep`` blocks, ``transport``
+    is an ``httpx.BaseTransport`` and ``prober`` is :func:`~model_server.client.probe.probe_group`'s shape.
     """
 
     _stream_type = ChatStream
 
-    def __init__(
-        self, config: str | os.PathLike[str] | Fleet | None = None, *, state_path: str | os.PathLike[str] | None = None,
-        policy: ClientPolicy | None = None, metrics_registry: Any = None,
-        clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-        sleep: Callable[[float], None] = time.sleep, transport: httpx.BaseTransport | None = None,
-        prober: Callable[..., Any] = probe_group,
-    ) -> None:
-        super().__init__(config, state_path, policy, metrics_registry, clock, rng)
-        self._sleep = sleep
-        self._prober = prober
+    _default_sleep = staticmethod(time.sleep)
+    _default_prober = staticmethod(probe_group)
+
+    def _connect(self, transport: httpx.BaseTransport | None) -> None:
         limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_KEEPALIVE)
         self._http = httpx.Client(
             transport=transport or deadline_transport(limits),
             timeout=httpx.Timeout(self.policy.request_timeout_ceiling_s, connect=self.policy.connect_timeout_s),
         )
-        self._effects = fx.effect_table(self, fx.EFFECT_METHODS)
         self._probe_locks = {g: threading.Lock() for g in self.fleet.groups}
         self._reprobes: set[threading.Thread] = set()  # background re-probes, guarded by _reprobes_lock
         self._reprobes_lock = threading.Lock()
@@ -150,8 +136,9 @@ class ModelServer(ClientBase):
         with self._reprobes_lock:  # closed is checked, and the thread started, under close()'s lock
             if self._core.closed or not g.try_start_reprobe():
                 return
-            thread = threading.Thread(target=self._reprobe_thread, args=(g,), name=f"model-server-reprobe-{g.name}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._reprobe_thread, args=(g,), name=f"model-server-reprobe-{g.name}", daemon=True
+            )
             self._reprobes.add(thread)
             thread.start()
 
@@ -201,8 +188,13 @@ class ModelServer(ClientBase):
 
     def _probe_replicas(self, effect: fx.ProbeReplicas) -> Any:
         return self._prober(
-            effect.specs, effect.timeout_s, client=self._http, suspects=effect.suspects, patient=effect.patient,
-            api_key=effect.api_key, connect_timeout_s=effect.connect_timeout_s,
+            effect.specs,
+            effect.timeout_s,
+            client=self._http,
+            suspects=effect.suspects,
+            patient=effect.patient,
+            api_key=effect.api_key,
+            connect_timeout_s=effect.connect_timeout_s,
         )
 
     def _concurrently(self, effect: fx.Concurrently) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from model_server.errors import InvalidRequestError
 from model_server.client.retry import DeadlineExceeded, ReplicaHTTPError, StreamEventError
+from model_server.errors import InvalidRequestError
 
 __all__ = [
     "CHAT_PARAMS",
@@ -36,11 +36,40 @@ __all__ = [
 # plus the SDK's extra_* escape hatches for SGLang's own fields (e.g. extra_body={"top_k": 20}).
 CHAT_PARAMS = frozenset(
     {
-        "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens",
-        "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-        "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop",
-        "store", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
-        "verbosity", "web_search_options", "extra_body", "extra_headers", "extra_query",
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "metadata",
+        "modalities",
+        "n",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
+        "stream_options",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "user",
+        "verbosity",
+        "web_search_options",
+        "extra_body",
+        "extra_headers",
+        "extra_query",
     }
 )
 EMBED_PARAMS = frozenset({"dimensions", "user", "extra_body", "extra_headers", "extra_query"})
@@ -66,9 +95,7 @@ def check_params(params: Mapping[str, Any], known: frozenset[str], call: str) ->
     for name in ("extra_body", "extra_headers", "extra_query"):
         value = params.get(name)
         if value is not None and not isinstance(value, Mapping):
-            raise InvalidRequestError(
-                f"{call}(): {name} must be a dict, got {type(value).__name__}.", argument=name
-            )
+            raise InvalidRequestError(f"{call}(): {name} must be a dict, got {type(value).__name__}.", argument=name)
 
 
 def _encode(value: Any) -> bytes:
@@ -128,7 +155,8 @@ def normalize_embedding_input(inputs: Any) -> tuple[list[Any], bool]:
             return [list(t) for t in items], False
     raise InvalidRequestError(
         f"embed(): inputs must be a string, a list of strings, a list of token ids (one input) or a list of "
-        f"such lists, got {type(inputs).__name__}{'' if not isinstance(inputs, (list, tuple)) else ' with mixed items'}.",
+        f"such lists, got {type(inputs).__name__}"
+        f"{'' if not isinstance(inputs, (list, tuple)) else ' with mixed items'}.",
         argument="inputs",
     )
 

@@ -8,7 +8,7 @@ once, yet replicas that crashed together do not come back in lockstep.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["jittered_backoff_s"]
 

@@ -23,10 +23,10 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from model_server.config import CONFIG_ENV, DEFAULT_CONFIG, PROJECT_ROOT, load_fleet
 
@@ -101,7 +101,9 @@ def choose_fleet(facts: FleetFacts, *, for_client: bool = False) -> FleetChoice:
     if facts.config is not None:
         return FleetChoice(facts.config, Source.GIVEN, f"using the fleet table {facts.config} (--config)")
     if facts.env_config:
-        return FleetChoice(Path(facts.env_config), Source.ENV, f"using the fleet table {facts.env_config} (${CONFIG_ENV})")
+        return FleetChoice(
+            Path(facts.env_config), Source.ENV, f"using the fleet table {facts.env_config} (${CONFIG_ENV})"
+        )
     if facts.host_in_table:
         return FleetChoice(facts.table, Source.TABLE, f"this machine is a host of {facts.table}: using it")
     if not facts.gpu_present:

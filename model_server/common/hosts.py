@@ -8,7 +8,7 @@ hostname, plus ``--host-ip``. Loopback names are always local.
 from __future__ import annotations
 
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 from model_server.config import Fleet, ServerSpec
 from model_server.errors import LaunchError
@@ -47,7 +47,9 @@ def match_servers(servers: Iterable[ServerSpec], identities: frozenset[str]) -> 
     return tuple(s for s in servers if _norm(s.host) in identities)
 
 
-def select_local_servers(fleet: Fleet, host_ip: Iterable[str] = (), identities: frozenset[str] | None = None) -> tuple[ServerSpec, ...]:
+def select_local_servers(
+    fleet: Fleet, host_ip: Iterable[str] = (), identities: frozenset[str] | None = None
+) -> tuple[ServerSpec, ...]:
     """This host's servers; none is a LaunchError listing the table's hosts and this machine's addresses."""
     ids = identities if identities is not None else local_identities(host_ip)
     if identities is not None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server.common.processes import log_tail
+from model_server.common.threads import finish_all
 from model_server.common.urls import server_url
 from model_server.config import Fleet
 from model_server.errors import ConfigError, LaunchError
@@ -463,11 +464,7 @@ class GatewayRunner:
                 log.error("no gateway is left running (all FAILED): stopping")
             self._stop_all(run)
             deadline = time.monotonic() + max(st.stop_grace_s for st in self.settings) + STOP_MARGIN_S + 15.0
-            for f in futures:
-                try:
-                    f.result(timeout=max(0.1, deadline - time.monotonic()))
-                except Exception:  # noqa: BLE001 - run() catches its own errors; this is the timeout
-                    log.error("a gateway supervisor thread did not finish in time")
+            finish_all(futures, deadline, "a gateway supervisor thread")
         finally:
             self._stop_all(run)  # a no-op unless an error skipped the stop above
             executor.shutdown(wait=False, cancel_futures=True)

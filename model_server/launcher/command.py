@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from model_server.config import LaunchPolicy, ServerKind, ServerSpec
 

@@ -11,8 +11,9 @@ The decisions on the readings (is a GPU group free, which
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from model_server.config import GpuInventoryConfig
 from model_server.errors import LaunchError
@@ -115,7 +116,7 @@ class NvmlInventory:
         except Exception as err:  # ImportError, NVMLError (no driver, no library)
             raise LaunchError(
                 f"cannot read GPU memory through NVML ({type(err).__name__}: {err}). This host needs an "
-                f"NVIDIA driver and the nvidia-ml-py package for engine = \"sglang\". On a machine without "
+                f'NVIDIA driver and the nvidia-ml-py package for engine = "sglang". On a machine without '
                 f"GPUs run the simulated fleet instead: --config configs/local.toml "
                 f'(engine = "sim", gpu_inventory.source = "simulated").'
             ) from err
@@ -152,7 +153,9 @@ class NvmlInventory:
                     continue
                 for p in found:
                     used = getattr(p, "usedGpuMemory", None)
-                    out[(i, int(p.pid))] = GpuProcess(i, int(p.pid), int(used) // _MIB if isinstance(used, int) else None)
+                    out[(i, int(p.pid))] = GpuProcess(
+                        i, int(p.pid), int(used) // _MIB if isinstance(used, int) else None
+                    )
         return list(out.values())
 
 

@@ -17,8 +17,8 @@ deadlines are the supervisor's step, in :mod:`model_server.launcher.steps`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from model_server.common.backoff import jittered_backoff_s
 

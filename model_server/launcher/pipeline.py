@@ -26,21 +26,29 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from model_server.common.hosts import select_local_servers
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
-from model_server.launcher import processes as procs, rundir
+from model_server.launcher import processes as procs
+from model_server.launcher import rundir
 from model_server.launcher.command import LaunchCommand, build_command
 from model_server.launcher.gpu import GpuInventory, make_inventory
 from model_server.launcher.gpu_memory import GpuReading, decide_gpus
 from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import RedactingFilter, Redactor, Secret
-from model_server.launcher.status_file import ServerStatus, StatusBoard, StatusLock, cleanup_stale, load_status, owner_tag
+from model_server.launcher.status_file import (
+    ServerStatus,
+    StatusBoard,
+    StatusLock,
+    cleanup_stale,
+    load_status,
+    owner_tag,
+)
 from model_server.launcher.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
 
 __all__ = ["STOP_SIGNALS", "DryRunCommand", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
@@ -146,7 +154,8 @@ def dry_run_commands(p: Plan, inventory: GpuInventory | None = None) -> list[Dry
         except LaunchError as err:
             log.warning("dry run: %s", err)
     return [
-        _dry_run_one(p, s, inventory, str(rundir.key_file_path(fleet.launch, s.name)) if key else None) for s in p.servers
+        _dry_run_one(p, s, inventory, str(rundir.key_file_path(fleet.launch, s.name)) if key else None)
+        for s in p.servers
     ]
 
 
@@ -161,7 +170,10 @@ def fleet_redactor(fleet: Fleet, key: str | None) -> Redactor:
             log.warning("launch.secret_env names %s, which is not set here: nothing to redact for it", name)
     short = [v for v in values if len(v) < 8]
     if short:
-        log.warning("%d secret(s) are shorter than 8 characters: every occurrence of them in the engine logs is redacted", len(short))
+        log.warning(
+            "%d secret(s) are shorter than 8 characters: every occurrence of them in the engine logs is redacted",
+            len(short),
+        )
     return Redactor(values)
 
 
@@ -243,7 +255,9 @@ class Pipeline:
             raise LaunchError(previous.refusal())
         owner = owner_tag(status_file)
         run_prefix = f"{owner}/{secrets.token_hex(4)}/"
-        stale = cleanup_stale(previous, policy.stop_grace_s, deps.kill_groups, procs.tagged_processes, owner, run_prefix)
+        stale = cleanup_stale(
+            previous, policy.stop_grace_s, deps.kill_groups, procs.tagged_processes, owner, run_prefix
+        )
         if stale:
             log.warning("stopped the processes an earlier run left alive, of server(s): %s", ", ".join(stale))
             _report_gpu_holders(deps, self.plan.servers, owner, "after stopping an earlier run")
@@ -301,13 +315,23 @@ class Pipeline:
         """Every engine of this run: its process group and every process tagged with this run (workers that left)."""
         running = [p for p in (sup.request_stop() for sup in supervisors) if p is not None]
         kill = self._deps.kill_groups if self._deps else procs.kill_groups
-        hard = kill([p.pid for p in running], self.policy.stop_grace_s, reap=running, tags=lambda tag: tag.startswith(run_prefix))
+        hard = kill(
+            [p.pid for p in running],
+            self.policy.stop_grace_s,
+            reap=running,
+            tags=lambda tag: tag.startswith(run_prefix),
+        )
         for proc in running:  # their last lines (how they shut down) reach their logs before we exit
             pump = getattr(proc, "log_pump", None)
             if pump is not None:
                 pump.join(LOG_DRAIN_S)
         if hard:
-            log.warning("SIGKILLed %d process(es) or group(s) still alive after %g s: %s", len(hard), self.policy.stop_grace_s, hard)
+            log.warning(
+                "SIGKILLed %d process(es) or group(s) still alive after %g s: %s",
+                len(hard),
+                self.policy.stop_grace_s,
+                hard,
+            )
 
     def _verdict(self, at_stop: dict[str, ServerStatus]) -> int:
         bad = {n: s for n, s in at_stop.items() if s.state != ServerState.READY.value}

@@ -31,8 +31,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import psutil
 
@@ -192,7 +192,7 @@ def engine_tag(pid: int) -> str | None:
 
 
 def describe_pid(pid: int, owner: str | None = None) -> str:
-    """"pid N (command line)", saying so when its engine tag names a run of this pipeline's status file (``owner``)."""
+    """ "pid N (command line)", saying so when its engine tag names a run of this pipeline's status file (``owner``)."""
     try:
         line = " ".join(psutil.Process(pid).cmdline())
     except (psutil.Error, OSError):

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import shlex
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["MASK", "RedactingFilter", "Redactor", "Secret"]
 

@@ -28,9 +28,10 @@ import os
 import reprlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from model_server.common.atomic import atomic_write_text
 from model_server.common.processes import identified_process
@@ -200,14 +201,16 @@ def load_status(path: str | os.PathLike[str]) -> StatusFile:
     except (ValueError, RecursionError) as err:
         return StatusFile(file, True, problems=(f"it is not JSON ({_short(str(err))})",))
     if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
-        return StatusFile(file, True, problems=("it is not a model-server status file (no \"servers\" object)",))
+        return StatusFile(file, True, problems=('it is not a model-server status file (no "servers" object)',))
     problems: list[str] = []
     meta = data.get("pipeline") if isinstance(data.get("pipeline"), dict) else {}
     if "pipeline" in data and not isinstance(data["pipeline"], dict):
         problems.append(f"pipeline is {_short(data['pipeline'])}, not an object")
     for key, check in (("pid", _is_pid), ("create_time", _is_time)):
         if meta.get(key) is not None and not check(meta[key]):
-            problems.append(f"pipeline.{key} is {_short(meta[key])}, not a {'process id' if key == 'pid' else 'start time'}")
+            problems.append(
+                f"pipeline.{key} is {_short(meta[key])}, not a {'process id' if key == 'pid' else 'start time'}"
+            )
     servers = {}
     for name, entry in data["servers"].items():
         parsed = _parse_entry(name, entry, problems)
@@ -227,7 +230,9 @@ def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, RecursionError) as err:
-        raise LaunchError(f"{file}: the status file cannot be read ({_short(str(err))}). Remove it; the pipeline rewrites it.") from err
+        raise LaunchError(
+            f"{file}: the status file cannot be read ({_short(str(err))}). Remove it; the pipeline rewrites it."
+        ) from err
     if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
         raise LaunchError(f"{file}: not a model-server status file. Remove it; the pipeline rewrites it.")
     return data
@@ -405,6 +410,11 @@ def cleanup_stale(
     names = sorted({name for name, _ in victims.values()})
     for name in names:
         pids = sorted(pid for pid, (n, _) in victims.items() if n == name)
-        log.warning("server %s: %d process(es) of an earlier run still alive (pid %s); stopping them", name, len(pids), ", ".join(map(str, pids)))
+        log.warning(
+            "server %s: %d process(es) of an earlier run still alive (pid %s); stopping them",
+            name,
+            len(pids),
+            ", ".join(map(str, pids)),
+        )
     kill(groups, grace_s, processes=[proc for _, proc in victims.values()])
     return names

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["ADMIN_PREFIXES", "ApiKeyMiddleware", "allowed"]
 

@@ -25,7 +25,7 @@ import os
 import random
 import re
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from model_server.sim.faults import Faults, ReplyFault, decide
 from model_server.sim.latency import LatencyModel, RunningBatch, tokens_per_slice

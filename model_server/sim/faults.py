@@ -18,8 +18,9 @@ import dataclasses
 import enum
 import math
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["FaultError", "Faults", "ReplyFault", "decide"]
 

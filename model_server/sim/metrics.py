@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -144,9 +145,7 @@ class SimMetrics:
         )
         self.num_requests = counter("sglang:num_requests_total", "Number of requests processed.", True)
         self.num_aborted = counter("sglang:num_aborted_requests_total", "Number of requests aborted.", False)
-        self.num_so = counter(
-            "sglang:num_so_requests_total", "Number of structured output requests processed.", False
-        )
+        self.num_so = counter("sglang:num_so_requests_total", "Number of structured output requests processed.", False)
         self.prompt_hist = histogram(
             "sglang:prompt_tokens_histogram", "Histogram of prompt token length.", TOKEN_BUCKETS, False
         )

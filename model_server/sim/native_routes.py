@@ -302,7 +302,7 @@ def register(server: SimServer) -> None:
         selected = [] if dp_rank not in (None, "0") else [snapshot]
         if request.query_params.get("format") == "prometheus":
             lines = []
-            for key, value in (snapshot.items() if selected else []):
+            for key, value in snapshot.items() if selected else []:
                 if key != "dp_rank" and isinstance(value, (int, float)):
                     lines += [f"# TYPE sglang_{key} gauge", f'sglang_{key}{{dp_rank="0"}} {value}']
             return Response("\n".join(lines) + "\n", media_type=CONTENT_TYPE)

@@ -21,8 +21,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -106,7 +107,7 @@ class SimProcess:
     # --- life cycle ---
 
     def command(self, config_path: str | None = None) -> list[str]:
-        """The argv, as the launch pipeline builds it for a server of kind sim; ``config_path`` is the key's YAML file."""
+        """The argv, as the launch pipeline builds it for a server of kind sim (``config_path``: the key's YAML)."""
         try:
             spec = ServerSpec(
                 name=f"sim-{self.port}", group="sim", host=self.host, port=self.port, model=self.model_path,

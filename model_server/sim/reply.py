@@ -243,4 +243,3 @@ def piece_logprobs(piece: str, position: int, top: int) -> tuple[float, list[tup
             break
         alternatives.append((lead + word, round(logprob - 1.0 - 0.5 * j, 4)))
     return logprob, alternatives[:top]
-

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from model_server.errors import SimError
 from model_server.sim.faults import Faults

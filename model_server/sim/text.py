@@ -35,7 +35,8 @@ import math
 import random
 import re
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "EOS_TOKEN_ID",
