@@ -71,7 +71,8 @@ def _no_nul_char(value: str) -> str:
 def _env_name(name: str) -> str:
     if not _ENV_NAME.match(name):
         raise ValueError(
-            f"holds {_short(name)}, which is not an environment variable name (letters, digits and _, not starting with a digit)"
+            f"holds {_short(name)}, which is not an environment variable name "
+            "(letters, digits and _, not starting with a digit)"
         )
     return name
 
@@ -308,7 +309,7 @@ class ClientPolicy(_Strict):
     wait_for_replica_s: float = Field(default=60.0, gt=0, le=86400)
     # The latency bound (probe timeout) grows after silent probe rounds, never past this.
     latency_bound_max_s: float = Field(default=60.0, gt=0, le=86400)
-    # Deadlines inside one attempt (see model_server/deadlines.py): the first token must arrive within
+    # Deadlines inside one attempt (see model_server/client/deadlines.py): the first token must arrive within
     # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
     # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.
     first_token_timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)

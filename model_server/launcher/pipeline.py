@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_server.common.hosts import select_local_servers
+from model_server.common.threads import finish_all
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
 from model_server.launcher import processes as procs
@@ -102,7 +103,8 @@ def plan(config: str | os.PathLike[str] | None, host_ip: Sequence[str] = (), onl
 
 @dataclass(frozen=True)
 class DryRunCommand:
-    """One server of a dry run: the command a real run would start now, or None where it would refuse (``basis`` says why).
+    """One server of a dry run: the command a real run would start now, or None where it would refuse.
+
 
     ``basis`` says where its ``--mem-fraction-static`` comes from: the GPUs'
     memory now, or idle GPUs when they are busy (a real run waits) or cannot be
@@ -296,11 +298,7 @@ class Pipeline:
                 log.error("no server is left running (all FAILED): stopping")
             self._stop_all(supervisors, run_prefix)
             deadline = time.monotonic() + policy.stop_grace_s + policy.health_timeout_s + 15.0
-            for f in futures:
-                try:
-                    f.result(timeout=max(0.1, deadline - time.monotonic()))
-                except Exception:  # noqa: BLE001 - run() catches its own errors; this is the timeout
-                    log.error("a supervisor thread did not finish in time")
+            finish_all(futures, deadline, "a supervisor thread")
         finally:
             self._stop_all(supervisors, run_prefix)  # again: a no-op unless an error skipped the stop above
             executor.shutdown(wait=False, cancel_futures=True)
