@@ -228,6 +228,12 @@ class LaunchPolicy(_Strict):
     # Names of environment variables whose values are secrets (a hub token, say): like the API key,
     # their values never reach an engine log, the status file or a message.
     secret_env: tuple[str, ...] = ()
+    # The control API (launcher/control_api.py): off unless a port is given; it listens on this host's servers'
+    # address. Its write routes need the key in the variable control_key_env names (never the key itself here).
+    control_port: int | None = Field(default=None, ge=1, le=65535)
+    control_key_env: str | None = None
+    # A drained server stops (or restarts) once its engine runs no request, or after this long at the latest.
+    drain_timeout_s: float = Field(default=120.0, gt=0, le=_DAY_S)
 
     @field_validator("bind_host", "log_dir", "status_file", mode="before")
     @classmethod
@@ -245,6 +251,24 @@ class LaunchPolicy(_Strict):
         for name in names:
             _env_name(name)
         return names
+
+    @field_validator("control_key_env")
+    @classmethod
+    def _control_key_env_name(cls, name: str | None) -> str | None:
+        return None if name is None else _env_name(name)
+
+    def control_key(self) -> str | None:
+        """The control API's key from the variable ``control_key_env`` names; ConfigError if it names an unset one."""
+        if not self.control_key_env:
+            return None
+        value = os.environ.get(self.control_key_env, "")
+        if not value:
+            raise ConfigError(
+                f"field 'launch.control_key_env' names the environment variable {self.control_key_env}, which is "
+                f"unset or empty, so the control API's write routes could not be used. Fix: export "
+                f"{self.control_key_env}=<a long random key> before starting, or remove 'control_key_env'"
+            )
+        return value
 
     @field_validator("mem_fraction_policy")
     @classmethod

@@ -353,7 +353,7 @@ def test_check_rejects_with_status_2_and_no_traceback(tmp_path: Path) -> None:
 
 LAUNCH_DURATIONS = [
     "gpu_poll_interval_s", "gpu_wait_timeout_s", "startup_timeout_s", "health_interval_s", "health_timeout_s",
-    "restart_backoff_initial_s", "restart_backoff_max_s", "restart_window_s", "stop_grace_s",
+    "restart_backoff_initial_s", "restart_backoff_max_s", "restart_window_s", "stop_grace_s", "drain_timeout_s",
 ]  # fmt: skip
 
 
@@ -491,3 +491,29 @@ def test_fuzz_deep_nesting_and_huge_numbers_only_raise_config_error(field: str, 
         for value_ in policy.model_dump().values():
             if isinstance(value_, float):
                 assert value_ == value_ and value_ < 1e7  # no nan, nothing a timer cannot hold
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("control_port = 0", "field 'launch.control_port'"),
+        ("control_port = 70000", "field 'launch.control_port'"),
+        ('control_port = "x"', "field 'launch.control_port'"),
+        ('control_key_env = "my key"', "not an environment variable name"),
+        ("drain_timeout_s = 0", "field 'launch.drain_timeout_s'"),
+    ],
+)
+def test_control_api_fields_are_checked(line: str, expected: str) -> None:
+    assert expected in _error(f'[launch]\nengine = "sim"\n{line}\n' + GOOD)
+
+
+def test_the_control_key_comes_from_the_variable_the_table_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_server.config import LaunchPolicy
+
+    policy = LaunchPolicy(engine="sim", control_port=9100, control_key_env="MS_CONTROL_KEY_FOR_TEST")
+    assert policy.drain_timeout_s == 120 and LaunchPolicy().control_port is None
+    monkeypatch.delenv("MS_CONTROL_KEY_FOR_TEST", raising=False)
+    with pytest.raises(ConfigError, match="export MS_CONTROL_KEY_FOR_TEST=<a long random key>"):
+        policy.control_key()
+    monkeypatch.setenv("MS_CONTROL_KEY_FOR_TEST", "k" * 20)
+    assert policy.control_key() == "k" * 20

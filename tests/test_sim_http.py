@@ -479,3 +479,20 @@ def test_sim_exits_when_its_test_process_dies() -> None:
                 orphan = psutil.Process(pid)
                 if "model_server" in " ".join(orphan.cmdline()):
                     orphan.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_sim_whose_chosen_port_is_taken_before_it_binds_starts_on_another() -> None:
+    import socket
+
+    sim = SimProcess(args=("--ttft-ms", "0"))
+    taken = sim.port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", taken))
+        holder.listen(1)  # another process won the race for the port
+        with sim:
+            assert sim.port != taken
+            assert httpx.get(f"{sim.url}/health", timeout=5).status_code == 200
+    given = SimProcess(port=taken)  # a port the caller chose is never changed behind its back
+    assert given.port == taken

@@ -25,6 +25,7 @@ __all__ = [
     "BareAction",
     "BareEvent",
     "CheckPort",
+    "Command",
     "EngineExited",
     "Event",
     "GpusRead",
@@ -34,7 +35,9 @@ __all__ = [
     "Probed",
     "Publish",
     "ReadGpus",
+    "ReadRunning",
     "Refused",
+    "RunningRead",
     "Spawn",
     "Spawned",
     "Wait",
@@ -162,6 +165,43 @@ class BareAction(enum.Enum):
     RECORD_WORKERS = "put the engine's descendants (pid, start time) in the status file if they changed"
 
 
+# ---- the operator, through the control API, and a drain ---------------------------------------------------
+
+Verb = Literal["drain", "undrain", "restart", "stop"]
+AfterDrain = Literal["stop", "restart"]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Event: the operator asked (control API) to ``verb`` this server; a drain then does ``then``.
+
+    ``restart`` drains first and then restarts; ``stop`` stops at once. Delivered
+    in place of a Wait's tick, so every phase is between two of its own actions.
+    """
+
+    verb: Verb
+    then: AfterDrain = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRunning:
+    """Action: read the engine's ``sglang:num_running_reqs`` from ``url`` (its /metrics) within ``timeout_s``.
+
+    Answered by :class:`RunningRead` (or an exit or a stop meanwhile).
+    """
+
+    url: str
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRead:
+    """Event: the requests the engine runs now, or None (``why``) when it has no metrics or did not answer."""
+
+    running: int | None
+    why: str = ""
+
+
 # ---- what people see -------------------------------------------------------------------------------------
 
 
@@ -183,5 +223,5 @@ class Note:
     message: str
 
 
-Event = BareEvent | Refused | GpusRead | PortChecked | Spawned | Probed | EngineExited
-Action = BareAction | Wait | ReadGpus | CheckPort | Spawn | Probe | Publish | Note
+Event = BareEvent | Refused | GpusRead | PortChecked | Spawned | Probed | EngineExited | Command | RunningRead
+Action = BareAction | Wait | ReadGpus | CheckPort | Spawn | Probe | ReadRunning | Publish | Note

@@ -93,15 +93,10 @@ class SimulatedInventory:
 
     def read(self, indices: Sequence[int]) -> list[GpuReading]:
         used = self._used()
-        out = []
-        for i in indices:
-            if not 0 <= i < self.count:
-                raise LaunchError(
-                    f"GPU {i} does not exist: the simulated inventory has {self.count} GPUs "
-                    f"(gpu_inventory.count). Use indices 0-{self.count - 1} or raise the count."
-                )
-            out.append(GpuReading(i, min(used.get(i, 0), self.total_mib), self.total_mib))
-        return out
+        _check_indices(
+            indices, self.count, "the simulated inventory", "Use indices 0-{last} or raise gpu_inventory.count"
+        )
+        return [GpuReading(i, min(used.get(i, 0), self.total_mib), self.total_mib) for i in indices]
 
 
 class NvmlInventory:
@@ -123,13 +118,9 @@ class NvmlInventory:
         self._nvml = pynvml
 
     def read(self, indices: Sequence[int]) -> list[GpuReading]:
+        _check_indices(indices, self._count, "NVML on this host", "Fix the server's 'gpus' (as nvidia-smi shows them)")
         out = []
         for i in indices:
-            if not 0 <= i < self._count:
-                raise LaunchError(
-                    f"GPU {i} does not exist: NVML reports {self._count} GPUs on this host. "
-                    f"Fix the server's 'gpus' (indices as nvidia-smi shows them)."
-                )
             try:
                 handle = self._nvml.nvmlDeviceGetHandleByIndex(i)
                 info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -164,3 +155,10 @@ def make_inventory(config: GpuInventoryConfig) -> GpuInventory:
     if config.source == "simulated":
         return SimulatedInventory.from_config(config)
     return NvmlInventory()
+
+
+def _check_indices(indices: Sequence[int], count: int, source: str, fix: str) -> None:
+    """LaunchError naming the first GPU index that ``source`` (which has ``count`` GPUs) does not have."""
+    for i in indices:
+        if not 0 <= i < count:
+            raise LaunchError(f"GPU {i} does not exist: {source} reports {count} GPUs. {fix.format(last=count - 1)}.")

@@ -7,6 +7,12 @@
          |            v  |       v
          +-------- RESTARTING <--+ ---- too many restarts in the window --> FAILED
     any state but FAILED/STOPPED -- stop --> STOPPED;  refused (port, memory) --> FAILED
+    READY -- drain --> DRAINING -- no request left, or the drain timeout --> STOPPED or RESTARTING
+                          |  undrain --> READY;  exit --> RESTARTING
+
+DRAINING is asked for through the control API (control_api.py): the engine
+keeps running the requests it has and is published as DRAINING so clients route
+around it.
 
 Everything here is a function of (state, event, now): no clock, no sleep, no
 random source of its own, so it is tested in microseconds. The phases between
@@ -36,6 +42,7 @@ class ServerState(str, enum.Enum):
     WAITING_GPU = "WAITING_GPU"
     STARTING = "STARTING"
     READY = "READY"
+    DRAINING = "DRAINING"
     RESTARTING = "RESTARTING"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
@@ -46,7 +53,8 @@ S = ServerState
 _ALLOWED: dict[ServerState, frozenset[ServerState]] = {
     S.WAITING_GPU: frozenset({S.STARTING, S.FAILED, S.STOPPED}),
     S.STARTING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.RESTARTING, S.FAILED, S.STOPPED}),
+    S.READY: frozenset({S.DRAINING, S.RESTARTING, S.FAILED, S.STOPPED}),
+    S.DRAINING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPED}),
     S.RESTARTING: frozenset({S.WAITING_GPU, S.STARTING, S.FAILED, S.STOPPED}),
     S.FAILED: frozenset(),
     S.STOPPED: frozenset(),

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model_server.common.hosts import select_local_servers
 from model_server.common.threads import finish_all
@@ -38,9 +39,12 @@ from model_server.errors import ConfigError, LaunchError
 from model_server.launcher import processes as procs
 from model_server.launcher import rundir
 from model_server.launcher.command import LaunchCommand, build_command
+from model_server.launcher.events_file import EVENTS_FILE_NAME, EventLog
+from model_server.launcher.fleet_control import FleetControl
 from model_server.launcher.gpu import GpuInventory, make_inventory
 from model_server.launcher.gpu_memory import GpuReading, decide_gpus
 from model_server.launcher.lifecycle import ServerState
+from model_server.launcher.metrics import PipelineMetrics
 from model_server.launcher.redact import RedactingFilter, Redactor, Secret
 from model_server.launcher.status_file import (
     ServerStatus,
@@ -51,6 +55,9 @@ from model_server.launcher.status_file import (
     owner_tag,
 )
 from model_server.launcher.supervisor import LOG_DRAIN_S, Deps, ServerSupervisor
+
+if TYPE_CHECKING:
+    from model_server.launcher.control_server import ControlServer
 
 __all__ = ["STOP_SIGNALS", "DryRunCommand", "Pipeline", "Plan", "dry_run_commands", "fleet_redactor", "plan"]
 
@@ -105,6 +112,7 @@ def plan(config: str | os.PathLike[str] | None, host_ip: Sequence[str] = (), onl
 class DryRunCommand:
     """One server of a dry run: the command a real run would start now, or None where it would refuse.
 
+    ``basis`` says why.
 
     ``basis`` says where its ``--mem-fraction-static`` comes from: the GPUs'
     memory now, or idle GPUs when they are busy (a real run waits) or cannot be
@@ -161,9 +169,9 @@ def dry_run_commands(p: Plan, inventory: GpuInventory | None = None) -> list[Dry
     ]
 
 
-def fleet_redactor(fleet: Fleet, key: str | None) -> Redactor:
-    """The API key and the values of ``launch.secret_env`` (those set), as one Redactor."""
-    values = [key] if key else []
+def fleet_redactor(fleet: Fleet, key: str | None, control_key: str | None = None) -> Redactor:
+    """The API key, the control API's key and the values of ``launch.secret_env`` (those set), as one Redactor."""
+    values = [k for k in (key, control_key) if k]
     for name in fleet.launch.secret_env:
         value = os.environ.get(name)
         if value:
@@ -211,6 +219,7 @@ class Pipeline:
         self.policy = p.fleet.launch
         self._deps = deps
         self._signal: int | None = None  # set by the handler: no locks there
+        self._control_key: Secret | None = None
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop as on ``signum`` (from another thread, or a test)."""
@@ -230,8 +239,13 @@ class Pipeline:
         fleet = self.plan.fleet
         raw_key = fleet.api_key(required=True)
         key = Secret(raw_key) if raw_key else None
-        redactor = fleet_redactor(fleet, raw_key)
-        del raw_key
+        try:
+            raw_control_key = self.policy.control_key() if self.policy.control_port is not None else None
+        except ConfigError as err:
+            raise ConfigError(f"{fleet.source}: {err}") from err
+        self._control_key = Secret(raw_control_key) if raw_control_key else None
+        redactor = fleet_redactor(fleet, raw_key, raw_control_key)
+        del raw_key, raw_control_key
         handlers, filt = _install_filter(redactor)
         try:
             return self._run_redacted(key, redactor)
@@ -271,26 +285,35 @@ class Pipeline:
             meta={"pid": os.getpid(), "create_time": deps.create_time(os.getpid()), "config": fleet.source},
             redact=redactor.redact,
         )
-        supervisors: list[ServerSupervisor] = []
         at_stop: dict[str, ServerStatus] = {}
         drop = tuple(n for n in (fleet.api_key_env,) if n)
+        events = EventLog(status_file.parent / EVENTS_FILE_NAME, redact=redactor.redact)
         executor = ThreadPoolExecutor(max_workers=len(self.plan.servers), thread_name_prefix="supervise")
-        try:
-            for s in self.plan.servers:
-                supervisors.append(
-                    ServerSupervisor(
-                        s, policy, board, deps, rundir.log_path(policy, s.name),
-                        rundir.key_file_path(policy, s.name) if key else None, drop,
-                        key=key, redactor=redactor, tag=run_prefix + rundir.safe_name(s.name),
-                    )
-                )  # fmt: skip
-            log.info(
-                "serving %d server(s) from %s: %s; status in %s",
-                len(supervisors), fleet.source, ", ".join(s.name for s in self.plan.servers), status_file,
+
+        def supervise(s: ServerSpec) -> ServerSupervisor:
+            return ServerSupervisor(
+                s, policy, board, deps, rundir.log_path(policy, s.name),
+                rundir.key_file_path(policy, s.name) if key else None, drop,
+                key=key, redactor=redactor, tag=run_prefix + rundir.safe_name(s.name), events=events, metrics=metrics,
             )  # fmt: skip
-            futures = [executor.submit(sup.run) for sup in supervisors]
-            while self._signal is None and not all(f.done() for f in futures):
+
+        control = FleetControl(self.plan.servers, board, deps.inventory, executor, supervise)
+        metrics = PipelineMetrics(control.statuses, control.read_gpus)
+        events.listen(metrics.on_transition)
+        server = self._control_server(control, events, metrics)
+        try:
+            if server is not None:
+                server.start()
+            control.start_all()
+            log.info(
+                "serving %d server(s) from %s: %s; status in %s, events in %s",
+                len(self.plan.servers), fleet.source, ", ".join(s.name for s in self.plan.servers), status_file,
+                events.path,
+            )  # fmt: skip
+            while self._signal is None and not control.ended():
                 time.sleep(POLL_S)
+            control.close()
+            supervisors = control.supervisors()
             at_stop = {sup.spec.name: board.get(sup.spec.name) for sup in supervisors}
             if self._signal is not None:
                 log.info("signal %s: stopping %d server(s)", signal.Signals(self._signal).name, len(supervisors))
@@ -298,16 +321,31 @@ class Pipeline:
                 log.error("no server is left running (all FAILED): stopping")
             self._stop_all(supervisors, run_prefix)
             deadline = time.monotonic() + policy.stop_grace_s + policy.health_timeout_s + 15.0
-            finish_all(futures, deadline, "a supervisor thread")
+            finish_all(control.futures(), deadline, "a supervisor thread")
         finally:
-            self._stop_all(supervisors, run_prefix)  # again: a no-op unless an error skipped the stop above
+            control.close()
+            self._stop_all(control.supervisors(), run_prefix)  # again: a no-op unless an error skipped the stop above
+            if server is not None:
+                server.stop()
             executor.shutdown(wait=False, cancel_futures=True)
-            for sup in supervisors:
+            for sup in control.supervisors():
                 if sup.key_file is not None:
                     rundir.remove_key_file(sup.key_file)
             board.set_meta(stopped=time.time())
         _report_gpu_holders(deps, self.plan.servers, owner, "after the stop")
         return self._verdict(at_stop)
+
+    def _control_server(
+        self, control: FleetControl, events: EventLog, metrics: PipelineMetrics
+    ) -> ControlServer | None:
+        """The control API on this host's servers' address, if launch.control_port is set."""
+        if self.policy.control_port is None:
+            return None
+        from model_server.launcher.control_api import build_app  # noqa: PLC0415  (the web stack only when asked for)
+        from model_server.launcher.control_server import ControlServer  # noqa: PLC0415
+
+        app = build_app(control, events, metrics, self._control_key)
+        return ControlServer(app, self.plan.servers[0].host, self.policy.control_port)
 
     def _stop_all(self, supervisors: list[ServerSupervisor], run_prefix: str) -> None:
         """Every engine of this run: its process group and every process tagged with this run (workers that left)."""

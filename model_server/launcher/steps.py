@@ -15,6 +15,10 @@ The loop in supervisor.py reads the events and performs the actions
               port_settle_s, then one failed attempt of the restart budget (as a crash is)
     a failure: more than max_restarts in restart_window_s: FAILED (lifecycle.decide_after_failure)
     a stop, in any phase: Finished, STOPPED (FAILED stays FAILED)
+    Watching --drain/restart (control API)--> Draining --0 running, or drain_timeout_s--> Finished STOPPED,
+                                                 |                                  or GpuWait (RESTARTING)
+                                                 +--undrain--> Watching (READY)
+    a command arrives in place of a Wait's tick; :func:`command_refusal` says which state takes which
 
 The public state (:class:`~model_server.launcher.lifecycle.ServerState`, in the
 status file) changes only through :func:`~model_server.launcher.lifecycle.transition`,
@@ -37,6 +41,7 @@ from model_server.launcher.lifecycle import RestartHistory, ServerState, decide_
 __all__ = [
     "Settings",
     "Supervision",
+    "command_refusal",
     "exit_cause",
     "hang_bounds_s",
     "health_url",
@@ -50,15 +55,16 @@ PORT_POLL_S = 0.1
 READY_POLL_S = 0.25  # while an engine starts: a refused connection or a 503 costs nothing, so look often
 RECORD_WORKERS_EVERY_S = 5.0  # while an engine loads, how often its workers are looked up for the status file
 MIN_PROBE_TIMEOUT_S = 0.1
+DRAIN_POLL_S = 0.5  # while draining: how often the engine's running requests are read
 
 Steps = tuple["Supervision", tuple[ev.Action, ...]]
 TICK, KILL, RECORD = ev.BareEvent.TICK, ev.BareAction.KILL_ENGINE, ev.BareAction.RECORD_WORKERS
 
 
-def health_url(host: str, port: int) -> str:
-    """The readiness URL; a wildcard bind address is probed on loopback."""
+def health_url(host: str, port: int, path: str = "/health_generate") -> str:
+    """The readiness URL (or another ``path`` of the engine); a wildcard bind address is probed on loopback."""
     loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-    return server_url(loopback.get(host, host), port, "/health_generate")
+    return server_url(loopback.get(host, host), port, path)
 
 
 def hang_bounds_s(policy: LaunchPolicy) -> tuple[float, float]:
@@ -93,6 +99,10 @@ class Settings:
     @property
     def url(self) -> str:
         return health_url(self.policy.bind_host, self.spec.port)
+
+    @property
+    def metrics_url(self) -> str:
+        return health_url(self.policy.bind_host, self.spec.port, "/metrics")
 
 
 # ---- phases: where the supervision is, with its deadlines --------------------------------------------
@@ -150,6 +160,19 @@ class Watching:
 
 
 @dataclass(frozen=True, slots=True)
+class Draining:
+    """DRAINING: the engine ``pid`` finishes its requests; at none left or at ``deadline_s``, ``then`` is done.
+
+    ``told_no_metrics``: the log already says the engine has no metrics (so the drain lasts its whole timeout).
+    """
+
+    pid: int
+    then: ev.AfterDrain
+    deadline_s: float
+    told_no_metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Backoff:
     """After a failure: the next start may begin at ``until_s``."""
 
@@ -161,7 +184,7 @@ class Finished:
     """FAILED or STOPPED: no event changes anything any more."""
 
 
-Phase = Pending | GpuWait | PortWait | Spawning | Starting | Watching | Backoff | Finished
+Phase = Pending | GpuWait | PortWait | Spawning | Starting | Watching | Draining | Backoff | Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +387,95 @@ def _on_watching(state: Supervision, phase: Watching, event: ev.Event, now: floa
     return replace(state, phase=Watching(phase.pid, next_probe_s, failures)), (note, ev.Wait(next_probe_s))
 
 
+# ---- the operator's commands, and a drain --------------------------------------------------------------
+
+_RUNNING = (S.WAITING_GPU, S.STARTING, S.RESTARTING)
+
+
+def command_refusal(server: ServerState, verb: str) -> str | None:
+    """Why ``verb`` cannot be done to a server in state ``server`` now (None: it can), with what to do instead.
+
+    The control API asks this before it hands a command over (409 with this
+    text), and the step again when the command arrives (the state may have moved).
+    """
+    if server in (S.FAILED, S.STOPPED) and verb != "stop":
+        return f"it is {server.value}, so no engine runs to {verb}. Start it with POST /servers/<name>/start"
+    if verb == "stop":
+        return f"it is already {server.value}" if server in (S.FAILED, S.STOPPED) else None
+    if verb == "undrain":
+        return None if server is S.DRAINING else f"it is {server.value}, not DRAINING: there is no drain to undo"
+    if verb == "drain" and server is S.DRAINING:
+        return "it is already DRAINING. Undo that with POST /servers/<name>/undrain"
+    if server in _RUNNING:
+        return f"it is {server.value}: wait until it is READY, or stop it with POST /servers/<name>/stop"
+    return None
+
+
+def _on_command(state: Supervision, command: ev.Command, now: float) -> Steps:
+    """Do what the operator asked, where the state still allows it; else say why in the log and go on."""
+    refusal = command_refusal(state.server, command.verb)
+    if refusal is not None:
+        return state, (ev.Note("warning", f"{command.verb} ignored: {refusal}"), ev.Wait(now))
+    if command.verb == "stop":
+        return _finish(state, S.STOPPED, "stopped through the control API")
+    phase = state.phase
+    if command.verb == "undrain":
+        if not isinstance(phase, Draining):
+            raise _unexpected(state, command)
+        state, publish = _publish(replace(state, phase=Watching(phase.pid, now)), S.READY, "undrained")
+        return state, (publish, ev.Wait(now))
+    then: ev.AfterDrain = "restart" if command.verb == "restart" else command.then
+    if isinstance(phase, Draining):  # a restart of a server already draining: restart when it is drained
+        return replace(state, phase=replace(phase, then=then)), (ev.Note("info", f"once drained: {then}"), ev.Wait(now))
+    if not isinstance(phase, Watching):
+        raise _unexpected(state, command)
+    timeout_s = state.settings.policy.drain_timeout_s
+    draining = Draining(phase.pid, then, now + timeout_s)
+    state, publish = _publish(
+        replace(state, phase=draining), S.DRAINING, f"then {then}, within {timeout_s:g} s (launch.drain_timeout_s)"
+    )
+    return state, (publish, _read_running(state, draining, now))
+
+
+def _read_running(state: Supervision, phase: Draining, now: float) -> ev.ReadRunning:
+    timeout_s = max(MIN_PROBE_TIMEOUT_S, min(state.settings.policy.health_timeout_s, phase.deadline_s - now))
+    return ev.ReadRunning(state.settings.metrics_url, timeout_s)
+
+
+def _end_drain(state: Supervision, phase: Draining, why: str, now: float) -> Steps:
+    """Stop, or restart without counting against the crash budget (the operator asked for it)."""
+    if phase.then == "stop":
+        return _finish(state, S.STOPPED, f"drained ({why}); stopped through the control API")
+    state = replace(state, first_start=False)
+    state, publish = _publish(state, S.RESTARTING, f"drained ({why}); restart asked through the control API", **_GONE)
+    state, actions = _begin_gpu_wait(state, now)
+    return state, (KILL, publish, *actions)
+
+
+def _on_draining(state: Supervision, phase: Draining, event: ev.Event, now: float) -> Steps:
+    """Read the engine's running requests every DRAIN_POLL_S until none is left or the drain timeout passes."""
+    if isinstance(event, ev.EngineExited):
+        return _after_failure(state, exit_cause(event.returncode, event.log_tail), now)
+    timeout_s = state.settings.policy.drain_timeout_s
+    if event is TICK:
+        if now >= phase.deadline_s:
+            return _end_drain(state, phase, f"the drain timeout of {timeout_s:g} s passed", now)
+        return state, (_read_running(state, phase, now),)
+    if not isinstance(event, ev.RunningRead):
+        raise _unexpected(state, event)
+    if event.running == 0:
+        return _end_drain(state, phase, "no request running", now)
+    if now >= phase.deadline_s:
+        return _end_drain(state, phase, f"the drain timeout of {timeout_s:g} s passed", now)
+    actions: list[ev.Action] = []
+    if event.running is None and not phase.told_no_metrics:
+        note = f"cannot read its running requests ({event.why}): draining for the whole {timeout_s:g} s"
+        actions.append(ev.Note("warning", note))
+        phase = replace(phase, told_no_metrics=True)
+    actions.append(ev.Wait(min(now + DRAIN_POLL_S, phase.deadline_s)))
+    return replace(state, phase=phase), tuple(actions)
+
+
 def _on_backoff(state: Supervision, phase: Backoff, event: ev.Event, now: float) -> Steps:
     if event is not TICK:
         raise _unexpected(state, event)
@@ -390,6 +502,7 @@ _PHASES: dict[type, Callable[..., Steps]] = {
     Spawning: _on_spawning,
     Starting: _on_starting,
     Watching: _on_watching,
+    Draining: _on_draining,
     Backoff: _on_backoff,
 }
 
@@ -407,4 +520,6 @@ def step(state: Supervision, event: ev.Event, now: float) -> Steps:
         return _finish(state, S.STOPPED)
     if isinstance(event, ev.Refused):
         return _finish(state, S.FAILED, event.reason)
+    if isinstance(event, ev.Command):
+        return _on_command(state, event, now)
     return _PHASES[type(state.phase)](state, state.phase, event, now)

@@ -31,6 +31,7 @@ import random
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,12 @@ from model_server.errors import LaunchError
 from model_server.launcher import events as ev
 from model_server.launcher import processes as procs
 from model_server.launcher import rundir
+from model_server.launcher.engine_metrics import read_running_requests
+from model_server.launcher.events_file import EventLog
 from model_server.launcher.gpu import GpuInventory, gpu_processes
 from model_server.launcher.gpu_memory import GpuProcess, busy_gpus
 from model_server.launcher.lifecycle import ServerState
+from model_server.launcher.metrics import PipelineMetrics
 from model_server.launcher.redact import Redactor, Secret
 from model_server.launcher.status_file import StatusBoard, Worker
 from model_server.launcher.steps import PORT_SETTLE_S, Settings, Supervision, step
@@ -90,6 +94,7 @@ class Deps:
 
     inventory: GpuInventory
     probe: Callable[[str, float], tuple[bool, str]] = probe_health
+    read_running: Callable[[str, float, str | None], tuple[int | None, str]] = read_running_requests
     spawn: Callable[..., Any] = procs.spawn_engine
     kill_groups: Callable[..., Any] = procs.kill_groups
     port_in_use: Callable[[str, int], bool] = procs.port_in_use
@@ -112,7 +117,9 @@ class ServerSupervisor:
     ``key`` is the API key (a :class:`Secret`), written to ``key_file`` just
     before each spawn and removed once the engine answers or exits. ``tag``
     marks every process of this server's engines (processes.py); ``redactor``
-    cleans its log and every message it writes.
+    cleans its log and every message it writes. ``events`` records its
+    transitions (the log, and the pipeline's events file); ``metrics`` times
+    its probes. The control API hands it commands with :meth:`submit`.
     """
 
     def __init__(
@@ -128,6 +135,8 @@ class ServerSupervisor:
         key: Secret | None = None,
         redactor: Redactor | None = None,
         tag: str | None = None,
+        events: EventLog | None = None,
+        metrics: PipelineMetrics | None = None,
     ) -> None:
         self.spec = spec
         self.policy = policy
@@ -139,6 +148,9 @@ class ServerSupervisor:
         self.drop_env = tuple(drop_env)
         self.redactor = redactor or Redactor([key] if key else [])
         self.tag = tag
+        self.events = events or EventLog(redact=self.redactor.redact)
+        self.metrics = metrics
+        self._commands: deque[ev.Command] = deque()  # from the control API's threads; taken at a Wait
         self.state = S.WAITING_GPU
         self.port_settle_s = PORT_SETTLE_S
         self._stop = threading.Event()
@@ -148,6 +160,7 @@ class ServerSupervisor:
         self._workers: tuple[Worker, ...] = ()
         self._perform: dict[Any, Callable[[Any], ev.Event | None]] = {
             ev.ReadGpus: self._read_gpus, ev.CheckPort: self._check_port, ev.Spawn: self._spawn, ev.Probe: self._probe,
+            ev.ReadRunning: self._read_running,
             ev.Wait: self._wait, ev.Publish: self._publish, ev.Note: self._note,
             ev.BareAction.KILL_ENGINE: lambda _a: self._kill(),
             ev.BareAction.REMOVE_KEY_FILE: lambda _a: self._remove_key_file(),
@@ -168,6 +181,10 @@ class ServerSupervisor:
             self._stop.set()
             proc, self._proc = self._proc, None
             return proc
+
+    def submit(self, command: ev.Command) -> None:
+        """Hand the step a command (drain, restart, ...); it arrives at the next Wait, within WAIT_SLICE_S."""
+        self._commands.append(command)
 
     def owns_tag(self, tag: str) -> bool:
         return self.tag is not None and tag == self.tag
@@ -260,14 +277,24 @@ class ServerSupervisor:
         return ev.Spawned(proc.pid, self.deps.create_time(proc.pid))
 
     def _probe(self, action: ev.Probe) -> ev.Event:
+        began_s = self.deps.clock()
         ok, why = self.deps.probe(action.url, action.timeout_s)
+        if self.metrics is not None and self.state is S.READY:
+            self.metrics.observe_probe(self.spec.name, self.deps.clock() - began_s, ok)
         return self._interrupt() or ev.Probed(ok, why)
+
+    def _read_running(self, action: ev.ReadRunning) -> ev.Event:
+        key = self.key.value if self.key is not None else None
+        running, why = self.deps.read_running(action.url, action.timeout_s, key)
+        return self._interrupt() or ev.RunningRead(running, self.redactor.redact(why))
 
     def _wait(self, action: ev.Wait) -> ev.Event:
         while True:
             event = self._interrupt()
             if event is not None:
                 return event
+            if self._commands:
+                return self._commands.popleft()
             remaining_s = action.until_s - self.deps.clock()
             if remaining_s <= 0:
                 return ev.BareEvent.TICK
@@ -276,11 +303,9 @@ class ServerSupervisor:
     def _publish(self, action: ev.Publish) -> None:
         if action.new is not action.old:
             self.state = action.new
-            detail = self.redactor.redact(action.detail)
-            level = logging.ERROR if action.new is S.FAILED else logging.INFO
-            said = f" ({detail})" if detail else ""
-            log.log(level, "server %s: %s -> %s%s", self.spec.name, action.old.value, action.new.value, said)
         self.board.update(self.spec.name, **action.fields)
+        if action.new is not action.old:  # after the status file, so whoever reads the event finds the state there
+            self.events.record(self.spec.name, action.old, action.new, action.detail)
 
     def _note(self, action: ev.Note) -> None:
         level = logging.WARNING if action.level == "warning" else logging.INFO
@@ -319,7 +344,7 @@ class ServerSupervisor:
         """FAILED outside the step: only when the loop itself broke (a bug), after the engine was killed."""
         reason = self.redactor.redact(reason)
         if self.state not in (S.FAILED, S.STOPPED):
-            log.error("server %s: %s -> FAILED (%s)", self.spec.name, self.state.value, reason)
-            self.state = S.FAILED
+            old, self.state = self.state, S.FAILED
             gone = {"pid": None, "create_time": None, "pgid": None, "workers": ()}
             self.board.update(self.spec.name, state=S.FAILED.value, last_error=reason, **gone)
+            self.events.record(self.spec.name, old, S.FAILED, reason)

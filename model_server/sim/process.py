@@ -14,6 +14,7 @@ simulator tests run what the pipeline runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,11 @@ from model_server.launcher.command import build_command
 from model_server.sim.engine import DEFAULT_MEM_FRACTION
 
 __all__ = ["SimProcess", "free_port"]
+
+log = logging.getLogger(__name__)
+
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "Address already in use"
 
 _POLL_S = 0.05
 _HTTP_TIMEOUT_S = 5.0
@@ -73,10 +79,12 @@ class SimProcess:
         self.served_model_name = served_model_name
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self._port_chosen = port is None  # a free port we picked: another may take it before the sim binds it
         self.embedding = embedding
         self.api_key = api_key
         self.args = tuple(args)
         self._tmpdir: str | None = None
+        self._log_given = log_path is not None
         self.log_path = Path(log_path) if log_path is not None else None
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -120,9 +128,27 @@ class SimProcess:
         return list(build_command(spec, policy, DEFAULT_MEM_FRACTION, key_file=config_path).argv)
 
     def start(self, ready_timeout_s: float = 30.0, *, wait: bool = True) -> SimProcess:
-        """Spawn the server; with `wait` (default), poll /health until 200 (SimError with the log tail)."""
+        """Spawn the server; with `wait` (default), poll /health until 200 (SimError with the log tail).
+
+        A port this object chose itself may be taken by another process between the choice and the
+        sim's bind (tests start many servers at once): then it starts again on another free port.
+        """
         if self.process is not None:
             raise SimError(f"{self!r} was already started; create a new SimProcess")
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once(ready_timeout_s, wait)
+            except SimError as err:
+                if not (wait and self._port_chosen and attempt < PORT_ATTEMPTS and PORT_TAKEN in str(err)):
+                    raise
+                log.info("port %d was taken before the sim could bind it; starting on another", self.port)
+                self.process, self._saved_log = None, ""
+                if not self._log_given:
+                    self.log_path = None
+                self.port = free_port(self.host)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_once(self, ready_timeout_s: float, wait: bool) -> SimProcess:
         self._tmpdir = tempfile.mkdtemp(prefix="model-server-sim-")
         config_path = None
         if self.api_key is not None:
