@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -59,6 +59,10 @@ _MAX_TOKENS = (1 << 31) - 1  # SGLang's ints
 _MAX_GPU_INDEX = 1023
 SGLANG_MIN_HEALTH_TIMEOUT_S = 2.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# The bounded kinds of value the table is made of (pydantic's constraints, declared once).
+Seconds = Annotated[float, Field(gt=0, le=_DAY_S)]  # a duration: positive, at most a day
+Factor = Annotated[float, Field(gt=1, le=1e6)]  # a multiplier that must grow something
 SECRET_ENGINE_FLAGS = ("--api-key", "--admin-api-key")
 
 
@@ -214,7 +218,7 @@ class LaunchPolicy(_Strict):
     embedding_context_length: int | None = Field(default=32768, gt=0, le=_MAX_TOKENS)
     embedding_chunked_prefill_size: int | None = Field(default=4096, gt=0, le=_MAX_TOKENS)
     enable_metrics: bool = True
-    startup_timeout_s: float = Field(default=1800.0, gt=0, le=_DAY_S)
+    startup_timeout_s: Seconds = 1800.0
     health_interval_s: float = Field(default=10.0, gt=0, le=_HOUR_S)
     health_timeout_s: float = Field(default=25.0, gt=0, le=_HOUR_S)
     health_failures_to_restart: int = Field(default=3, ge=1, le=1000)
@@ -233,7 +237,7 @@ class LaunchPolicy(_Strict):
     control_port: int | None = Field(default=None, ge=1, le=65535)
     control_key_env: str | None = None
     # A drained server stops (or restarts) once its engine runs no request, or after this long at the latest.
-    drain_timeout_s: float = Field(default=120.0, gt=0, le=_DAY_S)
+    drain_timeout_s: Seconds = 120.0
 
     @field_validator("bind_host", "log_dir", "status_file", mode="before")
     @classmethod
@@ -301,25 +305,25 @@ class ClientPolicy(_Strict):
     """
 
     routing: RoutingPolicy = RoutingPolicy.p2c  # 1.45x fastest's throughput at 32 concurrent, equal at 1 (benchmarks)
-    initial_latency_s: float = Field(default=3.0, gt=0, le=86400)
+    initial_latency_s: Seconds = 3.0
     # After a probe round in which every replica timed out, the latency bound (the probe timeout) grows
     # by this factor, never past latency_bound_max_s.
-    probe_bound_growth: float = Field(default=20.0, gt=1, le=1e6)
+    probe_bound_growth: Factor = 20.0
     # A replica whose smoothed latency per output token grows past this x its own best is degraded:
     # routed to only when nothing better is left, and re-probed in the background.
-    degraded_latency_factor: float = Field(default=20.0, gt=1, le=1e6)
+    degraded_latency_factor: Factor = 20.0
     # The original's single knob (LATENCY_GROWING_RATE): sets both factors above unless they are given.
     # (Its third use, request timeout = rate x bound, is now the first-token and stall deadlines below.)
-    latency_growing_rate: float | None = Field(default=None, gt=1, le=1e6)
+    latency_growing_rate: Factor | None = None
     build_rounds: int = Field(default=3, ge=1, le=1000)  # probe rounds, the bound growing each time
     max_retry: int = Field(default=20, ge=1, le=100000)  # attempts per request, fallbacks included
-    request_timeout_floor_s: float = Field(default=5.0, gt=0, le=86400)
-    request_timeout_ceiling_s: float = Field(default=600.0, gt=0, le=86400)
-    connect_timeout_s: float = Field(default=3.0, gt=0, le=86400)
+    request_timeout_floor_s: Seconds = 5.0
+    request_timeout_ceiling_s: Seconds = 600.0
+    connect_timeout_s: Seconds = 3.0
     retry_backoff_initial_ms: float = Field(default=50.0, ge=0, le=3.6e6)
     retry_backoff_max_ms: float = Field(default=2000.0, ge=0, le=3.6e6)
     breaker_failures: int = Field(default=5, ge=1, le=100000)
-    breaker_cooldown_s: float = Field(default=30.0, gt=0, le=86400)
+    breaker_cooldown_s: Seconds = 30.0
     latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
     run_state_file: str | None = None  # JSON file whose is_running flag is cleared when a group dies
     # client helper: a whole call (every attempt and backoff) gives up after this long; None = only max_retry bounds it
@@ -330,18 +334,18 @@ class ClientPolicy(_Strict):
     # How long one call waits for *some* replica to start answering, across attempts, probe rounds and
     # backoffs (time spent receiving tokens from a replica does not count). A fleet restart shorter than
     # this costs latency, not an error.
-    wait_for_replica_s: float = Field(default=60.0, gt=0, le=86400)
+    wait_for_replica_s: Seconds = 60.0
     # The latency bound (probe timeout) grows after silent probe rounds, never past this.
-    latency_bound_max_s: float = Field(default=60.0, gt=0, le=86400)
+    latency_bound_max_s: Seconds = 60.0
     # Deadlines inside one attempt (see model_server/client/deadlines.py): the first token must arrive within
     # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
     # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.
-    first_token_timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)
-    first_token_timeout_ceiling_s: float = Field(default=60.0, gt=0, le=86400)
+    first_token_timeout_floor_s: Seconds = 1.0
+    first_token_timeout_ceiling_s: Seconds = 60.0
     first_token_timeout_factor: float = Field(default=10.0, ge=1, le=1e6)
     prefill_tokens_per_s: float = Field(default=2000.0, gt=0, le=1e9)
-    stall_timeout_floor_s: float = Field(default=2.0, gt=0, le=86400)
-    stall_timeout_ceiling_s: float = Field(default=60.0, gt=0, le=86400)
+    stall_timeout_floor_s: Seconds = 2.0
+    stall_timeout_ceiling_s: Seconds = 60.0
     stall_timeout_factor: float = Field(default=20.0, ge=1, le=1e6)
     # A stream broken after text arrived continues on another replica from the text received.
     resume_streams: bool = True

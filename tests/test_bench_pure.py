@@ -390,8 +390,8 @@ def test_cli_defaults_are_the_options_defaults():
 def test_raw_pool_brackets_an_ipv6_host_header():
     from model_server.bench.rawhttp import RawPool
 
-    assert RawPool("http://[::1]:30000/v1")._host_header == b"[::1]:30000"
-    assert RawPool("http://127.0.0.1:30000/v1")._host_header == b"127.0.0.1:30000"
+    assert RawPool("http://[::1]:30000/v1").host_header == b"[::1]:30000"
+    assert RawPool("http://127.0.0.1:30000/v1").host_header == b"127.0.0.1:30000"
 
 
 def test_steady_rate_ratio_ignores_one_stall_but_sees_falling_behind():

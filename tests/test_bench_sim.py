@@ -164,4 +164,4 @@ def test_raw_target_reuses_its_connection(zero_sim):
     plan = LoadPlan(concurrency=1, requests=10, request_timeout_s=10.0)
     outcome = asyncio.run(_closed(target, plan))
     assert all(r.ok for r in outcome.records), [r.error for r in outcome.records]
-    assert target._pool.opened <= 2, target._pool.opened
+    assert target.connections_opened <= 2, target.connections_opened

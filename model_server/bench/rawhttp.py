@@ -65,7 +65,7 @@ class RawPool:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self._idle: list[_Conn] = []
-        self._host_header = f"{host_for_url(self.host)}:{self.port}".encode()
+        self.host_header = f"{host_for_url(self.host)}:{self.port}".encode()
         self.opened = 0  # connections made so far (keep-alive reuse shows as opened << requests)
 
     async def _acquire(self) -> tuple[_Conn, bool]:
@@ -89,7 +89,7 @@ class RawPool:
             b"POST "
             + (self.prefix + path).encode()
             + b" HTTP/1.1\r\nHost: "
-            + self._host_header
+            + self.host_header
             + b"\r\nContent-Length: "
             + str(len(body)).encode()
             + b"\r\n"

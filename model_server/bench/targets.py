@@ -228,6 +228,11 @@ class RawTarget:
     def stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
         return self._stream(request)
 
+    @property
+    def connections_opened(self) -> int:
+        """Connections made so far: keep-alive reuse shows as far fewer than requests."""
+        return self._pool.opened
+
     async def aclose(self) -> None:
         await self._pool.aclose()
 
