@@ -18,6 +18,7 @@ from _waiting import wait_for
 
 from model_server.client import AsyncModelServer, GroupUnavailableError, ModelServer
 from model_server.client.replica_group import ProbeResult
+from model_server.errors import InvalidRequestError, RequestRejectedError, UnknownGroupError
 
 
 class FakeClock:
@@ -230,3 +231,63 @@ def test_async_probe_rounds_and_the_wait_for_them_keep_to_the_request_deadline()
 
     assert asyncio.run(asyncio.wait_for(main(), 15)) < 5
     assert seen and max(seen) <= 0.3
+
+
+def test_the_async_client_raises_a_bad_argument_where_the_call_is_awaited() -> None:
+    async def main() -> list[str]:
+        seen = []
+        async with AsyncModelServer(FLEET, prober=_afastest_first) as ms:
+            for call in (
+                lambda: ms.chat("no-such-group", MESSAGES),
+                lambda: ms.embed("8", None),
+                lambda: ms.get_completion_or_embedding("8", "not messages"),
+            ):
+                pending = call()  # as for any `async def`: nothing is raised until it is awaited
+                with pytest.raises((UnknownGroupError, InvalidRequestError, RequestRejectedError)):
+                    await pending
+                seen.append("raised on await")
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == ["raised on await"] * 3
+
+
+class _BreakingBody(httpx.SyncByteStream):
+    """A body that fails mid-read, and says whether it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"data": ['
+        raise httpx.ReadError("connection reset")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_embedding_attempt_that_fails_mid_read_frees_its_connection_before_the_backoff() -> None:
+    fleet = fleet_of(
+        {"7": ("embedding", [1, 2])}, routing="fastest", retry_backoff_initial_ms=100, retry_backoff_max_ms=100
+    )
+    broken: list[_BreakingBody] = []
+    vector = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 1:
+            broken.append(_BreakingBody())
+            return httpx.Response(200, headers={"content-type": "application/json"}, stream=broken[-1])
+        return httpx.Response(200, json=vector)
+
+    closed_at_backoff: list[bool] = []
+
+    def sleep(delay_s: float) -> None:
+        closed_at_backoff.append(all(b.closed for b in broken))
+
+    with ModelServer(fleet, transport=httpx.MockTransport(handler), prober=_fastest_first, sleep=sleep) as ms:
+        ms.warmup()
+        assert ms.embed("7", "hello") == [0.5, 0.25]
+    assert broken and closed_at_backoff == [True]  # not held open through the backoff and the next attempt

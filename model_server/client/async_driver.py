@@ -13,6 +13,7 @@ per loop, and ``await aclose()`` (or ``async with``) when done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -103,17 +104,21 @@ class AsyncModelServer(ClientBase):
                 if type(effect) is fx.Emit:
                     yield effect.text
                 else:
-                    await run.asettle(self._effects[type(effect)], effect)
+                    await run.asettle(self._effects[type(effect)], self, effect)
         finally:
             for stream in run.close():
-                await stream.response.aclose()
+                with contextlib.suppress(Exception):  # one that fails to close must not keep the others open
+                    await stream.response.aclose()
+            run.raise_cleanup_error()
 
     def _start_reprobe(self, g: ReplicaGroup) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream closed by the garbage collector, outside any loop: no re-probe now
+            return
         if self._core.closed or not g.try_start_reprobe():
             return
-        task = asyncio.get_running_loop().create_task(
-            self._finish(self._reprobe(g)), name=f"model-server-reprobe-{g.name}"
-        )
+        task = loop.create_task(self._finish(self._reprobe(g)), name=f"model-server-reprobe-{g.name}")
         self._reprobes.add(task)
         task.add_done_callback(self._reprobes.discard)
 

@@ -100,7 +100,7 @@ class ClientBase:
         )  # fmt: skip
         self._sleep = sleep or self._default_sleep
         self._prober = prober or self._default_prober
-        self._effects = effect_table(self, EFFECT_METHODS)
+        self._effects = effect_table(type(self), EFFECT_METHODS)
         self._connect(transport)
 
     # ---- the public methods (in the async client each returns an awaitable) ----------------
@@ -122,13 +122,13 @@ class ClientBase:
         Streamed under the hood, so a hung replica costs at most the first-token deadline and a
         broken answer is resumed elsewhere; the ChatCompletion (usage included) is the same.
         """
-        req = chat_request("chat", messages, params, self.policy)
-        return self._finish(self._chat(self._core.group(group, ServerKind.completion), req))
+        request = functools.partial(chat_request, "chat", messages, params, self.policy)
+        return self._finish(self._call(self._chat, group, ServerKind.completion, request))
 
     def embed(self, group: str | int, inputs: Any, **params: Any) -> Any:
         """One vector for one input (a string, or a list of token ids); a list of vectors for a batch."""
-        req = embed_request(inputs, params)
-        return self._finish(self._embed(self._core.group(group, ServerKind.embedding), req))
+        request = functools.partial(embed_request, inputs, params)
+        return self._finish(self._call(self._embed, group, ServerKind.embedding, request))
 
     def get_completion_or_embedding(
         self,
@@ -141,8 +141,9 @@ class ClientBase:
         """The original call shape: chat messages -> reply text; a string with get_embedding=True -> a vector."""
         if get_embedding:
             return self.embed(model_size, message)
-        req = chat_request("chat", message, {"temperature": temperature, "max_tokens": max_tokens}, self.policy)
-        return self._finish(self._chat_text(self._core.group(model_size, ServerKind.completion), req))
+        params = {"temperature": temperature, "max_tokens": max_tokens}
+        request = functools.partial(chat_request, "chat", message, params, self.policy)
+        return self._finish(self._call(self._chat_text, model_size, ServerKind.completion, request))
 
     def stream_chat(self, group: str | int, messages: list[dict[str, Any]], **params: Any) -> Any:
         """The text chunks of a streamed reply (a ChatStream; AsyncChatStream for ``async for``).
@@ -181,6 +182,15 @@ class ClientBase:
 
     # ---- flows: calls ---------------------------------------------------------------------------
 
+    def _call(self, flow: Callable[..., Flow], group: str | int, kind: ServerKind, request: Callable[[], Any]) -> Flow:
+        """Check the arguments and the group, then run ``flow``.
+
+        Inside the flow, so that the async client raises a bad argument where the call is awaited
+        (as an ``async def`` does); the sync one raises it at the call, as before.
+        """
+        req = request()
+        return (yield from flow(self._core.group(group, kind), req))
+
     def _warmup(self, groups: Sequence[str] | None) -> Flow:
         built = self._core.warmup_groups(groups)
         found = yield Concurrently({name: self._build(g) for name, g in built.items()})
@@ -212,7 +222,11 @@ class ClientBase:
         deadline = Deadline.after(call.timeout_s, "answer", spec.name)
         headers = self._core.headers(req.headers)
         stream = yield Send(spec.base_url + "/embeddings", req.encoded(spec), headers, req.query, deadline)
-        raw = yield Read(stream, deadline, whole=True)
+        try:
+            raw = yield Read(stream, deadline, whole=True)
+        except Exception:
+            yield Close(stream)  # now: not held through the backoff and the next attempts
+            raise
         if stream.status_code >= 400:
             raise self._core.http_error(stream.status_code, raw)
         return embedding_vectors(parse_event(raw.decode("utf-8", "replace")), req.count), None
@@ -332,22 +346,23 @@ class ClientBase:
         tally.started(opened.first_at)
         broken: BaseException | None = None
         try:
-            if opened.first:
-                yield Emit(opened.first)
-            if not opened.ended:
-                yield from self._rest(opened, tally, assembly)
-            tally.ended()
-        except Exception as err:
-            if self._core.ends_whole(assembly, err):
+            try:
+                if opened.first:
+                    yield Emit(opened.first)
+                if not opened.ended:
+                    yield from self._rest(opened, tally, assembly)
                 tally.ended()
-            else:
-                broken = tally.broke(err)
-                if broken is None:
-                    raise
-        finally:  # also when the caller stops early (the driver closes the stream itself then)
+            except Exception as err:
+                if self._core.ends_whole(assembly, err):
+                    tally.ended()
+                else:
+                    broken = tally.broke(err)
+                    if broken is None:
+                        raise
+            yield Close(opened.stream)  # before the lease goes back: the replica is done with it
+        finally:  # also when the caller stops early (then the driver closes the stream, just after)
             if tally.release(state, assembly.segment_tokens_so_far):
                 self._start_reprobe(g)
-        yield Close(opened.stream)
         return broken
 
     def _rest(self, opened: OpenedSegment, tally: SegmentTally, assembly: StreamAssembly) -> Flow:

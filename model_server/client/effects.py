@@ -153,6 +153,7 @@ class FlowRun:
     _error: BaseException | None = None
     _done: bool = False
     _last: Any = None
+    cleanup_error: Exception | None = None
 
     def __iter__(self) -> FlowRun:
         return self
@@ -171,36 +172,51 @@ class FlowRun:
         self._last = effect
         return effect
 
-    def settle(self, perform: Callable[[Any], Any], effect: Any) -> None:
-        """Perform ``effect``; its result, or its exception, goes to the flow on the next step."""
+    def settle(self, perform: Callable[[Any, Any], Any], driver: Any, effect: Any) -> None:
+        """``perform(driver, effect)``; its result, or its exception, goes to the flow on the next step."""
         try:
-            self.result = perform(effect)
+            self.result = perform(driver, effect)
         except BaseException as err:  # thrown into the flow, which releases what it holds and re-raises
             self._error = err
 
-    async def asettle(self, perform: Callable[[Any], Any], effect: Any) -> None:
+    async def asettle(self, perform: Callable[[Any, Any], Any], driver: Any, effect: Any) -> None:
         """:meth:`settle` for a driver whose effects are coroutines."""
         try:
-            self.result = await perform(effect)
+            self.result = await perform(driver, effect)
         except BaseException as err:
             self._error = err
 
     def close(self) -> list[Any]:
-        """End the flow if it is still running; the streams to close (those it did not close itself)."""
+        """End the flow if it is still running; the streams to close (those it did not close itself).
+
+        The streams are listed even when the flow's own clean-up raised: that error waits in
+        ``cleanup_error`` until the driver has closed them (:meth:`raise_cleanup_error`).
+        """
         if not self._done:
             self._done = True
-            self.flow.close()
+            try:
+                self.flow.close()
+            except Exception as err:  # raised by the driver once it has closed the streams
+                self.cleanup_error = err
         left, self.opened = [s for s in self.opened if not is_closed(s)], []
         return left
+
+    def raise_cleanup_error(self) -> None:
+        if self.cleanup_error is not None:
+            raise self.cleanup_error
 
 
 def is_closed(stream: OpenStream) -> bool:
     return bool(stream.response.is_closed)
 
 
-def effect_table(owner: Any, names: Mapping[type, str]) -> dict[type, Callable[[Any], Any]]:
-    """``{effect type: owner's bound method}``: the dispatch table a driver performs effects through."""
-    return {kind: getattr(owner, name) for kind, name in names.items()}
+def effect_table(driver: type, names: Mapping[type, str]) -> dict[type, Callable[[Any, Any], Any]]:
+    """``{effect type: the driver class's function}``: what a driver performs each effect with.
+
+    Functions of the class, not bound methods of an instance, so that a client holds no
+    reference cycle to itself (one dropped without ``close()`` frees its pool at once).
+    """
+    return {kind: getattr(driver, name) for kind, name in names.items()}
 
 
 EFFECT_METHODS: Mapping[type, str] = {

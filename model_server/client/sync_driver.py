@@ -23,6 +23,7 @@ re-probes, ``time.sleep`` for backoffs.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -127,10 +128,12 @@ class ModelServer(ClientBase):
                 if type(effect) is fx.Emit:
                     yield effect.text
                 else:
-                    run.settle(self._effects[type(effect)], effect)
+                    run.settle(self._effects[type(effect)], self, effect)
         finally:
             for stream in run.close():
-                stream.response.close()
+                with contextlib.suppress(Exception):  # one that fails to close must not keep the others open
+                    stream.response.close()
+            run.raise_cleanup_error()
 
     def _start_reprobe(self, g: ReplicaGroup) -> None:
         with self._reprobes_lock:  # closed is checked, and the thread started, under close()'s lock
@@ -140,7 +143,12 @@ class ModelServer(ClientBase):
                 target=self._reprobe_thread, args=(g,), name=f"model-server-reprobe-{g.name}", daemon=True
             )
             self._reprobes.add(thread)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as err:  # "can't start new thread": the caller's request must not pay for it
+                self._reprobes.discard(thread)
+                g.end_reprobe()
+                log.warning("could not start a background re-probe of group '%s': %s", g.name, err)
 
     def _reprobe_thread(self, g: ReplicaGroup) -> None:
         try:
