@@ -84,9 +84,17 @@ def fleet_of(groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fa
             lines.append(f"{key} = {str(value).lower()}")
         else:
             lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    return parse_fleet("\n".join(lines) + "\n" + servers_toml(groups), source="<test fleet>")
+
+
+def servers_toml(groups: dict[str, tuple[str, Sequence[int]]], *, gpus: bool = False) -> str:
+    """The ``[[servers]]`` entries of {group: (kind, ports)}: replicas named <group>-<i> (one GPU each with ``gpus``)."""
+    lines: list[str] = []
+    gpu = 0
     for group, (kind, ports) in groups.items():
         model = "emb" if kind == "embedding" else "chat"
         for i, port in enumerate(ports):
+            gpu += 1
             lines += [
                 "",
                 "[[servers]]",
@@ -97,8 +105,9 @@ def fleet_of(groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fa
                 f"port = {port}",
                 'model = "sim/test-model"',
                 f'served_model_name = "{model}"',
+                *([f"gpus = [{gpu}]"] if gpus else []),
             ]
-    return parse_fleet("\n".join(lines) + "\n", source="<test fleet>")
+    return "\n".join(lines) + "\n"
 
 
 def dead_ports(n: int) -> list[int]:

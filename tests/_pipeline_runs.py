@@ -132,17 +132,16 @@ class Run:
         return kids
 
     def wait(self, predicate: Callable[[dict[str, dict]], bool], what: str, timeout_s: float = 60.0) -> dict[str, dict]:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def reached() -> dict[str, dict] | None:
             servers = self.servers()
             self.tree()
-            if servers and predicate(servers):
-                return servers
             if self.proc.poll() is not None:
                 pytest.fail(f"the pipeline exited ({self.proc.returncode}) while waiting for {what}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not reached in {timeout_s} s; status {json.dumps(servers)}\n{self.output()}")
-            time.sleep(0.05)
+            return servers if servers and predicate(servers) else None
+
+        return wait_for(
+            reached, timeout_s, lambda: f"{what}; status {json.dumps(self.servers())}\n{self.output()}", 0.05
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         self.proc.send_signal(sig)

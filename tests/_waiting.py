@@ -10,14 +10,20 @@ T = TypeVar("T")
 
 
 def wait_for(
-    condition: Callable[[], T], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02
+    condition: Callable[[], T],
+    timeout_s: float = 30.0,
+    what: str | Callable[[], str] = "condition",
+    interval_s: float = 0.02,
 ) -> T:
-    """``condition()``'s first truthy value; AssertionError naming ``what`` once ``timeout_s`` has passed."""
+    """``condition()``'s first truthy value; AssertionError naming ``what`` once ``timeout_s`` has passed.
+
+    ``what`` may be a function: it is called at the deadline, to show the state that was not reached.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
         time.sleep(interval_s)

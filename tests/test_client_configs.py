@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _client_sims import dead_ports, fleet_of, sims_running
+from _client_sims import dead_ports, fleet_of, servers_toml, sims_running
 
 import client_configs
 from client_configs import INF, Server, get_all_latency, get_fastest_server, get_running_server_sizes
@@ -18,24 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _toml(groups: dict[str, tuple[str, list[int]]]) -> str:
-    lines = []
-    gpu = 0
-    for group, (kind, ports) in groups.items():
-        for i, port in enumerate(ports):
-            gpu += 1
-            lines += [
-                "[[servers]]",
-                f'name = "{group}-{i}"',
-                f'group = "{group}"',
-                f'kind = "{kind}"',
-                'host = "127.0.0.1"',
-                f"port = {port}",
-                'model = "sim/test-model"',
-                f'served_model_name = "{"emb" if kind == "embedding" else "chat"}"',
-                f"gpus = [{gpu}]",
-                "",
-            ]
-    return "\n".join(lines)
+    return servers_toml(groups, gpus=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from _waiting import wait_for
 
 from model_server.common import fleet_choice
 from model_server.common.fleet_choice import (
@@ -313,16 +313,20 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
             pass
 
     try:
-        deadline = time.monotonic() + 90.0  # each sim refuses connections until loaded; 2 busy cores
-        while not all(_status(status_file, proc.pid).get(n, {}).get("state") == "READY" for n in names):
+
+        def all_ready() -> bool:
             tree()
             assert proc.poll() is None, (
                 f"the pipeline exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}"
             )
-            assert time.monotonic() < deadline, (
-                f"not READY in 90 s: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}"
-            )
-            time.sleep(0.2)
+            return all(_status(status_file, proc.pid).get(n, {}).get("state") == "READY" for n in names)
+
+        wait_for(  # each sim refuses connections until loaded; 2 busy cores
+            all_ready,
+            90.0,
+            lambda: f"READY: {_status(status_file, proc.pid)}\n{log.read_text(errors='replace')[-4000:]}",
+            0.2,
+        )
         tree()
         # The README's quick start, in its order: the client call of its second shell, as printed there.
         call = _readme_quick_start_call()
@@ -338,10 +342,7 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
         assert (tmp_path / "logs").is_dir() and status_file.is_file()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, log.read_text(errors="replace")[-4000:]
-        deadline = time.monotonic() + 20.0
-        while alive := _alive(seen):
-            assert time.monotonic() < deadline, f"processes left after the stop: {alive}"
-            time.sleep(0.1)
+        wait_for(lambda: not _alive(seen), 20.0, lambda: f"no process left after the stop: {_alive(seen)}", 0.1)
     finally:
         tree()
         if proc.poll() is None:

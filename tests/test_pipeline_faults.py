@@ -153,14 +153,15 @@ def test_a_port_taken_during_a_restart_is_retried_with_backoff_until_free(tmp_pa
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the probes' connections linger in TIME_WAIT
     try:
         os.kill(old, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while True:  # take the port the moment the engine lets go of it (its restart waits >= 0.5 s)
+
+        def took_port() -> bool:  # the moment the engine lets go of it (its restart waits >= 0.5 s)
             try:
                 blocker.bind(("127.0.0.1", port))
-                break
             except OSError:
-                assert time.monotonic() < deadline, "the killed engine never released its port"
-                time.sleep(0.005)
+                return False
+            return True
+
+        wait_for(took_port, 5, "the killed engine to release its port", 0.005)
         blocker.listen()
 
         def port_retried(s: dict) -> bool:

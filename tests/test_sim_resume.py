@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from _waiting import wait_for
 
 from model_server.sim.process import SimProcess
 
@@ -186,10 +186,7 @@ def test_stall_after_tokens_keeps_the_stream_open_and_silent(server: SimProcess)
         with pytest.raises(httpx.ReadTimeout):
             events.more()  # nothing more, but no end either
     # the client went away: the stalled request leaves the running batch
-    deadline = time.monotonic() + 5
-    while server.stats()["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.stats()["running"] == 0
+    wait_for(lambda: server.stats()["running"] == 0, 5, "the stalled request to leave the running batch")
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
     assert re.search(r"^sglang:num_aborted_requests_total\{[^}]*\} [1-9]", metrics, re.M)  # counted as aborted
     url = server.base_url + "/chat/completions"

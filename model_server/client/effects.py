@@ -25,7 +25,6 @@ __all__ = [
     "Close",
     "Concurrently",
     "Deadline",
-    "Effect",
     "Emit",
     "Flow",
     "FlowRun",
@@ -131,9 +130,6 @@ class Emit:
     """Give the caller this piece of a streamed answer; the flow goes on when the caller asks for more."""
 
     text: str
-
-
-Effect = Send | Read | Close | Sleep | LockProbes | ProbeReplicas | Concurrently | Emit
 
 
 @dataclass
