@@ -24,6 +24,36 @@ from model_server.sim.process import SimProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ZERO_LATENCY = ("--ttft-ms", "0", "--tpot-ms", "0", "--ttft-per-prompt-token-ms", "0")
+
+# The benchmarks that run the real launch pipeline (failover, rolling restart): fast sims, fast health checks,
+# and a client tuned to the same scale.
+PIPELINE_SIM_ARGS = ["--ttft-ms", "20", "--tpot-ms", "2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0"]
+PIPELINE_LAUNCH: dict[str, Any] = {
+    "engine": "sim",
+    "bind_host": "127.0.0.1",
+    "gpu_free_threshold_mib": 10000,
+    "gpu_poll_interval_s": 0.5,
+    "startup_timeout_s": 60,
+    "health_interval_s": 1.0,
+    "health_timeout_s": 1.0,
+    "health_failures_to_restart": 2,
+    "restart_backoff_initial_s": 0.2,
+    "restart_backoff_max_s": 2,
+    "max_restarts": 10,
+    "restart_window_s": 300,
+    "stop_grace_s": 3,
+}
+PIPELINE_CLIENT: dict[str, Any] = {
+    "initial_latency_s": 2.0,
+    "request_timeout_floor_s": 2.0,
+    "request_timeout_ceiling_s": 10.0,
+    "connect_timeout_s": 1.0,
+    "retry_backoff_initial_ms": 20,
+    "retry_backoff_max_ms": 500,
+    "breaker_failures": 3,
+    "breaker_cooldown_s": 2.0,
+    "max_retry": 20,
+}
 console = Console(width=150)
 
 

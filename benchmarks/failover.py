@@ -56,33 +56,9 @@ RATE = 20.0  # non-streamed chat, the original application's call shape
 STREAM_RATE = 5.0  # streamed chat alongside
 LOAD_S = 40.0
 KILL_AT_S, STOP_AT_S = 10.0, 20.0
-SIM_ARGS = ["--ttft-ms", "20", "--tpot-ms", "2", "--ttft-per-prompt-token-ms", "0", "--health-generate-s", "0"]
-LAUNCH = {
-    "engine": "sim",
-    "bind_host": "127.0.0.1",
-    "gpu_free_threshold_mib": 10000,
-    "gpu_poll_interval_s": 0.5,
-    "startup_timeout_s": 60,
-    "health_interval_s": 1.0,
-    "health_timeout_s": 1.0,
-    "health_failures_to_restart": 2,
-    "restart_backoff_initial_s": 0.2,
-    "restart_backoff_max_s": 2,
-    "max_restarts": 10,
-    "restart_window_s": 300,
-    "stop_grace_s": 3,
-}
-CLIENT = {
-    "initial_latency_s": 2.0,
-    "request_timeout_floor_s": 2.0,
-    "request_timeout_ceiling_s": 10.0,
-    "connect_timeout_s": 1.0,
-    "retry_backoff_initial_ms": 20,
-    "retry_backoff_max_ms": 500,
-    "breaker_failures": 3,
-    "breaker_cooldown_s": 2.0,
-    "max_retry": 20,
-}
+SIM_ARGS = _common.PIPELINE_SIM_ARGS
+LAUNCH = _common.PIPELINE_LAUNCH
+CLIENT = _common.PIPELINE_CLIENT
 
 
 class StatusWatcher(threading.Thread):

@@ -63,6 +63,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The bounded kinds of value the table is made of (pydantic's constraints, declared once).
 Seconds = Annotated[float, Field(gt=0, le=_DAY_S)]  # a duration: positive, at most a day
 Factor = Annotated[float, Field(gt=1, le=1e6)]  # a multiplier that must grow something
+DEFAULT_CONTROL_KEY_ENV = "MODEL_SERVER_CONTROL_KEY"
 SECRET_ENGINE_FLAGS = ("--api-key", "--admin-api-key")
 
 
@@ -235,9 +236,16 @@ class LaunchPolicy(_Strict):
     # The control API (launcher/control_api.py): off unless a port is given; it listens on this host's servers'
     # address. Its write routes need the key in the variable control_key_env names (never the key itself here).
     control_port: int | None = Field(default=None, ge=1, le=65535)
-    control_key_env: str | None = None
+    # Without the field, MODEL_SERVER_CONTROL_KEY is the variable, and the write routes are off while it is unset.
+    control_key_env: str | None = DEFAULT_CONTROL_KEY_ENV
     # A drained server stops (or restarts) once its engine runs no request, or after this long at the latest.
     drain_timeout_s: Seconds = 120.0
+    # A drained server keeps serving at least this long, so that clients reading the control API (every
+    # client.control_refresh_s) hear of the drain before it stops: requests sent meanwhile still finish.
+    drain_notice_s: float = Field(default=2.0, ge=0, le=_HOUR_S)
+    # The dashboard (GET / of the control API) also shows what these clients see of each replica: the URLs of
+    # their Prometheus endpoints (a ModelServer with metrics_registry=..., served by prometheus_client).
+    dashboard_client_metrics: tuple[str, ...] = ()
 
     @field_validator("bind_host", "log_dir", "status_file", mode="before")
     @classmethod
@@ -256,23 +264,41 @@ class LaunchPolicy(_Strict):
             _env_name(name)
         return names
 
+    @field_validator("dashboard_client_metrics")
+    @classmethod
+    def _metrics_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+                raise ValueError(
+                    f"has {url!r}, not a URL: give each client's metrics endpoint as http://host:port/metrics"
+                )
+        return urls
+
     @field_validator("control_key_env")
     @classmethod
     def _control_key_env_name(cls, name: str | None) -> str | None:
         return None if name is None else _env_name(name)
 
-    def control_key(self) -> str | None:
-        """The control API's key from the variable ``control_key_env`` names; ConfigError if it names an unset one."""
+    def control_key(self, fix: str = "", *, required: bool | None = None) -> str | None:
+        """The control API's key from the variable ``control_key_env`` names, or None.
+
+        An unset variable is a ConfigError when ``required`` (by default: when the table names the
+        variable itself; MODEL_SERVER_CONTROL_KEY, the default, may be unset: the write routes are then off).
+        ``fix``: what the message tells to do (default: what a pipeline about to start needs).
+        """
         if not self.control_key_env:
             return None
         value = os.environ.get(self.control_key_env, "")
-        if not value:
+        if required is None:
+            required = "control_key_env" in self.model_fields_set
+        if not value and required:
             raise ConfigError(
                 f"field 'launch.control_key_env' names the environment variable {self.control_key_env}, which is "
-                f"unset or empty, so the control API's write routes could not be used. Fix: export "
-                f"{self.control_key_env}=<a long random key> before starting, or remove 'control_key_env'"
-            )
-        return value
+                f"unset or empty in this shell, so the control API's write routes could not be used. Fix: "
+                + (fix or f"export {self.control_key_env}=<a long random key> before starting, or remove "
+                   f"'control_key_env'")
+            )  # fmt: skip
+        return value or None
 
     @field_validator("mem_fraction_policy")
     @classmethod
@@ -337,6 +363,10 @@ class ClientPolicy(_Strict):
     wait_for_replica_s: Seconds = 60.0
     # The latency bound (probe timeout) grows after silent probe rounds, never past this.
     latency_bound_max_s: Seconds = 60.0
+    # With launch.control_port set, the client reads every host's control API this often (a background
+    # thread, never on a request's path) and sends requests only to replicas the pipeline says are READY;
+    # a control API that does not answer is ignored (the client's own probes decide). 0 turns this off.
+    control_refresh_s: float = Field(default=1.0, ge=0, le=3600)
     # Deadlines inside one attempt (see model_server/client/deadlines.py): the first token must arrive within
     # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
     # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.

@@ -142,13 +142,13 @@ class StreamInterruptedError(ClientError):
     def __init__(
         self, group: str, replica: str, text: str, cause: str, why_not_resumed: str = "", resumes: int = 0
     ) -> None:
-        self.group = group
-        self.replica = replica
-        self.text = text
-        self.why_not_resumed = why_not_resumed
-        self.resumes = resumes
         why = f" It was not resumed: {why_not_resumed}." if why_not_resumed else ""
         super().__init__(
             f"the stream from replica {replica} of group '{group}' broke after {len(text)} characters ({cause}).{why} "
             f"The text received so far is in .text; send the request again to get a whole answer."
         )
+        self.group = group
+        self.replica = replica
+        self.text = text
+        self.why_not_resumed = why_not_resumed
+        self.resumes = resumes

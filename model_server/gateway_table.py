@@ -15,16 +15,18 @@ chat request to a chat replica and an embedding to an embedding replica.
 Knob names are the gateway's own (``retry_max_retries``,
 ``cb_timeout_duration_secs``, ...), so its documentation applies as is; a
 knob left out takes a default derived from the table (see settings.py), else
-the gateway's own default.
+the gateway's own default. The knobs that end in ``_s`` are model-server's:
+how the gateway process is supervised, and ``sync_interval_s``, how often its
+worker list follows the pipelines' control APIs (gateway/sync.py).
 """
 
 from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = ["GatewayPolicy", "GatewaySpec"]
 
@@ -32,7 +34,60 @@ _HOUR_S = 3600.0
 _DAY_S = 86400.0
 _MONTH_S = 30 * 86400.0
 _U32 = (1 << 32) - 1
+MIN_SYNC_INTERVAL_S = 0.1
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _group_as_text(value: Any) -> Any:
+    # The original keyed groups by model size: group = 8 means "8" (as in [[servers]]).
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _stripped(value)
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("contains a NUL character, which no name, host or path can hold: remove it")
+    return value
+
+
+def _a_file_name(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@:-]*", value):
+        raise ValueError(
+            f"is {value!r}: a gateway's name also names its log file, so use letters, digits and . _ @ : - "
+            f"(starting with a letter or digit)"
+        )
+    return value
+
+
+def _a_worker_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ValueError(f"is {value!r}: give a path on the workers, such as /health")
+    return value
+
+
+def _an_env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError(
+            f"holds {value!r}, which is not an environment variable name (letters, digits and _, not starting "
+            f"with a digit). Give the NAME of the variable that holds the key, never the key"
+        )
+    return value
+
+
+# The entry's kinds of text, each checked where it is declared. None holds a NUL character; names and hosts lose
+# surrounding spaces; a host (like a group) is never empty. (A Field constraint put before the validators applies
+# to the stripped text.)
+_NO_NUL = AfterValidator(_no_nul)
+_Name = Annotated[str, BeforeValidator(_stripped), _NO_NUL, AfterValidator(_a_file_name)]
+_Group = Annotated[str, Field(min_length=1), BeforeValidator(_group_as_text), _NO_NUL]
+_Host = Annotated[str, Field(min_length=1), BeforeValidator(_stripped), _NO_NUL]
+_WorkerPath = Annotated[str, _NO_NUL, AfterValidator(_a_worker_path)]
+_EnvName = Annotated[str, AfterValidator(_an_env_name)]
 
 
 class GatewayPolicy(str, Enum):
@@ -49,16 +104,16 @@ class GatewaySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = ""  # defaults to "gateway-<group>"
-    group: str = Field(min_length=1)
-    host: str = Field(default="127.0.0.1", min_length=1)  # bind address; 0.0.0.0 to serve other hosts
+    name: _Name = ""  # defaults to "gateway-<group>"
+    group: _Group
+    host: _Host = "127.0.0.1"  # bind address; 0.0.0.0 to serve other hosts
     port: int = Field(ge=1, le=65535)
     policy: GatewayPolicy = GatewayPolicy.cache_aware
     # The NAME of the variable holding the gateway's own key (what its clients send). Unset: the fleet's
     # api_key_env, so the gateway asks its clients for the key the engines ask it for.
-    api_key_env: str | None = None
+    api_key_env: _EnvName | None = None
     # Prometheus endpoint; host defaults to `host`, port to port + 1.
-    prometheus_host: str | None = Field(default=None, min_length=1)
+    prometheus_host: _Host | None = None
     prometheus_port: int | None = Field(default=None, ge=1, le=65535)
     log_level: Literal["debug", "info", "warn", "error"] = "info"
 
@@ -86,7 +141,7 @@ class GatewaySpec(BaseModel):
 
     # ---- the gateway's health checks of its workers: default from [launch] health_interval_s and
     # health_failures_to_restart (SGLang's cheap /health, not /health_generate) ----------------------------------
-    health_check_endpoint: str = "/health"
+    health_check_endpoint: _WorkerPath = "/health"
     health_check_interval_secs: int | None = Field(default=None, ge=1, le=int(_HOUR_S))
     health_check_timeout_secs: int | None = Field(default=None, ge=1, le=int(_HOUR_S))
     health_failure_threshold: int | None = Field(default=None, ge=1, le=1000)
@@ -112,52 +167,11 @@ class GatewaySpec(BaseModel):
     restart_window_s: float | None = Field(default=None, gt=0, le=_MONTH_S)
     stop_grace_s: float | None = Field(default=None, ge=0, le=_HOUR_S)  # also the gateway's own shutdown grace
 
-    @field_validator("group", mode="before")
-    @classmethod
-    def _group_as_text(cls, value: Any) -> Any:
-        # The original keyed groups by model size: group = 8 means "8" (as in [[servers]]).
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        return value.strip() if isinstance(value, str) else value
-
-    @field_validator("name", "host", "prometheus_host", mode="before")
-    @classmethod
-    def _strip(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value
-
-    @field_validator("name", "group", "host", "prometheus_host", "health_check_endpoint")
-    @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        if value is not None and "\0" in value:
-            raise ValueError("contains a NUL character, which no name, host or path can hold: remove it")
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_file_name(cls, value: str) -> str:
-        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@:-]*", value):
-            raise ValueError(
-                f"is {value!r}: a gateway's name also names its log file, so use letters, digits and . _ @ : - "
-                f"(starting with a letter or digit)"
-            )
-        return value
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME.match(value):
-            raise ValueError(
-                f"holds {value!r}, which is not an environment variable name (letters, digits and _, not starting "
-                f"with a digit). Give the NAME of the variable that holds the key, never the key"
-            )
-        return value
-
-    @field_validator("health_check_endpoint")
-    @classmethod
-    def _endpoint_is_a_path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError(f"is {value!r}: give a path on the workers, such as /health")
-        return value
+    # ---- the worker list follows the control plane (with [launch] control_port) -----------------------------
+    # Read every host's GET /status this often and keep exactly the READY replicas as workers (a DRAINING one
+    # leaves before it stops, so below [launch] drain_notice_s). 0: the static list of the table, as without
+    # a control API.
+    sync_interval_s: float = Field(default=1.0, ge=0, le=_HOUR_S)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySpec:
@@ -168,6 +182,12 @@ class GatewaySpec(BaseModel):
             raise ValueError(
                 f"gateway '{self.name}': retry_initial_backoff_ms ({low}) is above retry_max_backoff_ms ({high}): "
                 f"lower the first or raise the second"
+            )
+        if 0 < self.sync_interval_s < MIN_SYNC_INTERVAL_S:
+            raise ValueError(
+                f"gateway '{self.name}': sync_interval_s is {self.sync_interval_s:g}, and the control APIs are read "
+                f"at most every {MIN_SYNC_INTERVAL_S:g} s: set at least {MIN_SYNC_INTERVAL_S:g}, or 0 for a static "
+                f"worker list"
             )
         low_s, high_s = self.restart_backoff_initial_s, self.restart_backoff_max_s
         if low_s is not None and high_s is not None and low_s > high_s:

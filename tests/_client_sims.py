@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -73,10 +75,20 @@ def sims_running(n: int, **kw) -> Iterator[list[SimProcess]]:
         stop_sims(sims)
 
 
-def fleet_of(groups: dict[str, tuple[str, Sequence[int]]], *, routing: str = "fastest", **policy: object) -> Fleet:
-    """A fleet table: {group: (kind, ports)}; replicas named <group>-<i>; TEST_POLICY with overrides."""
+def fleet_of(
+    groups: dict[str, tuple[str, Sequence[int]]],
+    *,
+    routing: str = "fastest",
+    control_port: int | None = None,
+    **policy: object,
+) -> Fleet:
+    """A fleet table: {group: (kind, ports)}; replicas named <group>-<i>; TEST_POLICY with overrides.
+
+    ``control_port``: the table's ``launch.control_port`` (the client then listens to a control API there).
+    """
     fields = dict(TEST_POLICY, **policy)
-    lines = ["[client]", f'routing = "{routing}"']
+    lines = [f"[launch]\ncontrol_port = {control_port}"] if control_port is not None else []
+    lines += ["[client]", f'routing = "{routing}"']
     for key, value in fields.items():
         if value is None:
             continue
@@ -108,6 +120,20 @@ def servers_toml(groups: dict[str, tuple[str, Sequence[int]]], *, gpus: bool = F
                 *([f"gpus = [{gpu}]"] if gpus else []),
             ]
     return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def firewalled_port() -> int:
+    """A port on 127.0.0.1 that takes connections and never answers (nothing accepts them): a firewalled or hung
+    control API. The socket stays open for the whole test session."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    _FIREWALLED.append(sock)
+    return sock.getsockname()[1]
+
+
+_FIREWALLED: list[socket.socket] = []
 
 
 def dead_ports(n: int) -> list[int]:

@@ -82,6 +82,8 @@ def local_copy(
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         if n == 0:
             text = text.replace("[launch]\n", f"[launch]\n{key} = {value}\n", 1)
+    if "control_port" not in values:  # configs/local.toml's fixed port: one pipeline at a time could use it
+        text = re.sub(r"(?m)^control_port = .*\n", "", text)
     text = text.replace("[gpu_inventory]\n", f"[gpu_inventory]\n{inventory}\n", 1)
     for name, server_args in (args or {}).items():
         block = re.search(rf'(?s)name = "{re.escape(name)}".*?(?=\[\[servers\]\]|\Z)', text)

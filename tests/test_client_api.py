@@ -178,6 +178,18 @@ def test_prometheus_metrics_count_requests_failures_and_failovers(ms, sims) -> N
         for i in range(3)
     )
     assert total == 1
+    # read from the replicas at the scrape: the breaker's state and the latency routing compares
+    stats = ms.stats()["8"]
+    for name, snap in stats.items():
+        states = {
+            state.value: reg.get_sample_value(
+                "model_server_client_breaker_state", {"group": "8", "replica": name, "state": state.value}
+            )
+            for state in BreakerState
+        }
+        assert states == {state.value: float(state is snap.breaker) for state in BreakerState}
+        smoothed = reg.get_sample_value("model_server_client_smoothed_latency_seconds", {"group": "8", "replica": name})
+        assert smoothed == snap.latency_s
 
 
 def test_a_replica_back_from_the_dead_is_used_again(sims) -> None:

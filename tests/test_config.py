@@ -354,6 +354,7 @@ def test_check_rejects_with_status_2_and_no_traceback(tmp_path: Path) -> None:
 LAUNCH_DURATIONS = [
     "gpu_poll_interval_s", "gpu_wait_timeout_s", "startup_timeout_s", "health_interval_s", "health_timeout_s",
     "restart_backoff_initial_s", "restart_backoff_max_s", "restart_window_s", "stop_grace_s", "drain_timeout_s",
+    "drain_notice_s",
 ]  # fmt: skip
 
 

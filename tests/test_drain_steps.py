@@ -14,18 +14,36 @@ METRICS = "http://127.0.0.1:9000/metrics"
 
 
 def ready(at: float = 0.0, **policy: object) -> Run:
-    run = Run(drain_timeout_s=30, **policy)
+    run = Run(**{"drain_timeout_s": 30, "drain_notice_s": 0, **policy})
     run.to_ready(at)
     return run
 
 
-def drain(run: Run, at: float, verb: ev.Verb = "drain", then: ev.AfterDrain = "stop") -> tuple:
-    actions = run.feed(ev.Command(verb, then), at)
-    publish, read = actions
+def drain(run: Run, at: float, verb: ev.Verb = "drain", then: ev.AfterDrain = "stop") -> None:
+    """Command a drain at ``at``; past its notice, the first read of the engine's running requests."""
+    publish, wait = run.feed(ev.Command(verb, then), at)
     assert (publish.old, publish.new) == (S.READY, S.DRAINING) and publish.fields == {"state": "DRAINING"}
-    assert read == ev.ReadRunning(METRICS, 3)  # bounded by the health timeout
+    assert isinstance(wait, ev.Wait) and wait.until_s == at + run.state.settings.policy.drain_notice_s
     assert run.phase == "Draining"
-    return actions
+    assert run.feed(TICK, at=wait.until_s) == (ev.ReadRunning(METRICS, 3),)  # bounded by the health timeout
+
+
+def test_a_drain_reads_nothing_before_its_notice_has_passed() -> None:
+    """Clients hear of a drain at their next read of the control API: the engine serves until the notice ends."""
+    run = ready(drain_notice_s=2.0)
+    publish, wait = run.feed(ev.Command("drain", "stop"), at=5.0)
+    assert publish.new is S.DRAINING and wait == ev.Wait(7.0)
+    assert run.feed(TICK, at=7.0) == (ev.ReadRunning(METRICS, 3),)
+    actions = run.feed(ev.RunningRead(0), at=7.1)
+    assert actions[1].new is S.STOPPED and "no request running" in actions[1].detail
+
+
+def test_a_drain_timeout_shorter_than_the_notice_ends_the_drain_at_its_timeout() -> None:
+    run = ready(drain_notice_s=10.0, drain_timeout_s=3.0)
+    _publish, wait = run.feed(ev.Command("restart", "stop"), at=0.0)
+    assert wait == ev.Wait(3.0)
+    actions = run.feed(TICK, at=3.0)
+    assert actions[1].new is S.RESTARTING and "drain timeout of 3 s" in actions[1].detail
 
 
 def test_a_drain_waits_for_the_running_requests_then_stops() -> None:

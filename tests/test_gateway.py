@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +20,14 @@ import pytest
 import model_server.gateway as gateway_pkg
 from model_server.config import parse_fleet
 from model_server.errors import ConfigError, LaunchError
-from model_server.gateway import command, launcher, membership, settings, supervisor
+from model_server.gateway import command, launcher, membership, settings, supervisor, sync, sync_loop
 from model_server.gateway.membership import Member, Membership, same_url
 from model_server.gateway.settings import PINNED_VERSION, GatewaySettings
 from model_server.gateway.supervisor import GatewayDeps, GatewayKeys, GatewaySupervisor
+from model_server.gateway.sync import Job, Replica, plan_sync, wanted
+from model_server.gateway.sync_loop import SyncLoop
 from model_server.gateway_table import GatewaySpec
+from model_server.launcher.fleet_view import ControlAnswer
 from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import Secret
 
@@ -543,7 +548,6 @@ def test_workers_with_their_own_key_are_registered_after_the_gateway_answers(mon
     keys = GatewayKeys(worker=Secret("w-secret-value"), gateway=Secret("g-secret-value"))
     sup = GatewaySupervisor(st, keys, world.deps(), tag="gateway/1/x/gateway-8")
     done: list[ServerState] = []
-    import threading
 
     thread = threading.Thread(target=lambda: done.append(sup.run()))
     thread.start()
@@ -561,6 +565,272 @@ def test_workers_with_their_own_key_are_registered_after_the_gateway_answers(mon
     cmd, drop_env, tag = world.spawned[0]
     assert drop_env == ("W",) and tag == "gateway/1/x/gateway-8"  # the launcher never gets the engines' key
     assert "secret" not in cmd.render()
+
+
+# ---- the worker list follows the control plane: the pure plan ------------------------------------------------
+
+A, B, C = "http://10.0.0.1:8001", "http://10.0.0.2:8001", "http://10.0.0.3:8001"
+REPLICAS = (Replica("chat-1", "10.0.0.1", A), Replica("chat-2", "10.0.0.2", B), Replica("chat-3", "10.0.0.3", C))
+
+
+def test_wanted_keeps_the_ready_replicas_and_says_nothing_of_those_not_heard() -> None:
+    want = wanted(REPLICAS, {"chat-1": "READY", "chat-2": "DRAINING", "other": "READY"})
+    assert want == {A: (True, "chat-1 is READY"), B: (False, "chat-2 is DRAINING")}  # chat-3: not heard
+
+
+@pytest.mark.parametrize("state", ["DRAINING", "RESTARTING", "STARTING", "WAITING_GPU", "FAILED", "STOPPED"])
+def test_a_replica_that_is_not_ready_leaves_and_comes_back_once_ready(state: str) -> None:
+    plan = plan_sync(wanted(REPLICAS, {"chat-1": state, "chat-2": "READY"}), [A, B, C])
+    assert (plan.add, plan.remove) == ((), (A,)) and plan.why[A] == f"chat-1 is {state}"
+    assert plan.jobs == {A: Job("remove", 0.0)}
+    back = plan_sync(wanted(REPLICAS, {"chat-1": "READY"}), [B, C], plan.jobs, now=1.0)
+    assert (back.add, back.remove) == ((A,), ()) and back.jobs == {A: Job("add", 1.0)}
+
+
+def test_replicas_not_heard_and_workers_not_of_the_group_are_left_as_they_are() -> None:
+    stranger = "http://10.9.9.9:1"
+    plan = plan_sync(wanted(REPLICAS, {}), [A, stranger])  # the control plane is down: nothing changes
+    assert plan.empty and plan.jobs == {}
+    plan = plan_sync(wanted(REPLICAS, {"chat-1": "READY", "chat-2": "READY"}), [A, stranger])
+    assert plan.add == (B,) and plan.remove == ()  # chat-3 not heard: not added; the stranger stays
+
+
+def test_urls_compare_as_the_gateway_spells_them_and_removals_come_first() -> None:
+    plan = plan_sync(
+        wanted(REPLICAS, {"chat-1": "READY", "chat-2": "STOPPED", "chat-3": "DRAINING"}),
+        ["HTTP://10.0.0.1:8001/", "http://10.0.0.2:8001/", "http://10.0.0.3:8001"],
+    )
+    assert plan.add == () and plan.remove == (B, C)  # the table's spelling, for the member lookup and the jobs
+
+
+def test_a_change_in_flight_is_not_sent_again_until_its_patience_ends() -> None:
+    want = wanted(REPLICAS, {"chat-1": "READY"})
+    first = plan_sync(want, [], now=0.0, patience_s=10.0)
+    assert first.add == (A,)
+    for t in (0.5, 9.9):
+        waiting = plan_sync(want, [], first.jobs, now=t, patience_s=10.0)
+        assert waiting.empty and waiting.jobs == {A: Job("add", 0.0)}
+    again = plan_sync(want, [], first.jobs, now=10.0, patience_s=10.0)
+    assert again.add == (A,) and again.jobs == {A: Job("add", 10.0)}
+    shown = plan_sync(want, [A], first.jobs, now=1.0)
+    assert shown.empty and shown.jobs == {}  # done
+    moot = plan_sync(wanted(REPLICAS, {"chat-1": "DRAINING"}), [], first.jobs, now=1.0)
+    assert moot.empty and moot.jobs == {}  # no longer wanted, not listed: nothing to do
+    removing = plan_sync(wanted(REPLICAS, {"chat-1": "FAILED"}), [A], {A: Job("remove", 0.0)}, now=1.0)
+    assert removing.empty and removing.jobs == {A: Job("remove", 0.0)}
+
+
+def test_a_job_of_a_replica_not_heard_stays_until_it_shows_or_its_patience_ends() -> None:
+    jobs = {A: Job("add", 0.0), B: Job("remove", 0.0)}
+    kept = plan_sync({}, [B], jobs, now=1.0, patience_s=10.0)
+    assert kept.empty and kept.jobs == jobs
+    assert plan_sync({}, [A], jobs, now=1.0).jobs == {}  # A shows, B is gone: both done
+    assert plan_sync({}, [B], jobs, now=11.0, patience_s=10.0).jobs == {}  # expired: a later round decides
+
+
+# ---- the worker list: settings -----------------------------------------------------------------------------
+
+CONTROL = POLICY.replace("[launch]\n", "[launch]\ncontrol_port = 9700\ndrain_notice_s = 2\n")
+
+
+def test_with_a_control_port_the_workers_follow_the_control_plane() -> None:
+    (st,) = settings.validate(fleet_with(gw(group="8", port=9000), policy=CONTROL))
+    assert st.control is not None and st.control.interval_s == 1.0 and st.control.timeout_s == 1.0
+    assert st.control.replicas == (
+        Replica("chat-1", "10.0.0.1", "http://10.0.0.1:8001"),
+        Replica("chat-2", "10.0.0.2", "http://10.0.0.2:8001"),
+    )
+    assert st.control.hosts == ("10.0.0.1", "10.0.0.2") and st.control.launch.control_port == 9700
+    assert "the READY ones per the control APIs, read every 1 s" in st.summary()
+    follows = st.describe()["worker_list"]["follows_the_control_plane"]
+    assert follows["control_apis"] == ["http://10.0.0.1:9700/status", "http://10.0.0.2:9700/status"]
+    (off,) = settings.validate(fleet_with(gw(group="8", port=9000, sync_interval_s=0), policy=CONTROL))
+    assert off.control is None and "static" in off.summary() and off.describe()["worker_list"].startswith("static")
+    (bare,) = settings.validate(fleet_with(gw(group="8", port=9000)))
+    assert bare.control is None  # no control API: the table's static list, as before
+    assert settings.sync_read_timeout_s(0.2) == 1.0 and settings.sync_read_timeout_s(30) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("entry", "policy", "words"),
+    [
+        (gw(group="8", port=9000, sync_interval_s=2), POLICY, ["sync_interval_s", "no launch.control_port"]),
+        (gw(group="8", port=9000, sync_interval_s=2), CONTROL, ["sync_interval_s' is 2 s", "drain_notice_s (2 s)"]),
+        (gw(group="8", port=9700, host="10.0.0.1"), CONTROL, ["10.0.0.1:9700", "the control API of host 10.0.0.1"]),
+    ],
+)
+def test_check_refuses_a_sync_that_cannot_work(entry: str, policy: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings.validate(fleet_with(entry, policy=policy))
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_a_sync_interval_below_a_tenth_of_a_second_is_refused() -> None:
+    with pytest.raises(ConfigError, match="sync_interval_s is 0.05"):
+        fleet_with(gw(group="8", port=9000, sync_interval_s=0.05), policy=CONTROL)
+
+
+# ---- the worker list: one round of the loop, against fakes ---------------------------------------------------
+
+
+@dataclass
+class FakeControl:
+    """The pipelines' GET /status, by host: a list of (name, state), or a problem (the API does not answer)."""
+
+    hosts: dict[str, Any]
+    reads: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def __call__(self, host, policy, key, timeout_s, client=None) -> ControlAnswer:
+        self.reads.append((host, key))
+        url = f"http://{host}:{policy.control_port}/status"
+        answer = self.hosts.get(host)
+        if isinstance(answer, str):
+            return ControlAnswer(url, problem=answer)
+        return ControlAnswer(url, {"servers": [{"name": n, "state": st, "pid": 1} for n, st in answer or ()]})
+
+
+def sync_of(fake: FakeGateway, control: FakeControl, **kwargs: Any) -> SyncLoop:
+    (st,) = settings.validate(fleet_with(gw(group="8", port=9000), policy=CONTROL))
+    clock = FakeClock()
+
+    def members(url: str, key: Any, timeout_s: float) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake), clock=clock,
+                          sleep=clock.sleep)  # fmt: skip
+
+    return SyncLoop(st, membership=members, read_control=control, clock=clock, **kwargs)
+
+
+def listed(fake: FakeGateway) -> list[str]:
+    return sorted(w["url"] for w in fake.workers.values())
+
+
+def test_a_round_removes_what_is_not_ready_and_adds_what_is_with_the_engines_key(caplog) -> None:
+    fake = FakeGateway(key="gw-key", delay=1)
+    fake.workers = {"w1": {"id": "w1", "url": "http://10.0.0.1:8001", "is_healthy": True}}
+    control = FakeControl({"10.0.0.1": [("chat-1", "DRAINING")], "10.0.0.2": [("chat-2", "READY")]})
+    loop = sync_of(fake, control, gateway_key=Secret("gw-key"), worker_key=Secret("w-key"), control_key=Secret("c"))
+    caplog.set_level("INFO")
+    plan = loop.run_round()
+    assert plan is not None and plan.remove == ("http://10.0.0.1:8001",) and plan.add == ("http://10.0.0.2:8001",)
+    assert fake.bodies == [{"url": "http://10.0.0.2:8001", "api_key": "w-key", **loop.settings.worker_health}]
+    assert sorted(control.reads) == [("10.0.0.1", "c"), ("10.0.0.2", "c")]  # the control key, to every host
+    assert "removing worker http://10.0.0.1:8001 (chat-1 is DRAINING)" in caplog.text
+    assert "adding worker http://10.0.0.2:8001 (chat-2 is READY)" in caplog.text
+    settled = loop.run_round()  # the fake runs both jobs on this round's GET /workers
+    assert listed(fake) == ["http://10.0.0.2:8001"]
+    assert settled is not None and settled.empty and len(fake.bodies) == 1 and loop.jobs == {}
+    loop.stop()
+    assert "w-key" not in caplog.text and "gw-key" not in caplog.text
+
+
+def test_a_control_api_that_does_not_answer_changes_nothing_and_is_logged_once(caplog) -> None:
+    fake = FakeGateway(key=None, delay=1)
+    fake.workers = {"w1": {"id": "w1", "url": "http://10.0.0.1:8001", "is_healthy": False}}
+    control = FakeControl({"10.0.0.1": "nothing listens at http://10.0.0.1:9700/status", "10.0.0.2": []})
+    loop = sync_of(fake, control)
+    caplog.set_level("INFO")
+    for _ in range(3):
+        assert loop.run_round() is None  # nothing heard of chat-1 or chat-2 (host 2 does not list it)
+    assert listed(fake) == ["http://10.0.0.1:8001"] and fake.bodies == []
+    assert caplog.text.count("the control API of host 10.0.0.1 is not heard") == 1
+    control.hosts["10.0.0.1"] = [("chat-1", "STOPPED")]
+    plan = loop.run_round()
+    assert plan is not None and plan.remove == ("http://10.0.0.1:8001",)
+    assert "the control API of host 10.0.0.1 answers again" in caplog.text
+    loop.stop()
+
+
+def test_the_workers_given_at_start_are_not_sent_twice_and_a_gateway_down_is_logged_once(caplog) -> None:
+    fake = FakeGateway(key=None, delay=3)
+    control = FakeControl({"10.0.0.1": [("chat-1", "READY")], "10.0.0.2": [("chat-2", "READY")]})
+    loop = sync_of(fake, control)
+    loop.jobs = {"http://10.0.0.1:8001": Job("add", 0.0)}  # as start(given=...) leaves them
+    plan = loop.run_round()
+    assert plan is not None and plan.add == ("http://10.0.0.2:8001",)  # chat-1 was given at start: in flight
+    loop.stop()
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    down = sync_of(refuse, control)  # type: ignore[arg-type]
+    caplog.set_level("INFO")
+    assert down.run_round() is None and down.run_round() is None
+    assert caplog.text.count("its worker list could not be synced") == 1
+    down.stop()
+
+
+def test_the_supervisor_follows_the_control_plane_while_ready_and_stops_the_sync_with_the_gateway() -> None:
+    from _waiting import wait_for
+
+    fake = FakeGateway(key=None, delay=1)
+    control = FakeControl({"10.0.0.1": [("chat-1", "READY")], "10.0.0.2": [("chat-2", "RESTARTING")]})
+    world = World(lifetimes=[None])
+    (st,) = settings.validate(
+        fleet_with(gw(group="8", port=9000, sync_interval_s=0.1, liveness_interval_s=0.01), policy=CONTROL)
+    )
+    assert st.workers_on_command_line  # no key: given on its command line, so in flight at the start
+
+    def members(url: str, key: Any, timeout_s: float) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake))
+
+    deps = world.deps()
+    deps.membership, deps.read_control, deps.clock = members, control, time.monotonic
+    sup = GatewaySupervisor(st, GatewayKeys(), deps)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        # the gateway "started" with none listed here; its start's jobs are in flight, so nothing is sent yet
+        wait_for(lambda: sup.state is ServerState.READY and len(control.reads) >= 4, 10, "a few sync rounds")
+        assert fake.bodies == []
+        fake.workers = {
+            "w1": {"id": "w1", "url": "http://10.0.0.1:8001", "is_healthy": True},
+            "w2": {"id": "w2", "url": "http://10.0.0.2:8001", "is_healthy": True},
+        }  # the start's workers show: chat-2 is RESTARTING, so it leaves
+        wait_for(lambda: listed(fake) == ["http://10.0.0.1:8001"], 10, "chat-2 removed")
+        control.hosts["10.0.0.2"] = [("chat-2", "READY")]
+        wait_for(lambda: listed(fake) == ["http://10.0.0.1:8001", "http://10.0.0.2:8001"], 10, "chat-2 back")
+    finally:
+        sup.request_stop()
+        thread.join(10)
+    assert sup.state is ServerState.STOPPED
+    reads = len(control.reads)
+    assert not [t for t in threading.enumerate() if t.name == "gateway-sync-gateway-8"]  # ended with its gateway
+    assert len(control.reads) == reads
+
+
+def test_a_gateway_with_its_own_key_is_given_only_the_ready_replicas_and_those_not_heard(caplog) -> None:
+    from _waiting import wait_for
+
+    fake = FakeGateway(key="g", delay=1)
+    control = FakeControl({"10.0.0.1": [("chat-1", "DRAINING")], "10.0.0.2": "no answer within 1 s"})
+    (st,) = settings.validate(fleet_with(
+        gw(group="8", port=9000, api_key_env="G", sync_interval_s=0.1, liveness_interval_s=0.01),
+        top='api_key_env = "W"\n', policy=CONTROL,
+    ))  # fmt: skip
+    assert not st.workers_on_command_line
+
+    def members(url: str, key: Any, timeout_s: float) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake))
+
+    deps = World(lifetimes=[None]).deps()
+    deps.membership, deps.read_control, deps.clock = members, control, time.monotonic
+    sup = GatewaySupervisor(st, GatewayKeys(worker=Secret("w"), gateway=Secret("g")), deps)
+    caplog.set_level("INFO")
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        wait_for(lambda: sup.state is ServerState.READY and len(control.reads) >= 6, 10, "a few sync rounds")
+        assert [b["url"] for b in fake.bodies] == ["http://10.0.0.2:8001"]  # chat-2 not heard: registered anyway
+        assert "registered 1 worker(s) through POST /workers: http://10.0.0.2:8001 (not: chat-1 is DRAINING)" in (
+            caplog.text
+        )
+        control.hosts["10.0.0.1"] = [("chat-1", "READY")]
+        wait_for(lambda: listed(fake) == ["http://10.0.0.1:8001", "http://10.0.0.2:8001"], 10, "chat-1 added")
+        assert fake.bodies[-1] == {"url": "http://10.0.0.1:8001", "api_key": "w", **st.worker_health}
+    finally:
+        sup.request_stop()
+        thread.join(10)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------
@@ -589,6 +859,10 @@ def test_dry_run_prints_the_exact_settings_and_no_key(tmp_path, monkeypatch: pyt
 def test_the_package_surface() -> None:
     assert gateway_pkg.__all__ == ["GatewayPolicy", "GatewaySpec"]
     assert membership.__all__ == ["Member", "Membership", "same_url"]
+    assert sync.__all__ == [
+        "JOB_PATIENCE_S", "READY", "Job", "Replica", "SyncPlan", "plan_sync", "same_url", "url_key", "wanted",
+    ]  # fmt: skip
+    assert sync_loop.__all__ == ["CALL_TIMEOUT_S", "SyncLoop"]
     assert GatewaySpec(group=8, port=1).name == "gateway-8"
     assert supervisor.__all__ and settings.__all__ and command.__all__
     probe = (

@@ -235,6 +235,8 @@ def test_status_command_exit_codes(tmp_path: Path) -> None:
         up = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "only" in up.stdout and "READY" in up.stdout and "1 up, 0 down" in up.stdout
+    source = "host 127.0.0.1: status file + probes; control API not used: launch.control_port is not set in the table"
+    assert source in up.stdout, up.stdout
     down = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert down.returncode == 1
     assert "0 up, 1 down" in down.stdout

@@ -154,15 +154,10 @@ def _chunk_fields(chunk: Any) -> tuple[str, int | None, bool]:
     return text, (usage.get("completion_tokens") if isinstance(usage, dict) else None), done
 
 
-class OpenAITarget:
-    """One OpenAI-compatible server, through the openai SDK with retries off.
-
-    ``typed=True`` calls ``chat.completions.create`` exactly as application
-    code does (typed parameters, a pydantic model per chunk); ``typed=False``
-    (the default) posts through the same client, transport, error mapping and
-    SSE decoder but keeps chunks as dicts: ~35% less CPU per request, which
-    keeps the generator off the critical path at hundreds of requests/s.
-    """
+class _ServerTarget:
+    """One server by its OpenAI base URL (also its ``name`` unless given): the constructor both ``bench --url``
+    transports take, so that the session picks either by ``--transport``. ``timeout_s`` is a request's timeout
+    where the transport has one (the runner bounds every request anyway); a subclass connects in ``_open``."""
 
     def __init__(
         self,
@@ -171,15 +166,40 @@ class OpenAITarget:
         *,
         api_key: str | None = None,
         timeout_s: float = 60.0,
-        http: httpx.AsyncClient | None = None,
+        connect_timeout_s: float = 3.0,
         name: str | None = None,
-        typed: bool = False,
     ) -> None:
         self.name = name or base_url
         self.model = model
+        self._open(base_url, api_key, timeout_s, connect_timeout_s)
+
+    def _open(self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float) -> None:
+        raise NotImplementedError
+
+
+class OpenAITarget(_ServerTarget):
+    """One OpenAI-compatible server, through the openai SDK with retries off.
+
+    ``typed=True`` calls ``chat.completions.create`` exactly as application
+    code does (typed parameters, a pydantic model per chunk); ``typed=False``
+    (the default) posts through the same client, transport, error mapping and
+    SSE decoder but keeps chunks as dicts: ~35% less CPU per request, which
+    keeps the generator off the critical path at hundreds of requests/s.
+    ``http``: a connection pool to share (default: its own); ``options``: the
+    keywords every one-server target takes (``api_key``, ``timeout_s``, ...).
+    """
+
+    def __init__(
+        self, base_url: str, model: str, *, http: httpx.AsyncClient | None = None, typed: bool = False, **options: Any
+    ) -> None:
         self.typed = typed
         self._own_http = http is None
-        self._http = http or shared_http_client(timeout_s=timeout_s)
+        self._http = http
+        super().__init__(base_url, model, **options)
+
+    def _open(self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float) -> None:
+        if self._http is None:
+            self._http = shared_http_client(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self._client = _openai_client(base_url, api_key, self._http, timeout_s)
 
     def stream(self, request: BenchRequest) -> AsyncIterator[StreamPiece]:
@@ -198,23 +218,15 @@ class StreamErrorEvent(Exception):
         self.status_code = 500
 
 
-class RawTarget:
-    """One server through :mod:`model_server.bench.rawhttp`: the cheapest per request (plain http only)."""
+class RawTarget(_ServerTarget):
+    """One server through :mod:`model_server.bench.rawhttp`: the cheapest per request (plain http only).
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key: str | None = None,
-        timeout_s: float = 60.0,
-        name: str | None = None,
-        connect_timeout_s: float = 3.0,
-    ) -> None:
+    It sets no timeout of its own on a request: the runner's bounds it.
+    """
+
+    def _open(self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float) -> None:
         from model_server.bench.rawhttp import RawPool
 
-        self.name = name or base_url
-        self.model = model
         self._pool = RawPool(base_url, connect_timeout_s=connect_timeout_s)
         self._headers = _json_headers(api_key)
 

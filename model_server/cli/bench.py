@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -18,19 +19,50 @@ from model_server.cli._app import DEFAULT_FLEET_HELP, app
 
 _TICK_S = 0.25
 _OPTIONS = BenchOptions()  # the defaults of every option below
-_TRANSPORT_HELP = (
-    "With --url: sdk (openai SDK, max_retries=0; ~5 ms CPU per request) or raw (lean HTTP/1.1 client, ~1 ms: "
-    "use it above ~100 requests/s on small machines)."
-)
-_SLO_TPOT_HELP = (
-    "SLO: time per output token, seconds. Attainment = requests that succeeded within every objective / "
-    "requests sent; a one-token answer has no TPOT and cannot miss it."
-)
-_FAULT_HELP = (
-    "'<time> <action> <server> (value) (for D)', e.g. '10s kill chat-1', '5s 500s chat-2 0.5 for 3s'. Repeatable."
-)
-_VERBOSE_HELP = "Show the client's log lines (failovers, breaker changes) on the terminal too."
-_LOG_FILE_HELP = "Where the run's log lines go (default: bench-<date>-<time>.log in the fleet's log_dir, else logs/)."
+# Every option's help, by its flag, in the order --help lists them (their defaults are BenchOptions').
+_HELP = {
+    "--config": DEFAULT_FLEET_HELP,
+    "--group": "Load this group of the fleet, through ModelServer.",
+    "--url": "Load one server directly: its OpenAI base URL, e.g. http://127.0.0.1:30000/v1.",
+    "--model": "With --url: the model name the server answers to.",
+    "--api-key-env": "With --url: the NAME of the environment variable holding the API key.",
+    "--transport": (
+        "With --url: sdk (openai SDK, max_retries=0; ~5 ms CPU per request) or raw (lean HTTP/1.1 client, ~1 ms: "
+        "use it above ~100 requests/s on small machines)."
+    ),
+    "--rate": "Open loop: requests per second.",
+    "--concurrency": "Closed loop: requests in flight.",
+    "--duration": "Seconds of load (open loop: N = rate x duration).",
+    "--requests": "Number of requests.",
+    "--prompt-len": "Prompt words: N (fixed) or A:B (uniform).",
+    "--output-len": "Max output tokens: N (fixed) or A:B (uniform).",
+    "--dataset": 'JSONL, one {"prompt": ..., "output_len": ...} per line (cycled).',
+    "--arrival": "Open-loop arrivals: poisson, gamma, constant or trace.",
+    "--cv": "--arrival gamma: coefficient of variation of the gaps (>1 bursty).",
+    "--trace": "--arrival trace: file of arrival times in seconds, one per line.",
+    "--slo-ttft": "SLO: time to first token, seconds.",
+    "--slo-tpot": (
+        "SLO: time per output token, seconds. Attainment = requests that succeeded within every objective / "
+        "requests sent; a one-token answer has no TPOT and cannot miss it."
+    ),
+    "--fault": (
+        "'<time> <action> <server> (value) (for D)', e.g. '10s kill chat-1', '5s 500s chat-2 0.5 for 3s'. Repeatable."
+    ),
+    "--status-file": "Launch pipeline status file for pids (default: the fleet's).",
+    "--timeout": "Per-request timeout, seconds (the whole stream).",
+    "--output": "Write the result as JSON here.",
+    "--plot": "Write a PNG: latency CDF and latency over time, faults marked.",
+    "--seed": "Seed of arrivals and lengths.",
+    "--warmup": "Requests sent (and not counted) before the clock starts.",
+    "--quiet": "No progress bar.",
+    "--verbose": "Show the client's log lines (failovers, breaker changes) on the terminal too.",
+    "--log-file": "Where the run's log lines go (default: bench-<date>-<time>.log in the fleet's log_dir, else logs/).",
+}
+
+
+def _option(default: Any, flag: str, *short: str) -> Any:
+    """The typer option ``flag`` (and its short form), with its help from _HELP."""
+    return typer.Option(default, flag, *short, help=_HELP[flag])
 
 
 async def _run_with_progress(session, show: bool) -> tuple[dict, object]:
@@ -65,58 +97,34 @@ async def _run_with_progress(session, show: bool) -> tuple[dict, object]:
 
 @app.command()
 def bench(
-    config: Path | None = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
-    group: str | None = typer.Option(None, "--group", "-g", help="Load this group of the fleet, through ModelServer."),
-    url: str | None = typer.Option(
-        None, "--url", help="Load one server directly: its OpenAI base URL, e.g. http://127.0.0.1:30000/v1."
-    ),
-    model: str | None = typer.Option(None, "--model", help="With --url: the model name the server answers to."),
-    api_key_env: str | None = typer.Option(
-        None, "--api-key-env", help="With --url: the NAME of the environment variable holding the API key."
-    ),
-    transport: str = typer.Option(_OPTIONS.transport, "--transport", help=_TRANSPORT_HELP),
-    rate: float | None = typer.Option(None, "--rate", help="Open loop: requests per second."),
-    concurrency: int | None = typer.Option(None, "--concurrency", help="Closed loop: requests in flight."),
-    duration: float | None = typer.Option(None, "--duration", help="Seconds of load (open loop: N = rate x duration)."),
-    requests: int | None = typer.Option(None, "--requests", "-n", help="Number of requests."),
-    prompt_len: str = typer.Option(
-        _OPTIONS.prompt_len, "--prompt-len", help="Prompt words: N (fixed) or A:B (uniform)."
-    ),
-    output_len: str = typer.Option(
-        _OPTIONS.output_len, "--output-len", help="Max output tokens: N (fixed) or A:B (uniform)."
-    ),
-    dataset: Path | None = typer.Option(
-        None, "--dataset", help='JSONL, one {"prompt": ..., "output_len": ...} per line (cycled).'
-    ),
-    arrival: str = typer.Option(
-        _OPTIONS.arrival, "--arrival", help="Open-loop arrivals: poisson, gamma, constant or trace."
-    ),
-    cv: float = typer.Option(
-        _OPTIONS.cv, "--cv", help="--arrival gamma: coefficient of variation of the gaps (>1 bursty)."
-    ),
-    trace: Path | None = typer.Option(
-        None, "--trace", help="--arrival trace: file of arrival times in seconds, one per line."
-    ),
-    slo_ttft: float | None = typer.Option(None, "--slo-ttft", help="SLO: time to first token, seconds."),
-    slo_tpot: float | None = typer.Option(None, "--slo-tpot", help=_SLO_TPOT_HELP),
-    fault: list[str] | None = typer.Option(None, "--fault", help=_FAULT_HELP),
-    status_file: Path | None = typer.Option(
-        None, "--status-file", help="Launch pipeline status file for pids (default: the fleet's)."
-    ),
-    timeout: float = typer.Option(
-        _OPTIONS.timeout_s, "--timeout", help="Per-request timeout, seconds (the whole stream)."
-    ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write the result as JSON here."),
-    plot: Path | None = typer.Option(
-        None, "--plot", help="Write a PNG: latency CDF and latency over time, faults marked."
-    ),
-    seed: int = typer.Option(_OPTIONS.seed, "--seed", help="Seed of arrivals and lengths."),
-    warmup: int = typer.Option(
-        _OPTIONS.warmup_requests, "--warmup", help="Requests sent (and not counted) before the clock starts."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
-    log_file: Path | None = typer.Option(None, "--log-file", help=_LOG_FILE_HELP),
+    config: Path | None = _option(None, "--config", "-c"),
+    group: str | None = _option(None, "--group", "-g"),
+    url: str | None = _option(None, "--url"),
+    model: str | None = _option(None, "--model"),
+    api_key_env: str | None = _option(None, "--api-key-env"),
+    transport: str = _option(_OPTIONS.transport, "--transport"),
+    rate: float | None = _option(None, "--rate"),
+    concurrency: int | None = _option(None, "--concurrency"),
+    duration: float | None = _option(None, "--duration"),
+    requests: int | None = _option(None, "--requests", "-n"),
+    prompt_len: str = _option(_OPTIONS.prompt_len, "--prompt-len"),
+    output_len: str = _option(_OPTIONS.output_len, "--output-len"),
+    dataset: Path | None = _option(None, "--dataset"),
+    arrival: str = _option(_OPTIONS.arrival, "--arrival"),
+    cv: float = _option(_OPTIONS.cv, "--cv"),
+    trace: Path | None = _option(None, "--trace"),
+    slo_ttft: float | None = _option(None, "--slo-ttft"),
+    slo_tpot: float | None = _option(None, "--slo-tpot"),
+    fault: list[str] | None = _option(None, "--fault"),
+    status_file: Path | None = _option(None, "--status-file"),
+    timeout: float = _option(_OPTIONS.timeout_s, "--timeout"),
+    output: Path | None = _option(None, "--output", "-o"),
+    plot: Path | None = _option(None, "--plot"),
+    seed: int = _option(_OPTIONS.seed, "--seed"),
+    warmup: int = _option(_OPTIONS.warmup_requests, "--warmup"),
+    quiet: bool = _option(False, "--quiet", "-q"),
+    verbose: bool = _option(False, "--verbose", "-v"),
+    log_file: Path | None = _option(None, "--log-file"),
 ) -> None:
     """Benchmark a group or one server: TTFT, TPOT, E2E percentiles, throughput, SLO goodput,
     with faults on a schedule."""

@@ -10,32 +10,24 @@ import typer
 
 from model_server.cli._app import CONFIG_HELP, app
 
-log = logging.getLogger(__name__)
+_GROUP_HELP = "Start the gateway of this group (its gateways entry in the table); repeat for more. Default: all."
+_PORT_HELP = "The port of the one selected gateway (a group with no entry gets the defaults)."
+_DRY_RUN_HELP = "Print each gateway's exact settings and command as JSON; start nothing."
 
 
 @app.command()
 def gateway(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    group: list[str] | None = typer.Option(
-        None,
-        "--group",
-        "-g",
-        help="Start the gateway of this group (its gateways entry in the table); repeat for more. Default: all.",
-    ),
-    port: int | None = typer.Option(
-        None,
-        "--port",
-        min=1,
-        max=65535,
-        help="The port of the one selected gateway (a group with no entry gets the defaults).",
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print each gateway's exact settings and command as JSON; start nothing."
-    ),
+    group: list[str] | None = typer.Option(None, "--group", "-g", help=_GROUP_HELP),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help=_PORT_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Run an SGLang Model Gateway (sglang-router) per group, its workers the group's replicas on every host.
 
     A gateway that exits or stops answering /liveness is restarted with backoff; Ctrl-C or SIGTERM stops them all.
+
+    With [launch] control_port, each gateway's workers follow the pipelines' control APIs: a replica leaves the
+    gateway when it is not READY (a drained one before it stops) and comes back when READY (sync_interval_s).
 
     One gateway per group: its router does not route by model name. Needs sglang-router (the gateway extra).
 

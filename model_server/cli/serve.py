@@ -11,22 +11,21 @@ from model_server.cli._app import DEFAULT_FLEET_HELP, app
 
 log = logging.getLogger(__name__)
 
+_HOST_IP_HELP = (
+    "An address (or name) the table uses for this machine, besides its own interface addresses and hostname."
+)
+_DRY_RUN_HELP = (
+    "Print one shell-quoted command per server of this host, its memory fraction chosen from the GPUs now; "
+    "start nothing."
+)
+
 
 @app.command()
 def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help=DEFAULT_FLEET_HELP),
-    host_ip: list[str] | None = typer.Option(
-        None,
-        "--host-ip",
-        help="An address (or name) the table uses for this machine, besides its own interface addresses and hostname.",
-    ),
+    host_ip: list[str] | None = typer.Option(None, "--host-ip", help=_HOST_IP_HELP),
     only: list[str] | None = typer.Option(None, "--only", help="Start only this server (by name); repeat for more."),
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Print one shell-quoted command per server of this host, its memory fraction chosen from the GPUs now; "
-        "start nothing.",
-    ),  # fmt: skip
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Start this host's servers once their GPUs are free, keep them healthy, stop them on Ctrl-C / SIGTERM.
 

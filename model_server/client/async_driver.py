@@ -75,6 +75,7 @@ class AsyncModelServer(ClientBase):
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for background re-probes, then close the connection pool."""
         self._core.closed = True
+        self._stop_listening()
         if self._reprobes:
             await asyncio.wait(list(self._reprobes), timeout=timeout_s)
         if self._http is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server.client.answer import StreamAssembly, embedding_vectors
+from model_server.client.control_listener import ControlListener
 from model_server.client.core import ClientCore, fleet_from
 from model_server.client.deadlines import GroupTiming
 from model_server.client.effects import (
@@ -102,6 +103,8 @@ class ClientBase:
         self._prober = prober or self._default_prober
         self._effects = effect_table(type(self), EFFECT_METHODS)
         self._connect(transport)
+        view = self._core.view
+        self._listener = ControlListener(fleet, self.policy, view).start() if view is not None else None
 
     # ---- the public methods (in the async client each returns an awaitable) ----------------
 
@@ -160,6 +163,19 @@ class ClientBase:
     def stats(self) -> dict[str, dict[str, EndpointSnapshot]]:
         """Each built group's replicas: breaker, latency, in flight, attempts, failures."""
         return self._core.stats()
+
+    def pipeline_states(self) -> dict[str, str]:
+        """Replica name -> the state its pipeline's control API last gave (READY, DRAINING, ...).
+
+        Empty when the table has no ``launch.control_port`` (or ``client.control_refresh_s = 0``);
+        a host whose control API does not answer has no entries (the client routes there on its own probes).
+        """
+        view = self._core.view
+        return view.states() if view is not None else {}
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
 
     def timing(self, group: str | int) -> GroupTiming:
         """The group's smoothed time to first token and gap between chunks, and the deadlines they give now."""
@@ -279,8 +295,11 @@ class ClientBase:
             joined = self._core.joined_round(g, probe)
             if joined is not None:
                 return joined
+            specs = g.probe_specs()
+            if not specs:
+                return g.note_round_without_probes()
             results = yield ProbeReplicas(
-                tuple(g.specs), probe.timeout_s, frozenset(g.suspects()), patient, **self._core.probe_kwargs()
+                specs, probe.timeout_s, frozenset(g.suspects()), patient, **self._core.probe_kwargs()
             )
             return g.apply_probes(results, probe.timeout_s)
         finally:

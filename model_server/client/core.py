@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server.client.answer import StreamAssembly
+from model_server.client.control_listener import control_view_for
 from model_server.client.deadlines import GroupTiming
 from model_server.client.metrics import ClientMetrics
 from model_server.client.replica import EndpointSnapshot
@@ -71,6 +72,8 @@ class ClientCore:
         self.fleet, self.policy, self.state_path = fleet, policy, state
         self.metrics, self.clock, self.rng = metrics, clock, rng
         self.api_key = fleet.api_key()
+        self.view = control_view_for(fleet, policy, clock)  # None: no control API to listen to
+        metrics.watch(self.stats)
         self._groups: dict[str, ReplicaGroup] = {}
         self._lock = threading.Lock()
         self.closed = False  # set by close()/aclose(): no new background re-probes
@@ -91,7 +94,7 @@ class ClientCore:
                 specs = self.fleet.group(key)
                 if not specs:
                     raise UnknownGroupError(key, self.group_names, self.fleet.source)
-                group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock)
+                group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock, view=self.view)
         if kind is not None and group.kind is not kind:
             other = "embed()" if group.kind is ServerKind.embedding else "chat() or stream_chat()"
             raise RequestRejectedError(

@@ -18,17 +18,33 @@ another), ``model_server_client_resumes_total`` (a stream broken on this
 replica was continued on another), ``model_server_client_stalls_total``
 (also labelled ``phase``: an attempt's first-token or stall deadline fired
 here) and ``model_server_client_latency_seconds`` (histogram of answered
-attempts). A registry takes these names once: give each ModelServer its own
-registry, or share one ModelServer.
+attempts). Read from the replicas' state at each scrape:
+``model_server_client_breaker_state`` (also labelled ``state``: 1 for the
+breaker's state now, 0 for the others) and
+``model_server_client_smoothed_latency_seconds`` (the latency routing
+compares: per output token for chat groups). A registry takes these names
+once: give each ModelServer its own registry, or share one ModelServer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from model_server.client.breaker import BreakerState
 
 __all__ = ["ClientMetrics"]
 
 _BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_LABELS = ("group", "replica")
+# The counters: name after "model_server_client_" (exposed with "_total"), help, labels after _LABELS.
+_COUNTERS = (
+    ("requests", "Attempts sent to a replica", ()),
+    ("failures", "Attempts that failed, by kind", ("kind",)),
+    ("failovers", "Requests that left this replica for another", ()),
+    ("resumes", "Streams broken on this replica and resumed on another", ()),
+    ("stalls", "Deadlines that fired on this replica, by phase", ("phase",)),
+)
 
 
 class ClientMetrics:
@@ -36,60 +52,78 @@ class ClientMetrics:
 
     def __init__(self, registry: Any = None) -> None:
         self.enabled = registry is not None
+        self._registry = registry
         if not self.enabled:
             return
         from prometheus_client import Counter, Histogram
 
-        labels = ("group", "replica")
-        self._requests = Counter(
-            "model_server_client_requests", "Attempts sent to a replica", labels, registry=registry
-        )
-        self._failures = Counter(
-            "model_server_client_failures", "Attempts that failed, by kind", (*labels, "kind"), registry=registry
-        )
-        self._failovers = Counter(
-            "model_server_client_failovers", "Requests that left this replica for another", labels, registry=registry
-        )
-        self._resumes = Counter(
-            "model_server_client_resumes",
-            "Streams broken on this replica and resumed on another",
-            labels,
-            registry=registry,
-        )
-        self._stalls = Counter(
-            "model_server_client_stalls",
-            "Deadlines that fired on this replica, by phase",
-            (*labels, "phase"),
-            registry=registry,
-        )
+        self._counters = {
+            name: Counter(f"model_server_client_{name}", doc, (*_LABELS, *more), registry=registry)
+            for name, doc, more in _COUNTERS
+        }
         self._latency = Histogram(
             "model_server_client_latency_seconds",
             "Latency of answered attempts",
-            labels,
+            _LABELS,
             buckets=_BUCKETS_S,
             registry=registry,
         )
 
-    def attempt(self, group: str, replica: str) -> None:
+    def watch(self, replicas: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        """Export each replica's breaker state and smoothed latency, read from ``replicas()`` (group -> name ->
+        :class:`~model_server.client.replica.EndpointSnapshot`) at each scrape."""
         if self.enabled:
-            self._requests.labels(group, replica).inc()
+            self._registry.register(_ReplicaGauges(replicas))
+
+    def _count(self, counter: str, *labels: str) -> None:
+        if self.enabled:
+            self._counters[counter].labels(*labels).inc()
+
+    def attempt(self, group: str, replica: str) -> None:
+        self._count("requests", group, replica)
 
     def failure(self, group: str, replica: str, kind: str) -> None:
-        if self.enabled:
-            self._failures.labels(group, replica, kind).inc()
+        self._count("failures", group, replica, kind)
 
     def failover(self, group: str, replica: str) -> None:
-        if self.enabled:
-            self._failovers.labels(group, replica).inc()
+        self._count("failovers", group, replica)
 
     def resume(self, group: str, replica: str) -> None:
-        if self.enabled:
-            self._resumes.labels(group, replica).inc()
+        self._count("resumes", group, replica)
 
     def stall(self, group: str, replica: str, phase: str) -> None:
-        if self.enabled:
-            self._stalls.labels(group, replica, phase).inc()
+        self._count("stalls", group, replica, phase)
 
     def latency(self, group: str, replica: str, seconds: float) -> None:
         if self.enabled:
             self._latency.labels(group, replica).observe(seconds)
+
+
+class _ReplicaGauges:
+    """A collector: the replicas' state as it is when Prometheus scrapes (nothing to keep up to date)."""
+
+    def __init__(self, replicas: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self._replicas = replicas
+
+    def describe(self) -> list:
+        return []  # the names are checked at the first collect, not at register time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        breaker = GaugeMetricFamily(
+            "model_server_client_breaker_state", "1 for the replica's breaker state now", labels=[*_LABELS, "state"]
+        )
+        latency = GaugeMetricFamily(
+            "model_server_client_smoothed_latency_seconds",
+            "The latency routing compares (per output token for chat groups)",
+            labels=list(_LABELS),
+        )
+        for group, replicas in self._replicas().items():
+            for name, snap in replicas.items():
+                for state in BreakerState:
+                    breaker.add_metric([group, name, state.value], 1.0 if snap.breaker is state else 0.0)
+                if snap.latency_s is not None:
+                    latency.add_metric([group, name], snap.latency_s)
+        yield breaker
+        yield latency

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from model_server.client.breaker import Breaker, BreakerState
+from model_server.client.control_view import ControlView
 from model_server.client.deadlines import AttemptDeadlines, StreamTiming, attempt_deadlines
 from model_server.client.replica import Endpoint, EndpointSnapshot
 from model_server.client.retry import OutcomeKind, probe_timeout_s
@@ -75,14 +76,22 @@ class ReplicaGroup:
     """Replicas of one group: routing, outcomes, breakers, the latency bound, the rebuild bookkeeping."""
 
     def __init__(
-        self, name: str, specs: Sequence[ServerSpec], policy: ClientPolicy, *, clock: Callable[[], float]
+        self,
+        name: str,
+        specs: Sequence[ServerSpec],
+        policy: ClientPolicy,
+        *,
+        clock: Callable[[], float],
+        view: ControlView | None = None,
     ) -> None:
+        """``view``: what the pipelines' control APIs say of the replicas (None: the client's probes alone)."""
         if not specs:
             raise ValueError(f"group '{name}' has no servers")
         self.name = name
         self.kind = specs[0].kind
         self.policy = policy
         self._clock = clock
+        self._view = view
         self._lock = threading.Lock()
         self._endpoints = {
             s.name: Endpoint(
@@ -125,12 +134,13 @@ class ReplicaGroup:
             ratios = [r for r in (e.reply_to_probe_ratio for e in endpoints) if r is not None]
             scale = statistics.median(ratios) if ratios else 1.0
             stuck_after = STUCK_SHARE * attempt_deadlines(self.policy, self.timing, 0).first_token_s
+            held_out = self._held_out()
             candidates = [
                 Candidate(
                     e.name,
                     e.score_latency_s(scale),
                     e.in_flight,
-                    e.available(now),
+                    e.available(now) and e.name not in held_out,
                     e.degraded,
                     e.stuck(now, stuck_after),
                 )
@@ -214,7 +224,7 @@ class ReplicaGroup:
                 e.cancel(now, trial=trial, token=token)
             else:
                 e.fail(now, error, trial=trial, token=token)
-            reprobe = bool(degraded or self._missing()) and self._reprobe_due(now)
+            reprobe = self._reprobe_now(now, degraded)
             new = e.breaker.state
             latency, baseline = e.latency_s, e.baseline_s
         if old is not new:
@@ -239,9 +249,29 @@ class ReplicaGroup:
             )
         return reprobe
 
+    def _held_out(self) -> frozenset[str]:
+        """Replicas the control view keeps from requests (not READY, or READY again and not yet probed)."""
+        return self._view.held_out(self._endpoints) if self._view is not None else frozenset()
+
+    def _unprobed(self) -> frozenset[str]:
+        return self._view.unprobed(self._endpoints) if self._view is not None else frozenset()
+
     def _missing(self) -> list[Endpoint]:
-        """Replicas out of rotation that only a probe brings back: never answered, or breaker open."""
-        return [e for e in self._endpoints.values() if not e.answered or e.breaker.state is BreakerState.OPEN]
+        """Replicas out of rotation that only a probe brings back: never answered, breaker open, or heard
+        READY again from the control API and not yet probed."""
+        unprobed = self._unprobed()
+        return [
+            e
+            for e in self._endpoints.values()
+            if not e.answered or e.breaker.state is BreakerState.OPEN or e.name in unprobed
+        ]
+
+    def _reprobe_now(self, now: float, degraded: Sequence[str]) -> bool:
+        """Whether an answer should start the background re-probe: a replica the pipeline calls READY again
+        is probed at once (one round at a time); degraded or missing ones at most every reprobe_interval_s."""
+        if self._unprobed():
+            return not self.reprobe_running
+        return bool(degraded or self._missing()) and self._reprobe_due(now)
 
     def suspects(self) -> frozenset[str]:
         """Replicas whose breaker a timeout opened: a probe round does not wait for them (they may be hung)."""
@@ -260,6 +290,19 @@ class ReplicaGroup:
         """
         with self._lock:
             return any(e.degraded for e in self._endpoints.values()) or bool(self._missing())
+
+    def probe_specs(self) -> tuple[ServerSpec, ...]:
+        """The replicas a probe round asks: all but those the control view calls not READY."""
+        skip = self._view.not_ready(self._endpoints) if self._view is not None else frozenset()
+        return tuple(e.spec for e in self._endpoints.values() if e.name not in skip)
+
+    def note_round_without_probes(self) -> bool:
+        """A probe round with nothing to ask (the control API calls every replica not READY): it found none."""
+        with self._lock:
+            self.probe_rounds += 1
+            self.last_round_found = False
+            self.last_round_summary = "none asked: the control API says no replica is READY"
+        return False
 
     def _reprobe_due(self, now: float) -> bool:
         if self.reprobe_running:
@@ -302,6 +345,8 @@ class ReplicaGroup:
                 was_missing = not e.answered or old is BreakerState.OPEN
                 if r.ok:
                     e.probe_ok(now, r.latency_s or 0.0, r.output_tokens if self.per_token else None)
+                    if self._view is not None:
+                        self._view.probed(e.name)
                     if was_missing and self.built:
                         back.append((e.name, r.latency_s or 0.0))
                 else:

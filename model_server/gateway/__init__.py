@@ -2,14 +2,17 @@
 
 The gateway routes, retries, health-checks and breaks circuits; it does not
 start, heal or drain engines. This package runs it for the groups of the fleet
-table and keeps its worker list in step::
+table and keeps its worker list in step with the pipelines (only READY
+replicas, when they serve a control API)::
 
-    spec.py        the [[gateways]] section of the table (pydantic, pure)
+    (../gateway_table.py: the [[gateways]] section of the table, pydantic, pure; shared with config.py)
     settings.py    entry + table -> the exact settings of one gateway; validation (pure)
     command.py     settings -> the launcher's argv and the gateway's RouterArgs (pure)
     launcher.py    the gateway process: reads its keys from the environment, runs the router
     supervisor.py  one gateway process: spawn, liveness, restart with backoff, stop; GatewayRunner for several
     membership.py  add/remove workers through the gateway's worker API (/workers)
+    sync.py        the READY replicas per the control APIs vs. GET /workers -> what to add and remove (pure)
+    sync_loop.py   the thread that follows the control plane while a gateway is READY (with launch.control_port)
 
 Keys never reach a command line or a log: the launcher process reads them
 from the variables the table names, and sglang-router's Python API takes them

@@ -31,31 +31,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
 from model_server.common.urls import bearer_headers
 from model_server.errors import LaunchError
+from model_server.gateway.sync import same_url
 from model_server.launcher.redact import Secret
 
 __all__ = ["Member", "Membership", "same_url"]
 
 POLL_S = 0.1
-
-
-def _normal(url: str) -> tuple[str, str, int | None, str]:
-    parts = urlsplit(url.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/")
-
-
-def same_url(a: str, b: str) -> bool:
-    """Whether two worker URLs name the same worker (case of scheme and host, a trailing / ignored)."""
-    return _normal(a) == _normal(b)
 
 
 @dataclass(frozen=True)
@@ -196,16 +182,7 @@ class Membership:
         existing = self.find(url)
         if existing is not None and (existing.healthy or not healthy or wait_s <= 0):
             return existing
-        if existing is None:
-            body: dict[str, Any] = {"url": url, **dict(health or {})}
-            key = worker_api_key.value if isinstance(worker_api_key, Secret) else worker_api_key
-            if key:
-                body["api_key"] = key
-            response = self._request("POST", "/workers", f"add worker {url}", json=body, ok=(200, 201, 202))
-            data = self._json(response, "POST /workers")
-            worker_id = str(data.get("worker_id", "")) if isinstance(data, dict) else ""
-        else:
-            worker_id = existing.id
+        worker_id = existing.id if existing is not None else self.queue_add(url, worker_api_key, health)
         if wait_s <= 0:
             return None
         deadline = self._clock() + wait_s
@@ -233,6 +210,22 @@ class Membership:
                 )
             self._sleep(self._poll_s)
 
+    def queue_add(
+        self, url: str, worker_api_key: str | Secret | None = None, health: Mapping[str, int] | None = None
+    ) -> str:
+        """``POST /workers`` for ``url`` without looking first or waiting; the id of the queued job's worker."""
+        body: dict[str, Any] = {"url": url, **dict(health or {})}
+        key = worker_api_key.value if isinstance(worker_api_key, Secret) else worker_api_key
+        if key:
+            body["api_key"] = key
+        response = self._request("POST", "/workers", f"add worker {url}", json=body, ok=(200, 201, 202))
+        data = self._json(response, "POST /workers")
+        return str(data.get("worker_id", "")) if isinstance(data, dict) else ""
+
+    def queue_removal(self, member: Member) -> None:
+        """``DELETE /workers/{id}`` for a member just listed, without waiting (gone already is fine)."""
+        self._request("DELETE", f"/workers/{member.id}", f"remove worker {member.url}", ok=(200, 202, 204, 404))
+
     def remove(self, url: str, *, wait_s: float = 30.0) -> bool:
         """Stop routing to ``url``: True once it has left the list, False if it was not a member.
 
@@ -242,7 +235,7 @@ class Membership:
         member = self.find(url)
         if member is None:
             return False
-        self._request("DELETE", f"/workers/{member.id}", f"remove worker {url}", ok=(200, 202, 204, 404))
+        self.queue_removal(member)
         if wait_s <= 0:
             return True
         deadline = self._clock() + wait_s

@@ -31,8 +31,15 @@ registers them through ``POST /workers`` with the engines' key once the
 gateway answers (:attr:`GatewaySettings.workers_on_command_line`). Neither key
 is ever in these settings: only the names of their variables.
 
+The worker list. With ``[launch] control_port`` (and ``sync_interval_s`` >
+0) the gateway's list follows the pipelines' control APIs: only the READY
+replicas are workers (:attr:`GatewaySettings.control`, see
+:mod:`model_server.gateway.sync`); without it, the list is the group's
+replicas in the table, and the gateway's own health checks decide.
+
 :func:`validate` checks what needs the whole table: the group exists, no port
-is used twice on a host, ``power_of_two`` has two workers at start.
+is used twice on a host, ``power_of_two`` has two workers at start, the
+worker list hears of a drain before the drained replica stops.
 """
 
 from __future__ import annotations
@@ -45,11 +52,22 @@ from pathlib import Path
 from typing import Any
 
 from model_server.common.urls import server_url
-from model_server.config import Fleet
+from model_server.config import Fleet, LaunchPolicy
 from model_server.errors import ConfigError
+from model_server.gateway.sync import Replica
 from model_server.gateway_table import GatewayPolicy, GatewaySpec
 
-__all__ = ["PINNED_VERSION", "GatewaySettings", "log_name", "problems", "resolve", "select", "validate"]
+__all__ = [
+    "PINNED_VERSION",
+    "ControlSync",
+    "GatewaySettings",
+    "log_name",
+    "problems",
+    "resolve",
+    "select",
+    "sync_read_timeout_s",
+    "validate",
+]
 
 PINNED_VERSION = "0.3.2"  # sglang-router: the version these settings and tests were read off (pyproject's [gateway])
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -57,6 +75,33 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 def _ceil(value: float) -> int:
     return max(1, math.ceil(value))
+
+
+@dataclass(frozen=True)
+class ControlSync:
+    """How a gateway's worker list follows the pipelines' control APIs (``GET /status`` of each host)."""
+
+    interval_s: float
+    timeout_s: float  # one read of one host's control API
+    launch: LaunchPolicy  # control_port and control_key_env: where to read, and which key to send
+    replicas: tuple[Replica, ...]  # the group's, in table order
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.host for r in self.replicas))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "every_s": self.interval_s,
+            "read_timeout_s": self.timeout_s,
+            "control_apis": [server_url(h, self.launch.control_port or 0, "/status") for h in self.hosts],
+            "control_key": f"from ${self.launch.control_key_env} when set" if self.launch.control_key_env else None,
+        }
+
+
+def sync_read_timeout_s(interval_s: float) -> float:
+    """A read of one control API may take the interval, within 1-5 s (a busy 2-core pipeline answers slowly)."""
+    return min(5.0, max(1.0, interval_s))
 
 
 @dataclass(frozen=True)
@@ -85,6 +130,7 @@ class GatewaySettings:
     restart_window_s: float
     stop_grace_s: float
     sources: Mapping[str, str] = field(default_factory=dict)  # router setting -> where its value came from
+    control: ControlSync | None = None  # None: the static list of the table (no control_port, or sync_interval_s 0)
 
     @property
     def probe_host(self) -> str:
@@ -109,9 +155,14 @@ class GatewaySettings:
         """One line for ``model-server check``."""
         how = "on its command line" if self.workers_on_command_line else "through its worker API"
         key = f"its key from ${self.gateway_key_env}" if self.gateway_key_env else "no key"
+        follows = (
+            f"the READY ones per the control APIs, read every {self.control.interval_s:g} s"
+            if self.control
+            else "all of them (static: no control API followed)"
+        )
         return (
             f"gateway {self.name}: group {self.group} on {self.base_url} ({self.policy}), "
-            f"{len(self.workers)} worker(s) registered {how}, {key}, metrics {self.metrics_url}"
+            f"{len(self.workers)} worker(s) registered {how}, {key}, metrics {self.metrics_url}; its workers: {follows}"
         )
 
     def describe(self) -> dict[str, Any]:
@@ -130,6 +181,9 @@ class GatewaySettings:
             "worker_api_key": f"from ${self.worker_key_env}" if self.worker_key_env else None,
             "router_args": dict(self.router),
             "worker_health": dict(self.worker_health),
+            "worker_list": {"follows_the_control_plane": self.control.describe()}
+            if self.control
+            else "static: every replica of the group (no launch.control_port, or sync_interval_s = 0)",
             "defaults_from": dict(self.sources),
             "log_file": self.log_file,
             "supervision": {
@@ -238,6 +292,10 @@ def resolve(fleet: Fleet, spec: GatewaySpec) -> GatewaySettings:
         "health_check_timeout_secs": router.get("health_check_timeout_secs", 5),  # the gateway's default
         "health_success_threshold": router.get("health_success_threshold", 2),
     }
+    control = None
+    if launch.control_port is not None and spec.sync_interval_s > 0:
+        replicas = tuple(Replica(s.name, s.host, server_url(s.host, s.port)) for s in servers)
+        control = ControlSync(spec.sync_interval_s, sync_read_timeout_s(spec.sync_interval_s), launch, replicas)
     return GatewaySettings(
         name=spec.name,
         group=spec.group,
@@ -277,6 +335,7 @@ def resolve(fleet: Fleet, spec: GatewaySpec) -> GatewaySettings:
         restart_window_s=_pick(spec, "restart_window_s", launch.restart_window_s, "[launch] restart_window_s", sources),
         stop_grace_s=stop_grace_s,
         sources=sources,
+        control=control,
     )
 
 
@@ -314,13 +373,37 @@ def _spec_problems(fleet: Fleet, spec: GatewaySpec, settings: GatewaySettings, l
                 f"expect ${settings.worker_key_env}. "
                 f"Give the gateway the engines' key (remove its api_key_env), or use round_robin or cache_aware"
             )
+    out += _sync_problems(fleet, spec, label)
     return out
 
 
+def _sync_problems(fleet: Fleet, spec: GatewaySpec, label: str) -> list[str]:
+    launch, every = fleet.launch, spec.sync_interval_s
+    if launch.control_port is None:
+        if "sync_interval_s" in spec.model_fields_set and every > 0:
+            return [
+                f"{label}: field 'sync_interval_s' is {every:g}, and the table has no launch.control_port, so there "
+                f"is no control API to follow: set launch.control_port (the pipelines serve it), or remove "
+                f"sync_interval_s"
+            ]
+        return []
+    if every > 0 and every >= launch.drain_notice_s:
+        return [
+            f"{label}: field 'sync_interval_s' is {every:g} s, not below launch.drain_notice_s "
+            f"({launch.drain_notice_s:g} s), so a drained replica could stop before the gateway hears of it, and "
+            f"the requests it sends there meanwhile fail. Lower sync_interval_s, raise launch.drain_notice_s, or "
+            f"set sync_interval_s = 0 for a static worker list"
+        ]
+    return []
+
+
 def _ports_problems(fleet: Fleet, all_settings: Sequence[tuple[str, GatewaySettings]]) -> list[str]:
-    """No (host, port) twice among the gateways, their metrics ports and the servers of the table."""
+    """No (host, port) twice among the gateways, their metrics ports, the servers and the control APIs."""
     out: list[str] = []
     owner: dict[tuple[str, int], str] = {(s.host, s.port): f"server '{s.name}'" for s in fleet.servers}
+    if fleet.launch.control_port is not None:
+        for s in fleet.servers:
+            owner.setdefault((s.host, fleet.launch.control_port), f"the control API of host {s.host}")
     for label, st in all_settings:
         for what, host, port in (
             ("port", st.host, st.port),

@@ -14,7 +14,13 @@ gets its own process group, the parent-death signal, the ``MODEL_SERVER_ENGINE``
 tag and a redacting log pump into ``<log_dir>/gateway-<group>.log``; wait for
 ``/liveness`` (200 once it listens); when its workers are not on its command
 line (its key differs from the engines'), register them through the worker
-API (:mod:`model_server.gateway.membership`); then watch.
+API (:mod:`model_server.gateway.membership`); then watch. While it is READY,
+and when the table has ``[launch] control_port``, a
+:class:`~model_server.gateway.sync_loop.SyncLoop` keeps its worker list to
+the READY replicas: at each start, the supervisor registers only the replicas
+the control APIs call READY (or do not describe), and the sync's first round
+removes those that are not READY among the workers on the gateway's command
+line, so a restarted gateway gets the READY set again.
 
 :class:`GatewayRunner` runs the supervisors of ``model-server gateway`` until
 SIGINT, SIGTERM, SIGHUP or SIGQUIT, then stops every gateway (SIGTERM, which
@@ -44,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server.common.processes import log_tail
+from model_server.common.stop_signals import StopFlag
 from model_server.common.threads import finish_all
 from model_server.common.urls import server_url
 from model_server.config import Fleet
@@ -51,7 +58,9 @@ from model_server.errors import ConfigError, LaunchError
 from model_server.gateway.command import build_command
 from model_server.gateway.membership import Membership
 from model_server.gateway.settings import PINNED_VERSION, GatewaySettings
+from model_server.gateway.sync_loop import SyncLoop
 from model_server.launcher import processes as procs
+from model_server.launcher.fleet_view import ControlAnswer, control_key_from_env, get_control_status
 from model_server.launcher.lifecycle import RestartHistory, ServerState, decide_after_failure, transition
 from model_server.launcher.redact import RedactingFilter, Redactor, Secret
 
@@ -67,7 +76,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 S = ServerState
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 STOP_MARGIN_S = 5.0  # beyond the gateway's own shutdown grace, before SIGKILL
 READY_POLL_S = 0.1
 WATCH_POLL_S = 0.2
@@ -102,15 +110,18 @@ class GatewayKeys:
 
     worker: Secret | None = None
     gateway: Secret | None = None
+    control: Secret | None = None  # the pipelines' control key, sent to their control APIs (needed off-host)
 
     def values(self) -> list[str]:
-        return [k.value for k in (self.worker, self.gateway) if k is not None]
+        return [k.value for k in (self.worker, self.gateway, self.control) if k is not None]
 
 
 def read_keys(fleet: Fleet, settings: Sequence[GatewaySettings]) -> dict[str, GatewayKeys]:
     """Each gateway's keys, by gateway name; ConfigError naming the variable when one is unset or empty."""
     raw = fleet.api_key(required=True)
     worker = Secret(raw) if raw else None
+    control_raw = control_key_from_env(fleet.launch) if any(st.control for st in settings) else None
+    control = Secret(control_raw) if control_raw else None
     out: dict[str, GatewayKeys] = {}
     for st in settings:
         env = st.gateway_key_env
@@ -120,7 +131,7 @@ def read_keys(fleet: Fleet, settings: Sequence[GatewaySettings]) -> dict[str, Ga
                 f"{fleet.source}: gateway '{st.name}' takes its key from the variable {env}, which is unset or empty. "
                 f"Fix: export {env}=<key> before `model-server gateway` (never put the key in the file)"
             )
-        out[st.name] = GatewayKeys(worker, Secret(value) if value else None)
+        out[st.name] = GatewayKeys(worker, Secret(value) if value else None, control if st.control else None)
     return out
 
 
@@ -134,6 +145,7 @@ class GatewayDeps:
     port_in_use: Callable[[str, int], bool] = procs.port_in_use
     port_holder: Callable[[str, int], str] = procs.port_holder
     membership: Callable[..., Membership] = Membership
+    read_control: Callable[..., ControlAnswer] = get_control_status
     clock: Callable[[], float] = time.monotonic
     rand: Callable[[], float] = random.random
 
@@ -155,12 +167,15 @@ class GatewaySupervisor:
     def __init__(
         self,
         settings: GatewaySettings,
-        keys: GatewayKeys,
+        keys: GatewayKeys = GatewayKeys(),
         deps: GatewayDeps | None = None,
         *,
         redactor: Redactor | None = None,
         tag: str | None = None,
     ) -> None:
+        """``keys``: none by default (a table that names no key variable); ``redactor``: by default one that knows
+        ``keys`` (the runner's also knows the other gateways' keys and launch.secret_env); ``tag``: the engine tag
+        of the gateway's processes (``MODEL_SERVER_ENGINE``), by which a stop also finds those outside its group."""
         self.settings = settings
         self.keys = keys
         self.deps = deps or GatewayDeps()
@@ -250,13 +265,21 @@ class GatewaySupervisor:
         while True:
             self._check_ports(first)
             proc = self._spawn()
-            cause = self._wait_live(proc)
-            if cause is None:
-                cause = self._register()
-            if cause is None:
-                st = self.settings
-                self._set(S.READY, f"pid {proc.pid}, {st.base_url}, metrics {st.metrics_url}")
-                cause = self._watch(proc)
+            follower = self._follower()
+            try:
+                cause = self._wait_live(proc)
+                given: tuple[str, ...] = ()
+                if cause is None:
+                    cause, given = self._register(follower)
+                if cause is None:
+                    st = self.settings
+                    self._set(S.READY, f"pid {proc.pid}, {st.base_url}, metrics {st.metrics_url}")
+                    if follower is not None:
+                        follower.start(given)
+                    cause = self._watch(proc)
+            finally:
+                if follower is not None:
+                    follower.stop()
             if self._stop.is_set():
                 raise _Stopped
             self._kill()
@@ -349,21 +372,39 @@ class GatewaySupervisor:
                 return None
             self._sleep(READY_POLL_S)
 
-    def _register(self) -> str | None:
-        """Register the group's workers through the worker API when they are not on the command line."""
+    def _register(self, follower: SyncLoop | None) -> tuple[str | None, tuple[str, ...]]:
+        """Register the group's workers through the worker API when they are not on the command line: those the
+        control APIs call READY, and those they do not describe (all of them without a control API to follow).
+
+        (why it failed, or None; the workers the gateway was given at its start)."""
         st = self.settings
         if st.workers_on_command_line or not st.workers:
-            return None
+            return None, st.workers
+        workers, left_out = st.workers, ()
+        if follower is not None:
+            want = follower.hear()
+            workers = tuple(u for u in st.workers if want.get(u, (True, ""))[0])
+            left_out = tuple(want[u][1] for u in st.workers if u not in workers)
         try:
             with self.deps.membership(st.url, self.keys.gateway, timeout_s=REGISTER_TIMEOUT_S) as members:
-                queued = members.ensure(st.workers, worker_api_key=self.keys.worker, health=st.worker_health)
+                queued = members.ensure(workers, worker_api_key=self.keys.worker, health=st.worker_health)
         except LaunchError as err:
-            return self.redactor.redact(f"registering its workers failed: {err}")
-        if queued:
+            return self.redactor.redact(f"registering its workers failed: {err}"), ()
+        if queued or left_out:
             log.info(
-                "gateway %s: registered %d worker(s) through POST /workers: %s", st.name, len(queued), ", ".join(queued)
-            )
-        return None
+                "gateway %s: registered %d worker(s) through POST /workers: %s%s", st.name, len(queued),
+                ", ".join(queued) or "none", f" (not: {', '.join(left_out)})" if left_out else "",
+            )  # fmt: skip
+        return None, queued
+
+    def _follower(self) -> SyncLoop | None:
+        """The worker-list sync of this start of the gateway, not started yet (None without a control API)."""
+        if self.settings.control is None:
+            return None
+        return SyncLoop(
+            self.settings, gateway_key=self.keys.gateway, worker_key=self.keys.worker, control_key=self.keys.control,
+            membership=self.deps.membership, read_control=self.deps.read_control, clock=self.deps.clock,
+        )  # fmt: skip
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> str:
         """Why the gateway must restart: it exited, or too many failed liveness probes in a row."""
@@ -411,13 +452,10 @@ class GatewayRunner:
         self.settings = tuple(settings)
         self.deps = deps or GatewayDeps()
         self.supervisors: list[GatewaySupervisor] = []
-        self._signal: int | None = None
+        self._stop_flag = StopFlag()
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        self._signal = signum
-
-    def _handler(self, signum: int, _frame: object) -> None:
-        self._signal = signum
+        self._stop_flag.request(signum)
 
     def run(self, install_signals: bool = True) -> int:
         if not router_installed():
@@ -433,11 +471,10 @@ class GatewayRunner:
         handlers = list(logging.getLogger().handlers)
         for h in handlers:
             h.addFilter(filt)
-        previous = self._install() if install_signals else {}
         try:
-            return self._run(keys, redactor)
+            with self._stop_flag.handling(install_signals):
+                return self._run(keys, redactor)
         finally:
-            self._restore(previous)
             for h in handlers:
                 h.removeFilter(filt)
 
@@ -455,11 +492,12 @@ class GatewayRunner:
         at_stop: dict[str, ServerState | None] = {}
         try:
             futures = [executor.submit(sup.run) for sup in self.supervisors]
-            while self._signal is None and not all(f.done() for f in futures):
+            while self._stop_flag.signum is None and not all(f.done() for f in futures):
                 time.sleep(0.05)
             at_stop = {sup.settings.name: sup.state for sup in self.supervisors}
-            if self._signal is not None:
-                log.info("signal %s: stopping %d gateway(s)", signal.Signals(self._signal).name, len(self.supervisors))
+            signum = self._stop_flag.signum
+            if signum is not None:
+                log.info("signal %s: stopping %d gateway(s)", signal.Signals(signum).name, len(self.supervisors))
             else:
                 log.error("no gateway is left running (all FAILED): stopping")
             self._stop_all(run)
@@ -487,7 +525,7 @@ class GatewayRunner:
 
     def _verdict(self, at_stop: dict[str, ServerState | None]) -> int:
         bad = {n: s for n, s in at_stop.items() if s is not S.READY}
-        if not bad and self._signal is not None:
+        if not bad and self._stop_flag.signum is not None:
             log.info("all %d gateway(s) were READY until the stop", len(at_stop))
             return 0
         for sup in self.supervisors:
@@ -498,12 +536,3 @@ class GatewayRunner:
                     f": {sup.last_error}" if sup.last_error else "",
                 )  # fmt: skip
         return 1
-
-    def _install(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
-
-    def _restore(self, previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

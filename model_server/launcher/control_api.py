@@ -2,13 +2,25 @@
 
 Reads (``GET /status``, ``/events``, ``/metrics``) are open from this machine
 (127.0.0.1, ::1) and need the control key from anywhere else; the write routes
-(``POST /servers/{name}/drain|undrain|restart|stop|start``) always need it,
-as ``Authorization: Bearer <key>``, compared in constant time. The key comes
-from the variable ``launch.control_key_env`` names; without one the write
-routes are refused. Every refusal is JSON ``{"error": ...}`` naming the thing
-and the fix: 401 (no or wrong key), 404 (unknown server), 409 (its state does
-not allow it), 422 (a body that is not the JSON object the route takes). The
-key never appears in an answer.
+(``POST /servers/{name}/drain|undrain|restart|stop|start`` and
+``POST /groups/{group}/rollout``) always need it, as ``Authorization: Bearer
+<key>``, compared in constant time. The key comes from the variable
+``launch.control_key_env`` names; without one the write routes are refused.
+
+``POST /groups/{group}/rollout`` restarts that group's servers on this host
+one at a time (each drained, restarted, and READY again with a new pid before
+the next; see :mod:`model_server.launcher.rollout`). It answers 202 with the
+plan at once; ``GET /status`` shows its progress under ``rollouts``.
+
+Every refusal is JSON ``{"error": ...}`` naming the thing and the fix: 401 (no
+or wrong key), 404 (unknown server, or no server of that group here), 409 (its
+state does not allow it; a rollout of that group already running, or a server
+of it not READY), 422 (a body that is not the JSON object the route takes).
+The key never appears in an answer.
+
+The fleet dashboard's page and routes (``GET /``, ``GET /fleet``, ``POST
+/fleet/...``) are added here too, under the same key rules: see
+:mod:`model_server.launcher.dashboard`.
 """
 
 from __future__ import annotations
@@ -18,12 +30,15 @@ import json
 import logging
 from typing import Literal
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
+from model_server.config import Fleet
+from model_server.launcher import dashboard as dash
 from model_server.launcher.events_file import EventLog
 from model_server.launcher.fleet_control import CommandRefused, FleetControl
 from model_server.launcher.metrics import PipelineMetrics
@@ -35,7 +50,10 @@ log = logging.getLogger(__name__)
 LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1"})
 MAX_EVENTS = 1000
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-ROUTES = "GET /status, GET /events?limit=N, GET /metrics, POST /servers/{name}/drain|undrain|restart|stop|start"
+ROUTES = (
+    "GET /status, GET /events?limit=N, GET /metrics, POST /servers/{name}/drain|undrain|restart|stop|start, "
+    "POST /groups/{group}/rollout; the dashboard: " + dash.ROUTES
+)
 
 
 class _NoFields(BaseModel):
@@ -95,7 +113,22 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
         return _error(422, f"bad body: {problems}. Fields this route takes: {fields}")
 
 
-def build_app(control: FleetControl, events: EventLog, metrics: PipelineMetrics, key: Secret | None) -> FastAPI:
+async def _allowed_body(request: Request, key: Secret | None, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    """A write route's body, once the key is right; else the 401 or 422 to answer."""
+    return _key_refusal(request, key, write=True) or await _body(request, model)
+
+
+def build_app(
+    control: FleetControl,
+    events: EventLog,
+    metrics: PipelineMetrics,
+    key: Secret | None,
+    fleet: Fleet | None = None,
+    *,
+    dashboard_transport: httpx.MockTransport | None = None,
+) -> FastAPI:
+    """The control API. ``fleet``: the table, for the dashboard's other hosts (default: the one the status file
+    names); ``dashboard_transport``: serves the dashboard's reads instead of the network (tests)."""
     app = FastAPI(title="model-server pipeline control", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Exception)
@@ -133,10 +166,7 @@ def build_app(control: FleetControl, events: EventLog, metrics: PipelineMetrics,
         return _key_refusal(request, key, write=False) or Response(metrics.exposition(), media_type=PROMETHEUS_TEXT)
 
     async def _write(request: Request, name: str, verb: str, model: type[BaseModel]) -> Response:
-        refused = _key_refusal(request, key, write=True)
-        if refused is not None:
-            return refused
-        body = await _body(request, model)
+        body = await _allowed_body(request, key, model)
         if isinstance(body, JSONResponse):
             return body
         try:
@@ -159,4 +189,28 @@ def build_app(control: FleetControl, events: EventLog, metrics: PipelineMetrics,
     _route("drain", DrainBody)
     for verb in ("undrain", "restart", "stop", "start"):
         _route(verb, _NoFields)
+
+    async def _rollout(request: Request, group: str) -> Response:
+        body = await _allowed_body(request, key, _NoFields)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            plan = control.rollout(group)
+        except CommandRefused as err:
+            return _error(err.status, err.message)
+        log.info("control API: rollout of group %s asked by %s", group, request.client.host if request.client else "?")
+        return JSONResponse(plan, status_code=202)
+
+    app.add_api_route("/groups/{group}/rollout", _rollout, methods=["POST"], name="rollout")
+
+    async def _local_server(request: Request, name: str, verb: str) -> Response:
+        return await _write(request, name, verb, DrainBody if verb == "drain" else _NoFields)
+
+    dash.add_routes(
+        app,
+        dash.Dashboard(control, events, key, fleet, transport=dashboard_transport),
+        lambda request, write: _key_refusal(request, key, write=write),
+        _local_server,
+        _rollout,
+    )
     return app

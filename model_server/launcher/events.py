@@ -28,6 +28,7 @@ __all__ = [
     "Command",
     "EngineExited",
     "Event",
+    "Get",
     "GpusRead",
     "Note",
     "PortChecked",
@@ -142,11 +143,16 @@ class EngineExited:
 
 
 @dataclass(frozen=True, slots=True)
-class Probe:
-    """Action: GET ``url`` within ``timeout_s``. Answered by :class:`Probed` (or an exit or a stop meanwhile)."""
+class Get:
+    """An action that reads ``url`` (HTTP GET) within ``timeout_s``; answered by an event, or an exit or a stop."""
 
     url: str
     timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Probe(Get):
+    """Action: a readiness or health probe. Answered by :class:`Probed`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +190,8 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadRunning:
-    """Action: read the engine's ``sglang:num_running_reqs`` from ``url`` (its /metrics) within ``timeout_s``.
-
-    Answered by :class:`RunningRead` (or an exit or a stop meanwhile).
-    """
-
-    url: str
-    timeout_s: float
+class ReadRunning(Get):
+    """Action: read the engine's ``sglang:num_running_reqs`` from its /metrics. Answered by :class:`RunningRead`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ for the memory fraction, and starts nothing) or :class:`Pipeline`. One superviso
 per server (a ThreadPoolExecutor); the main thread waits for a stop signal,
 then stops every engine (SIGTERM, grace, SIGKILL: its process group and every
 process tagged as its own) and returns the exit status: 0 when every server
-was READY until the stop, else 1.
+was READY until the stop (or in the state an operator asked for through the control
+API: drained, stopped, restarting), else 1.
 
 Stop signals: SIGINT (Ctrl-C), SIGTERM, and SIGHUP and SIGQUIT, which a closed
 ssh session or terminal sends: all four stop gracefully.
@@ -24,15 +25,15 @@ import logging
 import os
 import secrets
 import signal
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model_server.common.hosts import select_local_servers
+from model_server.common.stop_signals import STOP_SIGNALS, StopFlag
 from model_server.common.threads import finish_all
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
@@ -63,7 +64,6 @@ __all__ = ["STOP_SIGNALS", "DryRunCommand", "Pipeline", "Plan", "dry_run_command
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -218,22 +218,20 @@ class Pipeline:
         self.plan = p
         self.policy = p.fleet.launch
         self._deps = deps
-        self._signal: int | None = None  # set by the handler: no locks there
+        self._stop = StopFlag()
         self._control_key: Secret | None = None
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop as on ``signum`` (from another thread, or a test)."""
-        self._signal = signum
+        self._stop.request(signum)
 
-    def _handler(self, signum: int, _frame: object) -> None:
-        self._signal = signum
+    @property
+    def _signal(self) -> int | None:
+        return self._stop.signum
 
     def run(self, install_signals: bool = True) -> int:
-        previous = self._install() if install_signals else {}
-        try:
+        with self._stop.handling(install_signals):
             return self._run()
-        finally:
-            self._restore(previous)
 
     def _run(self) -> int:
         fleet = self.plan.fleet
@@ -297,7 +295,7 @@ class Pipeline:
                 key=key, redactor=redactor, tag=run_prefix + rundir.safe_name(s.name), events=events, metrics=metrics,
             )  # fmt: skip
 
-        control = FleetControl(self.plan.servers, board, deps.inventory, executor, supervise)
+        control = FleetControl(self.plan.servers, board, deps.inventory, executor, supervise, policy)
         metrics = PipelineMetrics(control.statuses, control.read_gpus)
         events.listen(metrics.on_transition)
         server = self._control_server(control, events, metrics)
@@ -322,6 +320,8 @@ class Pipeline:
             self._stop_all(supervisors, run_prefix)
             deadline = time.monotonic() + policy.stop_grace_s + policy.health_timeout_s + 15.0
             finish_all(control.futures(), deadline, "a supervisor thread")
+            if not control.join_rollouts(max(0.0, deadline - time.monotonic())):
+                log.warning("a rollout thread did not end in time (it is a daemon: the exit ends it)")
         finally:
             control.close()
             self._stop_all(control.supervisors(), run_prefix)  # again: a no-op unless an error skipped the stop above
@@ -333,7 +333,7 @@ class Pipeline:
                     rundir.remove_key_file(sup.key_file)
             board.set_meta(stopped=time.time())
         _report_gpu_holders(deps, self.plan.servers, owner, "after the stop")
-        return self._verdict(at_stop)
+        return self._verdict(at_stop, control.operator_asked)
 
     def _control_server(
         self, control: FleetControl, events: EventLog, metrics: PipelineMetrics
@@ -344,7 +344,13 @@ class Pipeline:
         from model_server.launcher.control_api import build_app  # noqa: PLC0415  (the web stack only when asked for)
         from model_server.launcher.control_server import ControlServer  # noqa: PLC0415
 
-        app = build_app(control, events, metrics, self._control_key)
+        if self._control_key is None:
+            log.warning(
+                "the control API's write routes (drain, restart, rollout, ...) are off: the variable %s is unset. "
+                "Export it (a long random key) before starting the pipeline to turn them on",
+                self.policy.control_key_env,
+            )
+        app = build_app(control, events, metrics, self._control_key, fleet=self.plan.fleet)
         return ControlServer(app, self.plan.servers[0].host, self.policy.control_port)
 
     def _stop_all(self, supervisors: list[ServerSupervisor], run_prefix: str) -> None:
@@ -369,23 +375,21 @@ class Pipeline:
                 hard,
             )
 
-    def _verdict(self, at_stop: dict[str, ServerStatus]) -> int:
-        bad = {n: s for n, s in at_stop.items() if s.state != ServerState.READY.value}
+    def _verdict(self, at_stop: dict[str, ServerStatus], operator_asked: Callable[[str], bool]) -> int:
+        """0 when every server was READY at the stop, or in the state an operator put it in (not FAILED)."""
+        bad = {
+            n: s
+            for n, s in at_stop.items()
+            if s.state != ServerState.READY.value and (s.state == ServerState.FAILED.value or not operator_asked(n))
+        }
         if not bad and self._signal is not None:
-            log.info("all %d server(s) were READY until the stop", len(at_stop))
+            asked = [n for n, s in at_stop.items() if s.state != ServerState.READY.value]
+            log.info(
+                "all %d server(s) were READY until the stop%s",
+                len(at_stop),
+                f", but for {', '.join(asked)} (as an operator asked)" if asked else "",
+            )
             return 0
         for name, s in bad.items():
             log.error("server %s was %s at the stop%s", name, s.state, f": {s.last_error}" if s.last_error else "")
         return 1
-
-    def _install(self) -> dict[int, object]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-        for sig in STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, self._handler)
-        return previous
-
-    def _restore(self, previous: dict[int, object]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]

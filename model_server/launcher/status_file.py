@@ -61,6 +61,13 @@ class Worker:
     pid: int
     create_time: float
 
+    @classmethod
+    def from_json(cls, value: Any) -> Worker | None:
+        """The worker an entry of the file names ({pid, create_time}), or None if it names none."""
+        if isinstance(value, dict) and _is_pid(value.get("pid")) and _is_time(value.get("create_time")):
+            return cls(value["pid"], float(value["create_time"]))
+        return None
+
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -152,8 +159,9 @@ def _parse_entry(name: str, entry: Any, problems: list[str]) -> ServerStatus | N
         ok = False
     else:
         for i, w in enumerate(raw):
-            if isinstance(w, dict) and _is_pid(w.get("pid")) and _is_time(w.get("create_time")):
-                workers.append(Worker(w["pid"], float(w["create_time"])))
+            worker = Worker.from_json(w)
+            if worker is not None:
+                workers.append(worker)
             else:
                 problems.append(f"{where}.workers[{i}] is {_short(w)}, not {{pid, create_time}}")
                 ok = False

@@ -16,7 +16,7 @@ The loop in supervisor.py reads the events and performs the actions
     a failure: more than max_restarts in restart_window_s: FAILED (lifecycle.decide_after_failure)
     a stop, in any phase: Finished, STOPPED (FAILED stays FAILED)
     Watching --drain/restart (control API)--> Draining --0 running, or drain_timeout_s--> Finished STOPPED,
-                                                 |                                  or GpuWait (RESTARTING)
+                                                 |  (read from drain_notice_s on)   or GpuWait (RESTARTING)
                                                  +--undrain--> Watching (READY)
     a command arrives in place of a Wait's tick; :func:`command_refusal` says which state takes which
 
@@ -429,12 +429,16 @@ def _on_command(state: Supervision, command: ev.Command, now: float) -> Steps:
         return replace(state, phase=replace(phase, then=then)), (ev.Note("info", f"once drained: {then}"), ev.Wait(now))
     if not isinstance(phase, Watching):
         raise _unexpected(state, command)
-    timeout_s = state.settings.policy.drain_timeout_s
-    draining = Draining(phase.pid, then, now + timeout_s)
+    policy = state.settings.policy
+    draining = Draining(phase.pid, then, now + policy.drain_timeout_s)
     state, publish = _publish(
-        replace(state, phase=draining), S.DRAINING, f"then {then}, within {timeout_s:g} s (launch.drain_timeout_s)"
+        replace(state, phase=draining),
+        S.DRAINING,
+        f"then {then}, within {policy.drain_timeout_s:g} s (launch.drain_timeout_s)",
     )
-    return state, (publish, _read_running(state, draining, now))
+    # Clients hear of the drain at their next read of the control API: until then the engine still gets
+    # requests (and serves them), so its running requests are read only once the notice has passed.
+    return state, (publish, ev.Wait(min(now + policy.drain_notice_s, draining.deadline_s)))
 
 
 def _read_running(state: Supervision, phase: Draining, now: float) -> ev.ReadRunning:

@@ -87,6 +87,49 @@ def observe_many(histogram: object, total: float, count: int) -> None:
             break
 
 
+# The scheduler's gauges, by name after "sglang:", with SGLang's help strings, in its order.
+SCHEDULER_GAUGES = (
+    ("num_running_reqs", "The number of running requests."),
+    ("num_queue_reqs", "The number of requests in the waiting queue."),
+    ("num_grammar_queue_reqs", "The number of requests in the grammar waiting queue."),
+    ("gen_throughput", "The generation throughput (token/s)."),
+    ("cache_hit_rate", "The prefix cache hit rate."),
+    ("decode_sum_seq_lens", "The sum of all sequence lengths in decode."),
+    ("token_usage", "The token usage."),
+    ("full_token_usage", "The token usage for full attention layers."),
+    ("num_used_tokens", "The number of used tokens."),
+    ("kv_available_tokens", "Number of free token slots in the KV cache pool."),
+    ("kv_evictable_tokens", "Number of evictable (radix-cached) token slots in the KV cache pool."),
+    ("kv_used_tokens", "Number of actively used token slots in the KV cache pool."),
+    ("utilization", "The utilization."),
+    ("num_retracted_reqs", "The number of retracted requests."),
+    ("num_paused_reqs", "The number of paused requests by async weight sync."),
+    ("max_total_num_tokens", "Maximum total number of tokens in the KV cache pool."),
+    ("context_len", "Maximum context length."),
+)
+# The tokenizer's counters and histograms, in SGLang's order: (name after "sglang:", help, the buckets of a
+# histogram (None: a counter), labelled by is_streaming).
+TOKENIZER_METRICS = (
+    ("prompt_tokens_total", "Number of prefill tokens processed.", None, True),
+    ("generation_tokens_total", "Number of generation tokens processed.", None, True),
+    ("num_requests_total", "Number of requests processed.", None, True),
+    ("num_aborted_requests_total", "Number of requests aborted.", None, False),
+    ("num_so_requests_total", "Number of structured output requests processed.", None, False),
+    ("prompt_tokens_histogram", "Histogram of prompt token length.", TOKEN_BUCKETS, False),
+    ("uncached_prompt_tokens_histogram", "Histogram of uncached (compute) prompt token length.", TOKEN_BUCKETS, False),
+    ("generation_tokens_histogram", "Histogram of generation token length.", TOKEN_BUCKETS, False),
+    ("time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS, True),
+    ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS, False),
+    (
+        "request_time_per_output_token_seconds",
+        "Per-request TPOT in seconds: (finished_time - first_token_time) / (completion_tokens - 1).",
+        ITL_BUCKETS,
+        True,
+    ),
+    ("e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", E2E_BUCKETS, True),
+)
+
+
 class SimMetrics:
     """The `sglang:` metrics of one simulated server."""
 
@@ -94,90 +137,27 @@ class SimMetrics:
         self.registry = r = CollectorRegistry(auto_describe=False)
         sched = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"}
         self._tok = {"model_name": model_name, "engine_type": "unified"}
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, SCHEDULER_LABELS, registry=r).labels(**sched)
-
-        self.num_running_reqs = gauge("sglang:num_running_reqs", "The number of running requests.")
-        self.num_queue_reqs = gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.")
-        self.num_grammar_queue_reqs = gauge(
-            "sglang:num_grammar_queue_reqs", "The number of requests in the grammar waiting queue."
-        )
-        self.gen_throughput = gauge("sglang:gen_throughput", "The generation throughput (token/s).")
-        self.cache_hit_rate = gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
-        self.decode_sum_seq_lens = gauge("sglang:decode_sum_seq_lens", "The sum of all sequence lengths in decode.")
-        self.token_usage = gauge("sglang:token_usage", "The token usage.")
-        self.full_token_usage = gauge("sglang:full_token_usage", "The token usage for full attention layers.")
-        self.num_used_tokens = gauge("sglang:num_used_tokens", "The number of used tokens.")
-        self.kv_available_tokens = gauge(
-            "sglang:kv_available_tokens", "Number of free token slots in the KV cache pool."
-        )
-        self.kv_evictable_tokens = gauge(
-            "sglang:kv_evictable_tokens", "Number of evictable (radix-cached) token slots in the KV cache pool."
-        )
-        self.kv_used_tokens = gauge(
-            "sglang:kv_used_tokens", "Number of actively used token slots in the KV cache pool."
-        )
-        self.utilization = gauge("sglang:utilization", "The utilization.")
-        self.num_retracted_reqs = gauge("sglang:num_retracted_reqs", "The number of retracted requests.")
-        self.num_paused_reqs = gauge("sglang:num_paused_reqs", "The number of paused requests by async weight sync.")
-        gauge("sglang:max_total_num_tokens", "Maximum total number of tokens in the KV cache pool.").set(
-            max_total_num_tokens
-        )
-        gauge("sglang:context_len", "Maximum context length.").set(context_len)
+        self._gauges = {
+            name: Gauge(f"sglang:{name}", doc, SCHEDULER_LABELS, registry=r).labels(**sched)
+            for name, doc in SCHEDULER_GAUGES
+        }
+        self._gauges["max_total_num_tokens"].set(max_total_num_tokens)
+        self._gauges["context_len"].set(context_len)
         self.max_total_num_tokens = max_total_num_tokens
         self.queue_time = Histogram(
             "sglang:queue_time_seconds", "Histogram of queueing time in seconds.", SCHEDULER_LABELS,
             buckets=QUEUE_BUCKETS, registry=r,
         ).labels(**sched)  # fmt: skip
-
-        def counter(name: str, doc: str, streaming: bool) -> Counter:
+        self._tokenizer: dict[str, Any] = {}
+        for name, doc, buckets, streaming in TOKENIZER_METRICS:
             labels = (*TOKENIZER_LABELS, "is_streaming") if streaming else TOKENIZER_LABELS
-            return Counter(name, doc, labels, registry=r)
-
-        def histogram(name: str, doc: str, buckets: tuple, streaming: bool) -> Histogram:
-            labels = (*TOKENIZER_LABELS, "is_streaming") if streaming else TOKENIZER_LABELS
-            return Histogram(name, doc, labels, buckets=buckets, registry=r)
-
-        self.prompt_tokens = counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", True)
-        self.generation_tokens = counter(
-            "sglang:generation_tokens_total", "Number of generation tokens processed.", True
-        )
-        self.num_requests = counter("sglang:num_requests_total", "Number of requests processed.", True)
-        self.num_aborted = counter("sglang:num_aborted_requests_total", "Number of requests aborted.", False)
-        self.num_so = counter("sglang:num_so_requests_total", "Number of structured output requests processed.", False)
-        self.prompt_hist = histogram(
-            "sglang:prompt_tokens_histogram", "Histogram of prompt token length.", TOKEN_BUCKETS, False
-        )
-        self.uncached_hist = histogram(
-            "sglang:uncached_prompt_tokens_histogram",
-            "Histogram of uncached (compute) prompt token length.",
-            TOKEN_BUCKETS,
-            False,
-        )
-        self.generation_hist = histogram(
-            "sglang:generation_tokens_histogram", "Histogram of generation token length.", TOKEN_BUCKETS, False
-        )
-        self.ttft = histogram(
-            "sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS, True
-        )
-        self.itl = histogram(
-            "sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS, False
-        )
-        self.tpot = histogram(
-            "sglang:request_time_per_output_token_seconds",
-            "Per-request TPOT in seconds: (finished_time - first_token_time) / (completion_tokens - 1).",
-            ITL_BUCKETS,
-            True,
-        )
-        self.e2e = histogram(
-            "sglang:e2e_request_latency_seconds",
-            "Histogram of End-to-end request latency in seconds",
-            E2E_BUCKETS,
-            True,
-        )
+            self._tokenizer[name] = (
+                Counter(f"sglang:{name}", doc, labels, registry=r)
+                if buckets is None
+                else Histogram(f"sglang:{name}", doc, labels, buckets=buckets, registry=r)
+            )
         self.throughput = ThroughputMeter()
-        self._children: dict[tuple[int, bool | None], Any] = {}
+        self._children: dict[tuple[str, bool | None], Any] = {}
         # observability/http_request_metrics.py
         self.http_requests = Counter(
             "sglang:http_requests_total", "Total number of HTTP requests by endpoint and method",
@@ -195,17 +175,18 @@ class SimMetrics:
     def _s(self, streaming: bool) -> dict[str, str]:
         return {**self._tok, "is_streaming": "true" if streaming else "false"}
 
-    def _child(self, metric: Any, streaming: bool | None = None) -> Any:
-        """A labelled series, looked up once (labels() is not free on the hot path)."""
-        key = (id(metric), streaming)
+    def _child(self, name: str, streaming: bool | None = None) -> Any:
+        """The series of tokenizer metric ``name`` (labelled by is_streaming unless None), looked up once
+        (labels() is not free on the hot path)."""
+        key = (name, streaming)
         child = self._children.get(key)
         if child is None:
-            child = metric.labels(**(self._tok if streaming is None else self._s(streaming)))
-            self._children[key] = child
+            labels = self._tok if streaming is None else self._s(streaming)
+            child = self._children[key] = self._tokenizer[name].labels(**labels)
         return child
 
     def first_token(self, ttft_s: float, *, streaming: bool, queue_s: float) -> None:
-        self._child(self.ttft, streaming).observe(ttft_s)
+        self._child("time_to_first_token_seconds", streaming).observe(ttft_s)
         self.queue_time.observe(queue_s)
 
     def tokens(self, count: int, interval_s: float, *, first: bool = False) -> None:
@@ -213,7 +194,7 @@ class SimMetrics:
         self.throughput.add(count)
         itl_count = count - 1 if first else count
         if itl_count > 0:
-            observe_many(self._child(self.itl), interval_s, itl_count)
+            observe_many(self._child("inter_token_latency_seconds"), interval_s, itl_count)
 
     def finished(
         self,
@@ -227,33 +208,37 @@ class SimMetrics:
     ) -> None:
         """One finished request."""
         child = self._child
-        child(self.num_requests, streaming).inc()
-        child(self.prompt_tokens, streaming).inc(prompt_tokens)
-        child(self.generation_tokens, streaming).inc(output_tokens)
-        child(self.e2e, streaming).observe(e2e_s)
+        child("num_requests_total", streaming).inc()
+        child("prompt_tokens_total", streaming).inc(prompt_tokens)
+        child("generation_tokens_total", streaming).inc(output_tokens)
+        child("e2e_request_latency_seconds", streaming).observe(e2e_s)
         if tpot_s is not None:
-            child(self.tpot, streaming).observe(tpot_s)
-        child(self.prompt_hist).observe(prompt_tokens)
-        child(self.uncached_hist).observe(prompt_tokens)
-        child(self.generation_hist).observe(output_tokens)
+            child("request_time_per_output_token_seconds", streaming).observe(tpot_s)
+        child("prompt_tokens_histogram").observe(prompt_tokens)
+        child("uncached_prompt_tokens_histogram").observe(prompt_tokens)  # no prefix cache: every token is computed
+        child("generation_tokens_histogram").observe(output_tokens)
         if structured:
-            child(self.num_so).inc()
+            child("num_so_requests_total").inc()
 
     def aborted(self) -> None:
-        self._child(self.num_aborted).inc()
+        self._child("num_aborted_requests_total").inc()
 
     def render(self, *, running: int, queued: int, used_tokens: int) -> bytes:
-        self.num_running_reqs.set(running)
-        self.num_queue_reqs.set(queued)
         usage = min(1.0, used_tokens / self.max_total_num_tokens) if self.max_total_num_tokens else 0.0
-        self.token_usage.set(usage)
-        self.full_token_usage.set(usage)
-        self.num_used_tokens.set(used_tokens)
-        self.kv_used_tokens.set(used_tokens)
-        self.kv_available_tokens.set(max(0, self.max_total_num_tokens - used_tokens))
-        self.decode_sum_seq_lens.set(used_tokens)
-        self.utilization.set(1.0 if running else 0.0)
-        self.gen_throughput.set(self.throughput.rate())
+        now = {
+            "num_running_reqs": running,
+            "num_queue_reqs": queued,
+            "token_usage": usage,
+            "full_token_usage": usage,
+            "num_used_tokens": used_tokens,
+            "kv_used_tokens": used_tokens,
+            "kv_available_tokens": max(0, self.max_total_num_tokens - used_tokens),
+            "decode_sum_seq_lens": used_tokens,
+            "utilization": 1.0 if running else 0.0,
+            "gen_throughput": self.throughput.rate(),
+        }
+        for name, value in now.items():
+            self._gauges[name].set(value)
         return generate_latest(self.registry)
 
 

@@ -77,10 +77,7 @@ def chat_choice(index: int, reply: Reply, top: int | None) -> dict:
     """One choice of an unstreamed chat answer, as SGLang's serializer writes it."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.text, "reasoning_content": None}
     if reply.tool_calls:
-        message["tool_calls"] = [
-            {"id": c.id, "index": k, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for k, c in enumerate(reply.tool_calls)
-        ]
+        message["tool_calls"] = [call.as_json(k) for k, call in enumerate(reply.tool_calls)]
     return {
         "index": index,
         "message": message,

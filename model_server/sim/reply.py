@@ -23,7 +23,7 @@ import json
 import random
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from model_server.sim import text as simtext
@@ -34,13 +34,26 @@ _MAX_JSON_DEPTH = 6
 _TOP_ALTERNATIVES = tuple(simtext.VOCABULARY[:20])
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 @dataclass(frozen=True)
 class ToolCall:
-    """One function call the simulated model makes (arguments: a JSON string)."""
+    """One function call the simulated model makes (arguments: a JSON string), with an id of SGLang's form."""
 
-    id: str
     name: str
     arguments: str
+    id: str = field(default_factory=_call_id)
+
+    def as_json(self, index: int) -> dict[str, Any]:
+        """The call as SGLang writes it, in a message (unstreamed) or a delta (streamed)."""
+        return {
+            "id": self.id,
+            "index": index,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ class Reply:
     def _tool(self, s: Sampling) -> None:
         tool = s.tool or {}
         arguments = json.dumps(json_instance(tool.get("parameters") or {"type": "object"}, random.Random(s.seed)))
-        call = ToolCall(f"call_{uuid.uuid4().hex[:24]}", str(tool.get("name", "")), arguments)
+        call = ToolCall(str(tool.get("name", "")), arguments)
         self.tool_calls = (call,)
         self._set((), simtext.count_tokens(call.name) + simtext.count_tokens(arguments) + 2, "tool_calls", None)
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from model_server.errors import SimError
 from model_server.sim.faults import Faults
@@ -130,6 +130,96 @@ _http_error_status = _checked(
 _log_level = _checked(str, _is_log_level, "log level", "is not a logging level (debug, info, warning, error, critical)")
 
 
+_SWITCH = "store_true"  # the kind of an on/off flag
+
+
+class _Flag(NamedTuple):
+    """One flag: its name (or names), its argparse ``type`` (None: text; _SWITCH: on/off), help and metavar."""
+
+    names: str | tuple[str, ...]
+    kind: Callable[[str], Any] | str | None = None
+    help: str | None = None
+    metavar: str | None = None
+
+    def add_to(self, group: argparse._ArgumentGroup) -> None:
+        names = (self.names,) if isinstance(self.names, str) else self.names
+        if self.kind == _SWITCH:
+            group.add_argument(*names, action="store_true", help=self.help)
+        else:
+            group.add_argument(*names, type=self.kind, help=self.help, metavar=self.metavar)
+
+
+_SGLANG_FLAGS = (
+    _Flag("--model-path", help="reported as the model path (required; nothing is loaded)"),
+    _Flag("--served-model-name", help="the model name on /v1/models and in replies"),
+    _Flag("--host"),
+    _Flag("--port", _port),
+    _Flag("--api-key", help="require 'Authorization: Bearer KEY' (prefer --config for secrets)"),
+    _Flag("--admin-api-key", help="the key of the admin routes (/flush_cache, /sim/*), as SGLang's"),
+    _Flag("--is-embedding", _SWITCH, "serve embeddings instead of completions"),
+    _Flag("--config", help="YAML file (*.yaml, *.yml) of options (keys with '_' or '-'); the command line wins"),
+    _Flag(("--tp-size", "--tensor-parallel-size"), _positive_int),
+    _Flag("--mem-fraction-static", _probability),
+    _Flag("--context-length", _positive_int),
+    _Flag("--chunked-prefill-size", int),
+    _Flag("--enable-metrics", _SWITCH, "serve Prometheus metrics on /metrics"),
+    _Flag(
+        "--max-running-requests",
+        _positive_int,
+        "running batch size; the rest queue (default: from the simulated KV pool, as SGLang)",
+    ),
+    _Flag("--max-total-tokens", _positive_int, "KV pool size in tokens (default: simulated)"),
+    _Flag("--log-level", _log_level),
+    _Flag("--stream-response-default-include-usage", _SWITCH),
+    _Flag("--dtype"),
+    _Flag("--enable-p2p-check", _SWITCH),
+    _Flag("--trust-remote-code", _SWITCH),
+)
+_LATENCY_FLAGS = (
+    _Flag(
+        "--startup-delay-s",
+        _non_negative_float,
+        "'loading the weights': no listener (connection refused) for this long",
+    ),
+    _Flag(
+        "--health-generate-s",
+        _non_negative_float,
+        "/health_generate's poll interval (SGLang: 1 s, so it takes at least that)",
+    ),
+    _Flag("--ttft-ms", _non_negative_float, "base time to first token"),
+    _Flag("--ttft-per-prompt-token-ms", _non_negative_float),
+    _Flag("--tpot-ms", _non_negative_float, "time per output token, 1 running"),
+    _Flag("--tpot-growth", _non_negative_float, "tpot x (1 + F x (running-1))"),
+    _Flag("--embedding-dim", _positive_int),
+    _Flag("--seed", int),
+)
+_FAULT_FLAGS = (
+    _Flag("--error-rate", _probability, "share of model requests that fail"),
+    _Flag("--error-status", _http_error_status),
+    _Flag("--hang", _SWITCH, "model routes accept and never answer"),
+    _Flag("--slow-factor", _positive_float, "every latency x F"),
+    _Flag("--crash-after", _positive_int, "exit on the N-th model request"),
+    _Flag("--malformed-rate", _probability, "share of 200s with invalid JSON"),
+    _Flag("--drop-stream-rate", _probability, "share of streams cut after their first text chunk"),
+    _Flag(
+        "--stall-after-tokens",
+        _non_negative_int,
+        "streams send K tokens, then nothing (connection kept open); longer unstreamed replies never come",
+        "K",
+    ),
+    _Flag("--crash-after-tokens", _non_negative_int, "exit once a stream has sent K tokens", "K"),
+    _Flag(
+        "--hang-before-first-token", _SWITCH, "streams get their headers but no token; unstreamed requests never answer"
+    ),
+)
+# The groups, in the order --help lists them; every default is SimSettings' (the flags' dests are its fields).
+_FLAG_GROUPS = (
+    ("SGLang options", _SGLANG_FLAGS),
+    ("latency model", _LATENCY_FLAGS),
+    ("faults (also settable at run time: POST /sim/faults)", _FAULT_FLAGS),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """SGLang's flag names where they overlap, then the simulator's own."""
     p = argparse.ArgumentParser(
@@ -137,74 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A simulated SGLang engine (not a model): SGLang's HTTP API with deterministic "
         "filler text, a latency model and fault injection, for tests and demos without a GPU.",
     )
-    s = p.add_argument_group("SGLang options")
-    s.add_argument("--model-path", help="reported as the model path (required; nothing is loaded)")
-    s.add_argument("--served-model-name", help="the model name on /v1/models and in replies")
-    s.add_argument("--host")
-    s.add_argument("--port", type=_port)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer --config for secrets)")
-    s.add_argument("--admin-api-key", help="the key of the admin routes (/flush_cache, /sim/*), as SGLang's")
-    s.add_argument("--is-embedding", action="store_true", help="serve embeddings instead of completions")
-    s.add_argument(
-        "--config", help="YAML file (*.yaml, *.yml) of options (keys with '_' or '-'); the command line wins"
-    )
-    s.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=_positive_int)
-    s.add_argument("--mem-fraction-static", type=_probability)
-    s.add_argument("--context-length", type=_positive_int)
-    s.add_argument("--chunked-prefill-size", type=int)
-    s.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics on /metrics")
-    s.add_argument(
-        "--max-running-requests",
-        type=_positive_int,
-        help="running batch size; the rest queue (default: from the simulated KV pool, as SGLang)",
-    )
-    s.add_argument("--max-total-tokens", type=_positive_int, help="KV pool size in tokens (default: simulated)")
-    s.add_argument("--log-level", type=_log_level)
-    s.add_argument("--stream-response-default-include-usage", action="store_true")
-    s.add_argument("--dtype")
-    s.add_argument("--enable-p2p-check", action="store_true")
-    s.add_argument("--trust-remote-code", action="store_true")
-
-    m = p.add_argument_group("latency model")
-    m.add_argument(
-        "--startup-delay-s",
-        type=_non_negative_float,
-        help="'loading the weights': no listener (connection refused) for this long",
-    )
-    m.add_argument(
-        "--health-generate-s",
-        type=_non_negative_float,
-        help="/health_generate's poll interval (SGLang: 1 s, so it takes at least that)",
-    )
-    m.add_argument("--ttft-ms", type=_non_negative_float, help="base time to first token")
-    m.add_argument("--ttft-per-prompt-token-ms", type=_non_negative_float)
-    m.add_argument("--tpot-ms", type=_non_negative_float, help="time per output token, 1 running")
-    m.add_argument("--tpot-growth", type=_non_negative_float, help="tpot x (1 + F x (running-1))")
-    m.add_argument("--embedding-dim", type=_positive_int)
-    m.add_argument("--seed", type=int)
-
-    f = p.add_argument_group("faults (also settable at run time: POST /sim/faults)")
-    f.add_argument("--error-rate", type=_probability, help="share of model requests that fail")
-    f.add_argument("--error-status", type=_http_error_status)
-    f.add_argument("--hang", action="store_true", help="model routes accept and never answer")
-    f.add_argument("--slow-factor", type=_positive_float, help="every latency x F")
-    f.add_argument("--crash-after", type=_positive_int, help="exit on the N-th model request")
-    f.add_argument("--malformed-rate", type=_probability, help="share of 200s with invalid JSON")
-    f.add_argument("--drop-stream-rate", type=_probability, help="share of streams cut after their first text chunk")
-    f.add_argument(
-        "--stall-after-tokens",
-        type=_non_negative_int,
-        metavar="K",
-        help="streams send K tokens, then nothing (connection kept open); longer unstreamed replies never come",
-    )
-    f.add_argument(
-        "--crash-after-tokens", type=_non_negative_int, metavar="K", help="exit once a stream has sent K tokens"
-    )
-    f.add_argument(
-        "--hang-before-first-token",
-        action="store_true",
-        help="streams get their headers but no token; unstreamed requests never answer",
-    )
+    for title, flags in _FLAG_GROUPS:
+        group = p.add_argument_group(title)
+        for flag in flags:
+            flag.add_to(group)
     p.set_defaults(**_settings_defaults())
     return p
 

@@ -171,10 +171,7 @@ class _Chunks:
 
     def tool_calls(self, index: int, reply: Reply, usage_json: bytes | None) -> bytes:
         """Chat: the tool calls, in one chunk (SGLang's pydantic dump: every field present)."""
-        calls = [
-            {"id": c.id, "index": i, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for i, c in enumerate(reply.tool_calls)
-        ]
+        calls = [call.as_json(i) for i, call in enumerate(reply.tool_calls)]
         delta = {"role": None, "content": None, "reasoning_content": None, "tool_calls": calls}
         out = self._choice(index) + b',"delta":' + dumps(delta)
         out += b',"logprobs":null,"finish_reason":null,"matched_stop":null}],"usage":'

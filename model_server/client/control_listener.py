@@ -1,0 +1,106 @@
+"""Reads every host's control API in the background and feeds a :class:`ControlView`.
+
+One daemon thread per host of the table reads ``GET /status`` every
+``client.control_refresh_s`` (within a short timeout), never on a request's
+path. An answer updates the view; a host that does not answer (no control
+API, a firewall, a pipeline restarting, a 401/403 without the key) is
+forgotten at once, so the client routes on its own probes there, as it does
+without a control plane. The control key (``launch.control_key_env``) is sent
+when the variable is set: a pipeline asks for it on reads from other machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import httpx
+
+from model_server.client.control_view import ControlView
+from model_server.common.urls import bearer_headers, server_url
+from model_server.config import ClientPolicy, Fleet
+
+__all__ = ["ControlListener", "control_view_for"]
+
+log = logging.getLogger("model_server.client")
+
+MIN_READ_TIMEOUT_S = 1.0  # a busy pipeline on a 2-core machine may take a moment to answer
+MAX_READ_TIMEOUT_S = 5.0
+STALE_AFTER_READS = 3  # an answer counts for this many refresh intervals (plus one read's timeout)
+
+
+def _read_timeout_s(policy: ClientPolicy) -> float:
+    return min(MAX_READ_TIMEOUT_S, max(MIN_READ_TIMEOUT_S, policy.control_refresh_s))
+
+
+def control_view_for(fleet: Fleet, policy: ClientPolicy, clock: Callable[[], float]) -> ControlView | None:
+    """The view a client keeps, or None when the table has no control API or the client does not listen."""
+    if fleet.launch.control_port is None or policy.control_refresh_s <= 0:
+        return None
+    stale_after_s = STALE_AFTER_READS * policy.control_refresh_s + _read_timeout_s(policy)
+    return ControlView({s.name: s.host for s in fleet.servers}, stale_after_s, clock)
+
+
+class ControlListener:
+    """The background readers of one client; :meth:`stop` ends them (they are daemons: none outlives the process)."""
+
+    def __init__(self, fleet: Fleet, policy: ClientPolicy, view: ControlView) -> None:
+        assert fleet.launch.control_port is not None
+        self._view = view
+        self._refresh_s = policy.control_refresh_s
+        self._port = fleet.launch.control_port
+        key_env = fleet.launch.control_key_env
+        self._headers = bearer_headers(os.environ.get(key_env) if key_env else None)
+        self._timeout = httpx.Timeout(_read_timeout_s(policy))
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._listen, args=(host,), name=f"model-server-control-{host}", daemon=True)
+            for host in sorted({s.host for s in fleet.servers})
+        ]
+
+    def start(self) -> ControlListener:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 0.0) -> None:
+        """Ask every reader to end; wait up to ``timeout_s`` for them (0: do not wait)."""
+        self._stop.set()
+        for thread in self._threads:
+            if timeout_s > 0 and thread.is_alive():
+                thread.join(timeout_s)
+
+    def _listen(self, host: str) -> None:
+        url = server_url(host, self._port, "/status")
+        reachable: bool | None = None  # None: not asked yet
+        with httpx.Client(timeout=self._timeout, headers=self._headers, trust_env=False) as http:
+            while not self._stop.is_set():
+                why = self._read(http, host, url)
+                if why is None and reachable is not True:
+                    log.info("control API of host %s answers (%s): routing follows its servers' states", host, url)
+                elif why is not None and reachable is not False:
+                    log.warning("control API of host %s (%s) is not used: %s; routing on the client's probes", host,
+                                url, why)  # fmt: skip
+                reachable = why is None
+                self._stop.wait(self._refresh_s)
+
+    def _read(self, http: httpx.Client, host: str, url: str) -> str | None:
+        """One read of ``host``'s status into the view; None, or why it could not be used."""
+        try:
+            response = http.get(url)
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}: {response.text[:160]}")
+            servers = response.json()["servers"]
+            if not isinstance(servers, list):
+                raise ValueError("its answer has no list of servers")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
+            self._view.lost(host)
+            return str(err) or type(err).__name__
+        news = self._view.heard(host, servers)
+        for name, state in news.left:
+            log.warning("control API of host %s: replica %s is %s, out of rotation", host, name, state)
+        for name in news.back:
+            log.info("control API of host %s: replica %s is READY again; back in rotation once probed", host, name)
+        return None

@@ -1,0 +1,348 @@
+"""The whole fleet's status, host by host: each pipeline's control API, else this machine's status file and probes.
+
+For every host of the table, :func:`read_fleet` asks its pipeline's control
+API (``GET http://<host>:<launch.control_port>/status``), every host at once,
+each with a short timeout, sending the control key when the variable
+``launch.control_key_env`` names is set (reads from another machine need
+it). A host whose control API does not answer (no ``control_port``, nothing
+listening, a refusal, a timeout, an answer that is not a status) falls back:
+
+- ``"status file + probes"``: the host is this machine and its status file
+  exists: its entries (the valid ones, if it is damaged) give the states;
+- ``"probes only"``: otherwise: no state, only whether each server answers.
+
+Each host says which source it used and, if not the control API, why not.
+By default every server is also probed directly (``/health_generate``), so
+``up``/``down`` is always what a client would see now; with
+``probe="fallback"`` only the servers of hosts without a control API are
+(a dashboard that refreshes often).
+
+What is returned is plain data (frozen dataclasses, :meth:`FleetView.as_dict`
+for JSON), and never holds the key. The pure parts, which source a host gets
+and how the answers merge (:func:`parse_control_status`, :func:`merge_host`),
+are apart from the I/O (:func:`get_control_status`, :func:`read_fleet`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from model_server.common.hosts import local_identities, match_servers
+from model_server.common.urls import bearer_headers, server_url
+from model_server.config import Fleet, LaunchPolicy, ServerSpec
+from model_server.launcher.status_file import StatusFile
+
+__all__ = [
+    "SOURCE_API",
+    "SOURCE_FILE",
+    "SOURCE_PROBES",
+    "ControlAnswer",
+    "FleetView",
+    "HostView",
+    "Live",
+    "Recorded",
+    "ServerView",
+    "control_key_from_env",
+    "get_control_status",
+    "hosts_of",
+    "merge_host",
+    "parse_control_status",
+    "read_fleet",
+]
+
+SOURCE_API = "control API"
+SOURCE_FILE = "status file + probes"
+SOURCE_PROBES = "probes only"
+TIMEOUT_S = 3.0
+MAX_THREADS = 32
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A server as its pipeline reports it (control API or status file)."""
+
+    state: str
+    pid: int | None = None
+    restarts: int = 0
+    since: float | None = None
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Live:
+    """A direct ``/health_generate`` probe: answered 200, or why not."""
+
+    ok: bool
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class ServerView:
+    name: str
+    group: str
+    host: str
+    port: int
+    recorded: Recorded | None = None  # None: no pipeline said anything about it
+    live: Live | None = None  # None: not probed
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        """Answers its probe; when not probed, its pipeline says READY."""
+        if self.live is not None:
+            return self.live.ok
+        return self.recorded is not None and self.recorded.state == "READY"
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One host of the table: where its servers' states came from, and them."""
+
+    host: str
+    source: str  # SOURCE_API, SOURCE_FILE or SOURCE_PROBES
+    why: str  # why the control API was not used ("" when it was)
+    servers: tuple[ServerView, ...]
+    control_url: str | None = None
+    pipeline: dict[str, Any] = field(default_factory=dict)  # API: {"started"}; file: {"pid", "running", "file"}
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # the control API's, by group
+    status_file_problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FleetView:
+    table: str
+    hosts: tuple[HostView, ...]
+    status_file: str | None  # this machine's (launch.status_file), when a host of the table is this machine
+    elapsed_s: float = 0.0
+
+    @property
+    def servers(self) -> tuple[ServerView, ...]:
+        return tuple(s for h in self.hosts for s in h.servers)
+
+    @property
+    def down(self) -> tuple[ServerView, ...]:
+        return tuple(s for s in self.servers if not s.up)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ControlAnswer:
+    """What one ``GET /status`` of a control API gave: its JSON, or why there is none."""
+
+    url: str
+    data: dict[str, Any] | None = None
+    problem: str = ""
+
+
+# ---- pure ---------------------------------------------------------------------------------------------
+
+
+def hosts_of(servers: Iterable[ServerSpec]) -> dict[str, tuple[ServerSpec, ...]]:
+    """The table's servers by host, hosts in order of first appearance."""
+    out: dict[str, list[ServerSpec]] = {}
+    for s in servers:
+        out.setdefault(s.host, []).append(s)
+    return {h: tuple(v) for h, v in out.items()}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_control_status(data: Any) -> tuple[dict[str, Recorded], str]:
+    """A control API's ``/status`` JSON as {server: Recorded}, or ({}, what is wrong with it)."""
+    if not isinstance(data, dict) or not isinstance(data.get("servers"), list):
+        return {}, 'its answer is not a control API status (no "servers" list)'
+    out: dict[str, Recorded] = {}
+    for i, s in enumerate(data["servers"]):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("state"), str)):
+            return {}, f"its answer's servers[{i}] has no name and state"
+        pid = s.get("pid") if _count(s.get("pid")) else None
+        since = (
+            s.get("since")
+            if isinstance(s.get("since"), (int, float)) and not isinstance(s.get("since"), bool)
+            else None
+        )
+        out[s["name"]] = Recorded(
+            s["state"], pid, s["restarts"] if _count(s.get("restarts")) else 0, since,
+            s["last_error"] if isinstance(s.get("last_error"), str) else "",
+        )  # fmt: skip
+    return out, ""
+
+
+def _rollouts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    raw = data.get("rollouts")
+    return {str(g): r for g, r in raw.items() if isinstance(r, dict)} if isinstance(raw, dict) else {}
+
+
+def merge_host(
+    host: str,
+    specs: Sequence[ServerSpec],
+    answer: ControlAnswer | None,
+    status_file: StatusFile | None,
+    probes: Mapping[str, Live],
+    pipeline_running: bool | None = None,
+) -> HostView:
+    """One host's view: the control API's states if it answered, else the status file's (``status_file`` is
+    given only for a host that is this machine), else none; with the probes that were made.
+
+    ``answer`` None: the table has no ``launch.control_port``.
+    """
+    recorded: dict[str, Recorded] = {}
+    problem = "launch.control_port is not set in the table" if answer is None else answer.problem
+    pipeline: dict[str, Any] = {}
+    rollouts: dict[str, dict[str, Any]] = {}
+    if answer is not None and answer.data is not None and not problem:
+        recorded, problem = parse_control_status(answer.data)
+        if not problem:
+            pipeline = {"started": answer.data.get("started")}
+            rollouts = _rollouts(answer.data)
+    if not problem:
+        source, why = SOURCE_API, ""
+    elif status_file is not None and status_file.exists:
+        source, why = SOURCE_FILE, problem
+        names = {s.name for s in specs}
+        recorded = {
+            n: Recorded(e.state, e.pid, e.restarts, e.since or None, e.last_error)
+            for n, e in status_file.servers.items()
+            if n in names
+        }
+        pipeline = {"pid": status_file.pipeline.get("pid"), "running": pipeline_running, "file": str(status_file.path)}
+    else:
+        source, why = SOURCE_PROBES, problem
+        if status_file is not None:
+            why += f"; this machine has no status file at {status_file.path}"
+    views = tuple(ServerView(s.name, s.group, s.host, s.port, recorded.get(s.name), probes.get(s.name)) for s in specs)
+    return HostView(
+        host, source, why, views, answer.url if answer is not None else None, pipeline, rollouts,
+        status_file.problems if source == SOURCE_FILE and status_file is not None else (),
+    )  # fmt: skip
+
+
+def _refusal_fix(status: int, policy: LaunchPolicy, key_sent: bool) -> str:
+    if status not in (401, 403):
+        return ""
+    if not policy.control_key_env:
+        return " Set launch.control_key_env in the table (and export that variable for the pipelines and here)"
+    if key_sent:
+        return f" The key in ${policy.control_key_env} here is not that pipeline's: export the same key as there"
+    return f" Export {policy.control_key_env}=<the pipelines' control key> here"
+
+
+# ---- I/O ----------------------------------------------------------------------------------------------
+
+
+def control_key_from_env(policy: LaunchPolicy) -> str | None:
+    """The control key from the variable ``launch.control_key_env`` names, None if it names none or is unset."""
+    if not policy.control_key_env:
+        return None
+    return os.environ.get(policy.control_key_env) or None
+
+
+def get_control_status(
+    host: str, policy: LaunchPolicy, key: str | None, timeout_s: float = TIMEOUT_S, client: Any = None
+) -> ControlAnswer:
+    """``GET /status`` of ``host``'s control API; never raises for what the network or the pipeline does.
+
+    ``client``: an ``httpx.Client`` to send it with (a test's in-process app); default: a new connection.
+    """
+    import httpx  # noqa: PLC0415  (only when a fleet is read)
+
+    assert policy.control_port is not None
+    url = server_url(host, policy.control_port, "/status")
+    try:
+        response = (client or httpx).get(url, headers=bearer_headers(key), timeout=timeout_s)
+    except httpx.TimeoutException:
+        return ControlAnswer(url, problem=f"{url} gave no answer within {timeout_s:g} s")
+    except httpx.ConnectError as err:
+        if "refused" in str(err).lower():
+            return ControlAnswer(
+                url, problem=f"nothing listens at {url} (connection refused): no pipeline with the control API there"
+            )
+        return ControlAnswer(url, problem=f"{url}: cannot connect ({err})")
+    except httpx.HTTPError as err:
+        return ControlAnswer(url, problem=f"{url}: {type(err).__name__}: {err}")
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.status_code != 200:
+        said = data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else ""
+        fix = _refusal_fix(response.status_code, policy, key is not None)
+        return ControlAnswer(url, problem=f"{url} answered {response.status_code}{': ' + said if said else ''}.{fix}")
+    if not isinstance(data, dict):
+        return ControlAnswer(url, problem=f"{url} did not answer JSON: not a model-server control API")
+    return ControlAnswer(url, data)
+
+
+def _probe(spec: ServerSpec, timeout_s: float) -> Live:
+    from model_server.launcher.steps import health_url  # noqa: PLC0415
+    from model_server.launcher.supervisor import probe_health  # noqa: PLC0415
+
+    ok, why = probe_health(health_url(spec.host, spec.port), timeout_s)
+    return Live(ok, why)
+
+
+def read_fleet(
+    fleet: Fleet,
+    *,
+    timeout_s: float = TIMEOUT_S,
+    key: str | None = None,
+    use_env_key: bool = True,
+    host_ip: Sequence[str] = (),
+    identities: frozenset[str] | None = None,
+    probe: Literal["all", "fallback"] = "all",
+    probe_one: Callable[[ServerSpec, float], Live] = _probe,
+) -> FleetView:
+    """Every host's view, the control APIs asked and the servers probed concurrently, each within ``timeout_s``.
+
+    ``key``: the control key to send (default: from the environment, unless
+    ``use_env_key`` is False). ``identities``: this machine's names (default:
+    its interface addresses, its hostname, and ``host_ip``).
+    """
+    from model_server.common.processes import same_process  # noqa: PLC0415
+    from model_server.launcher import rundir  # noqa: PLC0415
+    from model_server.launcher.status_file import load_status  # noqa: PLC0415
+
+    started = time.monotonic()
+    policy = fleet.launch
+    if key is None and use_env_key:
+        key = control_key_from_env(policy)
+    ids = identities if identities is not None else local_identities(host_ip)
+    by_host = hosts_of(fleet.servers)
+    path = rundir.status_path(policy)
+    local = [h for h, specs in by_host.items() if match_servers(specs[:1], ids)]
+    status_file = load_status(path) if local else None
+    running = None
+    if status_file is not None and status_file.exists:
+        running = same_process(status_file.pipeline.get("pid"), status_file.pipeline.get("create_time"))
+    tasks = len(by_host) + len(fleet.servers)
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_THREADS, tasks)), thread_name_prefix="fleet-view") as pool:
+        asked: dict[str, Future[ControlAnswer]] = {}
+        if policy.control_port is not None:
+            asked = {h: pool.submit(get_control_status, h, policy, key, timeout_s) for h in by_host}
+        probed: dict[str, Future[Live]] = {}
+        if probe == "all":
+            probed = {s.name: pool.submit(probe_one, s, timeout_s) for s in fleet.servers}
+        answers = {h: f.result() for h, f in asked.items()}
+        if probe == "fallback":
+            for h, specs in by_host.items():
+                answer = answers.get(h)
+                if answer is None or answer.data is None:
+                    probed.update({s.name: pool.submit(probe_one, s, timeout_s) for s in specs})
+        probes = {n: f.result() for n, f in probed.items()}
+    hosts = tuple(
+        merge_host(h, specs, answers.get(h), status_file if h in local else None, probes, running)
+        for h, specs in by_host.items()
+    )
+    return FleetView(fleet.source, hosts, str(path) if local else None, time.monotonic() - started)
