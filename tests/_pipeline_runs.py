@@ -45,6 +45,7 @@ FAST = {
     "max_restarts": "2",
     "restart_window_s": "120",
     "stop_grace_s": "3",
+    "drain_notice_s": "0.5",  # no test client but the listening ones (which set their own) needs the 2 s default
 }
 
 

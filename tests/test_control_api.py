@@ -29,8 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from model_server.config import load_fleet
 from model_server.launcher.control_api import build_app
 from model_server.launcher.events_file import EventLog
-from model_server.launcher.fleet_control import FleetControl
+from model_server.launcher.fleet_control import CommandRefused, FleetControl
 from model_server.launcher.gpu import make_inventory
+from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.metrics import PipelineMetrics
 from model_server.launcher.redact import Secret
 from model_server.launcher.status_file import ServerStatus, StatusBoard
@@ -243,3 +244,42 @@ def test_a_control_key_variable_that_is_unset_is_refused_at_start(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert "names the environment variable MS_TEST_UNSET_CONTROL_KEY, which is unset" in result.stderr
     assert "export MS_TEST_UNSET_CONTROL_KEY=" in result.stderr and "Traceback" not in result.stderr
+
+
+class _FakeSupervisor:
+    """Takes commands and never runs an engine: what FleetControl sees of a supervisor."""
+
+    def __init__(self, spec: object) -> None:
+        self.spec, self.commands = spec, []
+        self.state = ServerState.READY
+
+    def submit(self, command: object) -> None:
+        self.commands.append(command)
+
+    def run(self) -> ServerState:
+        return self.state
+
+
+def test_a_state_an_operator_asked_for_is_no_failure_until_the_server_crashes_or_is_ready_again(
+    tmp_path: Path,
+) -> None:
+    fleet = load_fleet(local_copy(tmp_path))
+    specs = [s for s in fleet.servers if s.name in NAMES]
+    board = StatusBoard(tmp_path / "status.json", [ServerStatus(s.name, s.group, s.host, s.port) for s in specs], {})
+    with ThreadPoolExecutor(3) as pool:
+        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, _FakeSupervisor)  # type: ignore[arg-type]
+        control.start_all()
+        assert not control.operator_asked("chat-1")
+        control.command("chat-1", "restart")
+        assert control.operator_asked("chat-1") and not control.operator_asked("chat-2")
+        board.update("chat-1", restarts=1)  # it crashed after the operator's restart: that is a failure again
+        assert not control.operator_asked("chat-1")
+        control.command("chat-2", "drain")
+        control.on_transition("chat-2", "DRAINING")
+        assert control.operator_asked("chat-2")
+        control.on_transition("chat-2", "READY")  # undrained: back in its own hands
+        assert not control.operator_asked("chat-2")
+        control.close()
+        with pytest.raises(CommandRefused, match="the pipeline is stopping") as refused:
+            control.command("chat-3", "restart")
+        assert refused.value.status == 409

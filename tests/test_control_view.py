@@ -137,7 +137,13 @@ def test_a_replica_back_to_ready_asks_for_a_re_probe_and_re_enters_once_it_answe
     assert group.try_start_reprobe()
     lease = group.acquire(random.Random(1))
     assert lease is not None and group.release(lease, OutcomeKind.OK, output_tokens=4) is False  # one at a time
-    group.end_reprobe()
+    group.end_reprobe()  # ... and its probe of b found nothing: b stays out, and no storm of rounds follows
+    lease = group.acquire(random.Random(1))
+    assert lease is not None and group.release(lease, OutcomeKind.OK, output_tokens=4) is False
+    clock.now += ClientPolicy().reprobe_interval_s
+    v.heard("h1", status(a="READY", b=("READY", 200)))  # the pipeline still says so (the view stays fresh)
+    lease = group.acquire(random.Random(1))
+    assert lease is not None and group.release(lease, OutcomeKind.OK, output_tokens=4) is True  # the paced retry
     group.apply_probes([ProbeResult(spec("b"), latency_s=0.1, output_tokens=1)])
     assert chosen(group) == {"a", "b", "c"} and not group.wants_reprobe()
 

@@ -160,3 +160,12 @@ def test_draining_is_reached_only_from_ready() -> None:
     assert can_transition(S.READY, S.DRAINING) and can_transition(S.DRAINING, S.READY)
     assert all(can_transition(S.DRAINING, s) for s in (S.RESTARTING, S.STOPPED, S.FAILED))
     assert not any(can_transition(s, S.DRAINING) for s in S if s is not S.READY)
+
+
+def test_a_restart_asked_during_the_notice_keeps_the_notice() -> None:
+    """A second command wakes the supervisor early: the running requests are still not read before the notice ends."""
+    run = ready(drain_notice_s=2.0)
+    run.feed(ev.Command("drain", "stop"), at=5.0)
+    assert run.feed(ev.Command("restart", "stop"), at=5.5)[-1] == ev.Wait(5.5)
+    assert run.feed(TICK, at=5.5) == (ev.Wait(7.0),)
+    assert run.feed(TICK, at=7.0) == (ev.ReadRunning(METRICS, 3),)

@@ -141,6 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "control_port": str(control_port),
         "control_key_env": '"MS_GWS_CONTROL_KEY"',
         "drain_timeout_s": f"{DRAIN_TIMEOUT_S:g}",
+        "drain_notice_s": "2",  # the default: above the gateway's sync interval (1 s), as `check` requires
     }
     table = local_copy(tmp, launch=launch, top='api_key_env = "MS_GWS_WORKER_KEY"\n',
                        extra=GATEWAY.format(port=port, metrics=metrics))  # fmt: skip

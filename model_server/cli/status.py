@@ -55,7 +55,10 @@ def rollout_line(r: dict) -> str:
 def status(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     timeout_s: float = typer.Option(
-        PROBE_TIMEOUT_S, "--timeout-s", help="Timeout of each control API read and each live /health_generate probe."
+        PROBE_TIMEOUT_S,
+        "--timeout-s",
+        min=0.1,
+        help="Timeout of each control API read and each live /health_generate probe.",
     ),
     host_ip: list[str] | None = typer.Option(
         None, "--host-ip", help="An address the table uses for this machine (its status file is read for that host)."

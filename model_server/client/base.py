@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class ClientBase:
         self._connect(transport)
         view = self._core.view
         self._listener = ControlListener(fleet, self.policy, view).start() if view is not None else None
+        if self._listener is not None:  # a client never closed must not leave its readers polling for good
+            weakref.finalize(self, self._listener.stop)
 
     # ---- the public methods (in the async client each returns an awaitable) ----------------
 
@@ -173,9 +176,9 @@ class ClientBase:
         view = self._core.view
         return view.states() if view is not None else {}
 
-    def _stop_listening(self) -> None:
+    def _stop_listening(self, timeout_s: float = 0.0) -> None:
         if self._listener is not None:
-            self._listener.stop()
+            self._listener.stop(timeout_s)
 
     def timing(self, group: str | int) -> GroupTiming:
         """The group's smoothed time to first token and gap between chunks, and the deadlines they give now."""

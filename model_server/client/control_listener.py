@@ -2,11 +2,12 @@
 
 One daemon thread per host of the table reads ``GET /status`` every
 ``client.control_refresh_s`` (within a short timeout), never on a request's
-path. An answer updates the view; a host that does not answer (no control
-API, a firewall, a pipeline restarting, a 401/403 without the key) is
-forgotten at once, so the client routes on its own probes there, as it does
-without a control plane. The control key (``launch.control_key_env``) is sent
-when the variable is set: a pipeline asks for it on reads from other machines.
+path. An answer updates the view; a host that does not answer twice in a row
+(no control API, a firewall, a pipeline restarting, a 401/403 without the
+key) is forgotten, so the client routes on its own probes there, as it does
+without a control plane. One slow answer of a busy pipeline forgets nothing.
+The control key (``launch.control_key_env``) is sent when the variable is
+set: a pipeline asks for it on reads from other machines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -29,6 +31,7 @@ log = logging.getLogger("model_server.client")
 MIN_READ_TIMEOUT_S = 1.0  # a busy pipeline on a 2-core machine may take a moment to answer
 MAX_READ_TIMEOUT_S = 5.0
 STALE_AFTER_READS = 3  # an answer counts for this many refresh intervals (plus one read's timeout)
+FAILED_READS_TO_FORGET = 2  # a host is forgotten after this many failed reads in a row
 
 
 def _read_timeout_s(policy: ClientPolicy) -> float:
@@ -66,24 +69,35 @@ class ControlListener:
         return self
 
     def stop(self, timeout_s: float = 0.0) -> None:
-        """Ask every reader to end; wait up to ``timeout_s`` for them (0: do not wait)."""
+        """Ask every reader to end; wait up to ``timeout_s`` in all for them (0: do not wait)."""
         self._stop.set()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            if timeout_s > 0 and thread.is_alive():
-                thread.join(timeout_s)
+            left = deadline - time.monotonic()
+            if left > 0 and thread.is_alive():
+                thread.join(left)
 
     def _listen(self, host: str) -> None:
         url = server_url(host, self._port, "/status")
         reachable: bool | None = None  # None: not asked yet
+        failed = 0  # reads that failed in a row
         with httpx.Client(timeout=self._timeout, headers=self._headers, trust_env=False) as http:
             while not self._stop.is_set():
-                why = self._read(http, host, url)
+                try:
+                    why = self._read(http, host, url)
+                except Exception as err:  # a bug must not end the listening: say so, and go on
+                    log.exception("control API of host %s: its answer could not be used", host)
+                    why = f"{type(err).__name__}: {err}"
+                failed = 0 if why is None else failed + 1
+                if why is not None and failed >= FAILED_READS_TO_FORGET:
+                    self._view.lost(host)
                 if why is None and reachable is not True:
                     log.info("control API of host %s answers (%s): routing follows its servers' states", host, url)
-                elif why is not None and reachable is not False:
+                elif why is not None and failed >= FAILED_READS_TO_FORGET and reachable is not False:
                     log.warning("control API of host %s (%s) is not used: %s; routing on the client's probes", host,
                                 url, why)  # fmt: skip
-                reachable = why is None
+                if why is None or failed >= FAILED_READS_TO_FORGET:
+                    reachable = why is None
                 self._stop.wait(self._refresh_s)
 
     def _read(self, http: httpx.Client, host: str, url: str) -> str | None:
@@ -96,7 +110,6 @@ class ControlListener:
             if not isinstance(servers, list):
                 raise ValueError("its answer has no list of servers")
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-            self._view.lost(host)
             return str(err) or type(err).__name__
         news = self._view.heard(host, servers)
         for name, state in news.left:

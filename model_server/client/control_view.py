@@ -9,7 +9,7 @@ after that (or with a new pid: a restart between two reads) stays out until
 one of the client's own probes has seen it answer.
 
 The client never depends on this view: a host whose control API does not
-answer is forgotten at once, an answer older than ``stale_after_s`` counts for
+answer twice in a row is forgotten, an answer older than ``stale_after_s`` counts for
 nothing, and then the client's own probes and breakers decide, as without a
 control plane.
 """
@@ -63,8 +63,10 @@ class ControlView:
         back: list[str] = []
         with self._lock:
             for server in servers:
+                if not isinstance(server, Mapping):
+                    continue
                 name, state = server.get("name"), server.get("state")
-                if self._hosts.get(name) != host or not isinstance(state, str):  # type: ignore[arg-type]
+                if not isinstance(name, str) or self._hosts.get(name) != host or not isinstance(state, str):
                     continue
                 pid = server.get("pid") if isinstance(server.get("pid"), int) else None
                 before = self._heard.get(name)

@@ -28,6 +28,8 @@ once: give each ModelServer its own registry, or share one ModelServer.
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -72,8 +74,9 @@ class ClientMetrics:
     def watch(self, replicas: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
         """Export each replica's breaker state and smoothed latency, read from ``replicas()`` (group -> name ->
         :class:`~model_server.client.replica.EndpointSnapshot`) at each scrape."""
-        if self.enabled:
-            self._registry.register(_ReplicaGauges(replicas))
+        if self.enabled:  # held weakly: the registry outlives a client, and must not keep it (and its state) alive
+            ref = weakref.WeakMethod(replicas) if inspect.ismethod(replicas) else (lambda: replicas)
+            self._registry.register(_ReplicaGauges(ref))
 
     def _count(self, counter: str, *labels: str) -> None:
         if self.enabled:
@@ -102,8 +105,8 @@ class ClientMetrics:
 class _ReplicaGauges:
     """A collector: the replicas' state as it is when Prometheus scrapes (nothing to keep up to date)."""
 
-    def __init__(self, replicas: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
-        self._replicas = replicas
+    def __init__(self, replicas: Callable[[], Callable[[], Mapping[str, Mapping[str, Any]]] | None]) -> None:
+        self._replicas = replicas  # a weak reference: None once the client is gone
 
     def describe(self) -> list:
         return []  # the names are checked at the first collect, not at register time
@@ -119,7 +122,8 @@ class _ReplicaGauges:
             "The latency routing compares (per output token for chat groups)",
             labels=list(_LABELS),
         )
-        for group, replicas in self._replicas().items():
+        read = self._replicas()
+        for group, replicas in (read() if read is not None else {}).items():
             for name, snap in replicas.items():
                 for state in BreakerState:
                     breaker.add_metric([group, name, state.value], 1.0 if snap.breaker is state else 0.0)

@@ -110,6 +110,7 @@ class ReplicaGroup:
         self.last_round_summary = "no probe round yet"
         self.reprobe_running = False
         self.last_reprobe_s: float | None = None
+        self._probed_at_once: frozenset[str] = frozenset()  # heard READY again: their at-once re-probe was asked
 
     @property
     def per_token(self) -> bool:
@@ -268,9 +269,13 @@ class ReplicaGroup:
 
     def _reprobe_now(self, now: float, degraded: Sequence[str]) -> bool:
         """Whether an answer should start the background re-probe: a replica the pipeline calls READY again
-        is probed at once (one round at a time); degraded or missing ones at most every reprobe_interval_s."""
-        if self._unprobed():
-            return not self.reprobe_running
+        is probed at once, the first time (one round at a time); after that, and for degraded or missing
+        replicas, at most every reprobe_interval_s (a replica that never answers our probe costs no storm)."""
+        unprobed = self._unprobed()
+        self._probed_at_once &= unprobed  # those probed since: a later return probes at once again
+        if unprobed - self._probed_at_once and not self.reprobe_running:
+            self._probed_at_once |= unprobed
+            return True
         return bool(degraded or self._missing()) and self._reprobe_due(now)
 
     def suspects(self) -> frozenset[str]:

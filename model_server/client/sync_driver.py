@@ -97,7 +97,7 @@ class ModelServer(ClientBase):
     def close(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for background re-probes, then close the connection pool."""
         deadline = time.monotonic() + timeout_s
-        self._stop_listening()
+        self._stop_listening(timeout_s / 2)  # its read in flight ends within its own timeout
         with self._reprobes_lock:  # with _start_reprobe's check: no re-probe starts after this
             self._core.closed = True
             running = list(self._reprobes)

@@ -79,7 +79,9 @@ class FleetControl:
         self._rollout_threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()  # set by close(): running rollouts end
         self._rollout_ids = itertools.count(1)
-        self._asked: set[str] = set()  # servers an operator commanded in this run (their state is on purpose)
+        # Servers an operator commanded since they were last READY, with their crash-restart count then: their
+        # state at a stop is on purpose, unless they crashed since (restarts grew).
+        self._asked: dict[str, int] = {}
 
     def start_all(self) -> None:
         for name in self.specs:
@@ -140,17 +142,29 @@ class FleetControl:
         """Hand ``verb`` to ``name``'s supervisor; its state now (the change follows within a moment)."""
         sup = self._known(name)
         refusal = command_refusal(sup.state, verb)
+        if refusal is None and self._closed:
+            refusal = "the pipeline is stopping"
         if refusal is not None:
             raise CommandRefused(409, f"cannot {verb} server {name!r}: {refusal}")
         sup.submit(ev.Command(verb, then))
         with self._lock:
-            self._asked.add(name)
+            self._asked[name] = self.board.get(name).restarts
         return sup.state
 
+    def on_transition(self, server: str, new_state: str) -> None:
+        """Every transition (EventLog listener): a server READY again is no longer in an operator's hands."""
+        if new_state == S.READY.value:
+            with self._lock:
+                self._asked.pop(server, None)
+
     def operator_asked(self, name: str) -> bool:
-        """An operator commanded ``name`` in this run: a state other than READY at the stop is no failure."""
+        """Whether ``name``'s state now is an operator's doing: commanded since it was last READY, no crash since.
+
+        Such a state (drained, stopped, restarting) at the stop is no failure; a crash-loop after the command is.
+        """
         with self._lock:
-            return name in self._asked
+            asked = self._asked.get(name)
+        return asked is not None and self.board.get(name).restarts == asked
 
     def start(self, name: str) -> ServerState:
         """A new supervision of a server whose last one ended (STOPPED or FAILED)."""
@@ -166,7 +180,7 @@ class FleetControl:
                 )  # fmt: skip
             self.board.update(name, state=S.WAITING_GPU.value)  # before the new run can publish its own states
             self._begin(name)
-            self._asked.add(name)
+            self._asked[name] = self.board.get(name).restarts
         return S.WAITING_GPU
 
     # ---- rollouts ------------------------------------------------------------------------------

@@ -298,6 +298,7 @@ class Pipeline:
         control = FleetControl(self.plan.servers, board, deps.inventory, executor, supervise, policy)
         metrics = PipelineMetrics(control.statuses, control.read_gpus)
         events.listen(metrics.on_transition)
+        events.listen(lambda t: control.on_transition(t.server, t.new))
         server = self._control_server(control, events, metrics)
         try:
             if server is not None:

@@ -169,6 +169,7 @@ class Draining:
     pid: int
     then: ev.AfterDrain
     deadline_s: float
+    notice_until_s: float = 0.0  # no read of the running requests before (clients hear of the drain first)
     told_no_metrics: bool = False
 
 
@@ -430,7 +431,7 @@ def _on_command(state: Supervision, command: ev.Command, now: float) -> Steps:
     if not isinstance(phase, Watching):
         raise _unexpected(state, command)
     policy = state.settings.policy
-    draining = Draining(phase.pid, then, now + policy.drain_timeout_s)
+    draining = Draining(phase.pid, then, now + policy.drain_timeout_s, now + policy.drain_notice_s)
     state, publish = _publish(
         replace(state, phase=draining),
         S.DRAINING,
@@ -438,7 +439,7 @@ def _on_command(state: Supervision, command: ev.Command, now: float) -> Steps:
     )
     # Clients hear of the drain at their next read of the control API: until then the engine still gets
     # requests (and serves them), so its running requests are read only once the notice has passed.
-    return state, (publish, ev.Wait(min(now + policy.drain_notice_s, draining.deadline_s)))
+    return state, (publish, ev.Wait(min(draining.notice_until_s, draining.deadline_s)))
 
 
 def _read_running(state: Supervision, phase: Draining, now: float) -> ev.ReadRunning:
@@ -464,6 +465,8 @@ def _on_draining(state: Supervision, phase: Draining, event: ev.Event, now: floa
     if event is TICK:
         if now >= phase.deadline_s:
             return _end_drain(state, phase, f"the drain timeout of {timeout_s:g} s passed", now)
+        if now < phase.notice_until_s:  # woken early (another command meanwhile): the notice still runs
+            return state, (ev.Wait(min(phase.notice_until_s, phase.deadline_s)),)
         return state, (_read_running(state, phase, now),)
     if not isinstance(event, ev.RunningRead):
         raise _unexpected(state, event)
