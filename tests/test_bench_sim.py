@@ -48,9 +48,9 @@ def _rate_check(sim, target, rate, requests):
     # The plain figure (sent / time of the last send) is looser: the last send alone sets it.
     assert result["achieved_rate"] == pytest.approx(rate, rel=0.10), lag
     assert lag["p50"] < 0.25, lag  # loose: a 2-core machine shared with other test runs
-    # No mid-run stall: 99% of sends within 50 ms of their schedule
-    # (measured p99 2-5 ms on an idle 2-core machine: ~10x headroom).
-    assert lag["p99"] < 0.05, lag
+    # No mid-run stall: 99% of sends within 100 ms of their schedule (measured p99 2-5 ms on an idle
+    # 2-core machine; a CI run once saw 54 ms, one stall of the shared VM: 50 ms was too tight).
+    assert lag["p99"] < 0.1, lag
     p50_ms, p99_ms, max_ms = (lag[k] * 1000 for k in ("p50", "p99", "max"))
     print(f"rate {rate}/s: send lag p50 {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms, max {max_ms:.2f} ms")
     assert result["ok"] >= requests * 0.99, result["errors"]
