@@ -7,6 +7,7 @@ import random
 from model_server.client.control_view import ControlView
 from model_server.client.replica_group import ProbeResult, ReplicaGroup
 from model_server.client.retry import OutcomeKind
+from model_server.common.control_status import Recorded, parse_control_status
 from model_server.config import ClientPolicy, ServerKind, ServerSpec
 
 HOSTS = {"a": "h1", "b": "h1", "c": "h2"}
@@ -20,12 +21,15 @@ class Clock:
         return self.now
 
 
-def status(**states: str | tuple[str, int]) -> list[dict]:
+def status(**states: str | tuple[str, int]) -> dict[str, Recorded]:
+    """A ``GET /status`` answer as the listener passes it on (parsed by common/control_status.py)."""
     servers = []
     for name, value in states.items():
         state, pid = value if isinstance(value, tuple) else (value, 100)
         servers.append({"name": name, "state": state, "pid": pid, "restarts": 0})
-    return servers
+    parsed, problem = parse_control_status({"servers": servers})
+    assert problem == ""
+    return parsed
 
 
 def view(stale_after_s: float = 3.0) -> tuple[ControlView, Clock]:
@@ -82,8 +86,16 @@ def test_a_host_speaks_only_for_its_own_replicas_of_the_table() -> None:
     v, _clock = view()
     v.heard("h2", status(a="FAILED", zzz="FAILED", c="READY"))  # a is h1's; zzz is not in the table
     assert v.states() == {"c": "READY"}
-    v.heard("h1", [{"name": "a"}, {"state": "READY"}, {"name": "b", "state": 7}])  # damaged entries
-    assert v.states() == {"c": "READY"}
+
+
+def test_a_damaged_answer_is_refused_whole_and_changes_nothing() -> None:
+    """The listener hands the view only answers that parse; a damaged one is a failed read."""
+    servers, problem = parse_control_status({"servers": [{"name": "a"}, {"state": "READY"}]})
+    assert servers == {} and "has no name and state" in problem
+    assert parse_control_status({"servers": "all fine"}) == (
+        {},
+        'its answer is not a control API status (no "servers" list)',
+    )
 
 
 # ---- the group: routing and probe rounds follow the view -------------------------------------------------

@@ -155,11 +155,15 @@ def test_a_read_without_the_key_says_which_variable_to_export(app_client) -> Non
 
 
 def test_the_key_comes_from_the_variable_the_table_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers (CLI, dashboard, clients, gateways) take the key if it is there, and do without it if not."""
     policy = two_hosts().launch
     monkeypatch.delenv("MS_TEST_VIEW_KEY", raising=False)
-    assert fv.control_key_from_env(policy) is None
+    assert policy.control_key(required=False) is None
     monkeypatch.setenv("MS_TEST_VIEW_KEY", "")
-    assert fv.control_key_from_env(policy) is None
+    assert policy.control_key(required=False) is None
     monkeypatch.setenv("MS_TEST_VIEW_KEY", KEY)
-    assert fv.control_key_from_env(policy) == KEY
-    assert fv.control_key_from_env(LaunchPolicy()) is None
+    assert policy.control_key(required=False) == KEY
+    monkeypatch.delenv("MODEL_SERVER_CONTROL_KEY", raising=False)
+    assert LaunchPolicy().control_key(required=False) is None
+    monkeypatch.setenv("MODEL_SERVER_CONTROL_KEY", KEY)  # the default variable, when the table names none
+    assert LaunchPolicy().control_key(required=False) == KEY

@@ -13,7 +13,6 @@ set: a pipeline asks for it on reads from other machines.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from collections.abc import Callable
 import httpx
 
 from model_server.client.control_view import ControlView
-from model_server.common.urls import bearer_headers, server_url
+from model_server.common.control_status import get_control_status, parse_control_status
+from model_server.common.urls import server_url
 from model_server.config import ClientPolicy, Fleet
 
 __all__ = ["ControlListener", "control_view_for"]
@@ -53,10 +53,9 @@ class ControlListener:
         assert fleet.launch.control_port is not None
         self._view = view
         self._refresh_s = policy.control_refresh_s
-        self._port = fleet.launch.control_port
-        key_env = fleet.launch.control_key_env
-        self._headers = bearer_headers(os.environ.get(key_env) if key_env else None)
-        self._timeout = httpx.Timeout(_read_timeout_s(policy))
+        self._launch = fleet.launch
+        self._key = fleet.launch.control_key(required=False)
+        self._timeout_s = _read_timeout_s(policy)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._listen, args=(host,), name=f"model-server-control-{host}", daemon=True)
@@ -78,13 +77,13 @@ class ControlListener:
                 thread.join(left)
 
     def _listen(self, host: str) -> None:
-        url = server_url(host, self._port, "/status")
+        url = server_url(host, self._launch.control_port or 0, "/status")
         reachable: bool | None = None  # None: not asked yet
         failed = 0  # reads that failed in a row
-        with httpx.Client(timeout=self._timeout, headers=self._headers, trust_env=False) as http:
+        with httpx.Client(trust_env=False) as http:
             while not self._stop.is_set():
                 try:
-                    why = self._read(http, host, url)
+                    why = self._read(http, host)
                 except Exception as err:  # a bug must not end the listening: say so, and go on
                     log.exception("control API of host %s: its answer could not be used", host)
                     why = f"{type(err).__name__}: {err}"
@@ -100,17 +99,12 @@ class ControlListener:
                     reachable = why is None
                 self._stop.wait(self._refresh_s)
 
-    def _read(self, http: httpx.Client, host: str, url: str) -> str | None:
+    def _read(self, http: httpx.Client, host: str) -> str | None:
         """One read of ``host``'s status into the view; None, or why it could not be used."""
-        try:
-            response = http.get(url)
-            if response.status_code != 200:
-                raise ValueError(f"HTTP {response.status_code}: {response.text[:160]}")
-            servers = response.json()["servers"]
-            if not isinstance(servers, list):
-                raise ValueError("its answer has no list of servers")
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-            return str(err) or type(err).__name__
+        answer = get_control_status(host, self._launch, self._key, self._timeout_s, client=http)
+        servers, problem = parse_control_status(answer.data) if answer.data is not None else ({}, answer.problem)
+        if problem:
+            return problem
         news = self._view.heard(host, servers)
         for name, state in news.left:
             log.warning("control API of host %s: replica %s is %s, out of rotation", host, name, state)

@@ -17,9 +17,10 @@ control plane.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+
+from model_server.common.control_status import Recorded
 
 __all__ = ["READY", "ControlView", "Heard", "HostNews"]
 
@@ -56,28 +57,26 @@ class ControlView:
         self._heard: dict[str, Heard] = {}
         self._unprobed: set[str] = set()  # heard READY again, not yet seen answering a probe of ours
 
-    def heard(self, host: str, servers: Sequence[Mapping[str, Any]]) -> HostNews:
-        """Fold one ``GET /status`` answer of ``host`` (its ``servers`` list) into the view."""
+    def heard(self, host: str, servers: Mapping[str, Recorded]) -> HostNews:
+        """Fold one ``GET /status`` answer of ``host`` (parsed: server name -> what its pipeline says) into the view."""
         now = self._clock()
         left: list[tuple[str, str]] = []
         back: list[str] = []
         with self._lock:
-            for server in servers:
-                if not isinstance(server, Mapping):
+            for name, said in servers.items():
+                if self._hosts.get(name) != host:  # a host speaks only for its own replicas of the table
                     continue
-                name, state = server.get("name"), server.get("state")
-                if not isinstance(name, str) or self._hosts.get(name) != host or not isinstance(state, str):
-                    continue
-                pid = server.get("pid") if isinstance(server.get("pid"), int) else None
                 before = self._heard.get(name)
-                self._heard[name] = Heard(host, state, pid, now)
+                self._heard[name] = Heard(host, said.state, said.pid, now)
                 if before is None:
-                    if state != READY:
-                        left.append((name, state))
+                    if said.state != READY:
+                        left.append((name, said.state))
                     continue
-                if state != READY and before.state == READY:
-                    left.append((name, state))
-                elif state == READY and (before.state != READY or (pid is not None and pid != before.pid)):
+                if said.state != READY and before.state == READY:
+                    left.append((name, said.state))
+                elif said.state == READY and (
+                    before.state != READY or (said.pid is not None and said.pid != before.pid)
+                ):
                     self._unprobed.add(name)
                     back.append(name)
         return HostNews(tuple(left), tuple(back))

@@ -257,10 +257,10 @@ class ReplicaGroup:
     def _unprobed(self) -> frozenset[str]:
         return self._view.unprobed(self._endpoints) if self._view is not None else frozenset()
 
-    def _missing(self) -> list[Endpoint]:
+    def _missing(self, unprobed: frozenset[str] | None = None) -> list[Endpoint]:
         """Replicas out of rotation that only a probe brings back: never answered, breaker open, or heard
         READY again from the control API and not yet probed."""
-        unprobed = self._unprobed()
+        unprobed = self._unprobed() if unprobed is None else unprobed
         return [
             e
             for e in self._endpoints.values()
@@ -276,7 +276,7 @@ class ReplicaGroup:
         if unprobed - self._probed_at_once and not self.reprobe_running:
             self._probed_at_once |= unprobed
             return True
-        return bool(degraded or self._missing()) and self._reprobe_due(now)
+        return bool(degraded or self._missing(unprobed)) and self._reprobe_due(now)
 
     def suspects(self) -> frozenset[str]:
         """Replicas whose breaker a timeout opened: a probe round does not wait for them (they may be hung)."""

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_server.common.control_status import ControlAnswer, get_control_status
 from model_server.common.processes import log_tail
 from model_server.common.stop_signals import StopFlag
 from model_server.common.threads import finish_all
@@ -60,7 +61,6 @@ from model_server.gateway.membership import Membership
 from model_server.gateway.settings import PINNED_VERSION, GatewaySettings
 from model_server.gateway.sync_loop import SyncLoop
 from model_server.launcher import processes as procs
-from model_server.launcher.fleet_view import ControlAnswer, control_key_from_env, get_control_status
 from model_server.launcher.lifecycle import RestartHistory, ServerState, decide_after_failure, transition
 from model_server.launcher.redact import RedactingFilter, Redactor, Secret
 
@@ -120,7 +120,7 @@ def read_keys(fleet: Fleet, settings: Sequence[GatewaySettings]) -> dict[str, Ga
     """Each gateway's keys, by gateway name; ConfigError naming the variable when one is unset or empty."""
     raw = fleet.api_key(required=True)
     worker = Secret(raw) if raw else None
-    control_raw = control_key_from_env(fleet.launch) if any(st.control for st in settings) else None
+    control_raw = fleet.launch.control_key(required=False) if any(st.control for st in settings) else None
     control = Secret(control_raw) if control_raw else None
     out: dict[str, GatewayKeys] = {}
     for st in settings:

@@ -4,7 +4,7 @@ While its gateway is READY, the supervisor runs a :class:`SyncLoop` (which
 it asked what is READY before registering the workers, :meth:`SyncLoop.hear`).
 Every ``sync_interval_s`` (the first round at once) the loop reads
 ``GET /status`` of every host of the group
-(:func:`~model_server.launcher.fleet_view.get_control_status`, several hosts
+(:func:`~model_server.common.control_status.get_control_status`, several hosts
 at once, each within its read timeout), asks the pure
 :func:`~model_server.gateway.sync.plan_sync` what to change, and queues the
 changes through the gateway's worker API
@@ -30,11 +30,11 @@ from typing import Any
 
 import httpx
 
+from model_server.common.control_status import ControlAnswer, get_control_status, parse_control_status
 from model_server.errors import LaunchError
 from model_server.gateway.membership import Member, Membership
 from model_server.gateway.settings import ControlSync, GatewaySettings
 from model_server.gateway.sync import Job, SyncPlan, plan_sync, url_key, wanted
-from model_server.launcher.fleet_view import ControlAnswer, get_control_status, parse_control_status
 from model_server.launcher.redact import Secret
 
 __all__ = ["CALL_TIMEOUT_S", "SyncLoop"]

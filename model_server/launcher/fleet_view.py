@@ -25,16 +25,21 @@ are apart from the I/O (:func:`get_control_status`, :func:`read_fleet`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from model_server.common.control_status import (
+    READ_TIMEOUT_S,
+    ControlAnswer,
+    Recorded,
+    get_control_status,
+    parse_control_status,
+)
 from model_server.common.hosts import local_identities, match_servers
-from model_server.common.urls import bearer_headers, server_url
-from model_server.config import Fleet, LaunchPolicy, ServerSpec
+from model_server.config import Fleet, ServerSpec
 from model_server.launcher.status_file import StatusFile
 
 __all__ = [
@@ -47,7 +52,6 @@ __all__ = [
     "Live",
     "Recorded",
     "ServerView",
-    "control_key_from_env",
     "get_control_status",
     "hosts_of",
     "merge_host",
@@ -58,19 +62,8 @@ __all__ = [
 SOURCE_API = "control API"
 SOURCE_FILE = "status file + probes"
 SOURCE_PROBES = "probes only"
-TIMEOUT_S = 3.0
+TIMEOUT_S = READ_TIMEOUT_S
 MAX_THREADS = 32
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """A server as its pipeline reports it (control API or status file)."""
-
-    state: str
-    pid: int | None = None
-    restarts: int = 0
-    since: float | None = None
-    last_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,15 +128,6 @@ class FleetView:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ControlAnswer:
-    """What one ``GET /status`` of a control API gave: its JSON, or why there is none."""
-
-    url: str
-    data: dict[str, Any] | None = None
-    problem: str = ""
-
-
 # ---- pure ---------------------------------------------------------------------------------------------
 
 
@@ -153,31 +137,6 @@ def hosts_of(servers: Iterable[ServerSpec]) -> dict[str, tuple[ServerSpec, ...]]
     for s in servers:
         out.setdefault(s.host, []).append(s)
     return {h: tuple(v) for h, v in out.items()}
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def parse_control_status(data: Any) -> tuple[dict[str, Recorded], str]:
-    """A control API's ``/status`` JSON as {server: Recorded}, or ({}, what is wrong with it)."""
-    if not isinstance(data, dict) or not isinstance(data.get("servers"), list):
-        return {}, 'its answer is not a control API status (no "servers" list)'
-    out: dict[str, Recorded] = {}
-    for i, s in enumerate(data["servers"]):
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("state"), str)):
-            return {}, f"its answer's servers[{i}] has no name and state"
-        pid = s.get("pid") if _count(s.get("pid")) else None
-        since = (
-            s.get("since")
-            if isinstance(s.get("since"), (int, float)) and not isinstance(s.get("since"), bool)
-            else None
-        )
-        out[s["name"]] = Recorded(
-            s["state"], pid, s["restarts"] if _count(s.get("restarts")) else 0, since,
-            s["last_error"] if isinstance(s.get("last_error"), str) else "",
-        )  # fmt: skip
-    return out, ""
 
 
 def _rollouts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -229,60 +188,7 @@ def merge_host(
     )  # fmt: skip
 
 
-def _refusal_fix(status: int, policy: LaunchPolicy, key_sent: bool) -> str:
-    if status not in (401, 403):
-        return ""
-    if not policy.control_key_env:
-        return " Set launch.control_key_env in the table (and export that variable for the pipelines and here)"
-    if key_sent:
-        return f" The key in ${policy.control_key_env} here is not that pipeline's: export the same key as there"
-    return f" Export {policy.control_key_env}=<the pipelines' control key> here"
-
-
 # ---- I/O ----------------------------------------------------------------------------------------------
-
-
-def control_key_from_env(policy: LaunchPolicy) -> str | None:
-    """The control key from the variable ``launch.control_key_env`` names, None if it names none or is unset."""
-    if not policy.control_key_env:
-        return None
-    return os.environ.get(policy.control_key_env) or None
-
-
-def get_control_status(
-    host: str, policy: LaunchPolicy, key: str | None, timeout_s: float = TIMEOUT_S, client: Any = None
-) -> ControlAnswer:
-    """``GET /status`` of ``host``'s control API; never raises for what the network or the pipeline does.
-
-    ``client``: an ``httpx.Client`` to send it with (a test's in-process app); default: a new connection.
-    """
-    import httpx  # noqa: PLC0415  (only when a fleet is read)
-
-    assert policy.control_port is not None
-    url = server_url(host, policy.control_port, "/status")
-    try:
-        response = (client or httpx).get(url, headers=bearer_headers(key), timeout=timeout_s)
-    except httpx.TimeoutException:
-        return ControlAnswer(url, problem=f"{url} gave no answer within {timeout_s:g} s")
-    except httpx.ConnectError as err:
-        if "refused" in str(err).lower():
-            return ControlAnswer(
-                url, problem=f"nothing listens at {url} (connection refused): no pipeline with the control API there"
-            )
-        return ControlAnswer(url, problem=f"{url}: cannot connect ({err})")
-    except httpx.HTTPError as err:
-        return ControlAnswer(url, problem=f"{url}: {type(err).__name__}: {err}")
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if response.status_code != 200:
-        said = data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else ""
-        fix = _refusal_fix(response.status_code, policy, key is not None)
-        return ControlAnswer(url, problem=f"{url} answered {response.status_code}{': ' + said if said else ''}.{fix}")
-    if not isinstance(data, dict):
-        return ControlAnswer(url, problem=f"{url} did not answer JSON: not a model-server control API")
-    return ControlAnswer(url, data)
 
 
 def _probe(spec: ServerSpec, timeout_s: float) -> Live:
@@ -317,7 +223,7 @@ def read_fleet(
     started = time.monotonic()
     policy = fleet.launch
     if key is None and use_env_key:
-        key = control_key_from_env(policy)
+        key = policy.control_key(required=False)
     ids = identities if identities is not None else local_identities(host_ip)
     by_host = hosts_of(fleet.servers)
     path = rundir.status_path(policy)
