@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from model_server.common.urls import reachable_host
 from model_server.errors import ConfigError
 from model_server.gateway_table import GatewaySpec
 
@@ -367,6 +368,9 @@ class ClientPolicy(_Strict):
     # thread, never on a request's path) and sends requests only to replicas the pipeline says are READY;
     # a control API that does not answer is ignored (the client's own probes decide). 0 turns this off.
     control_refresh_s: float = Field(default=1.0, ge=0, le=3600)
+    # Groups whose requests go through their SGLang Model Gateway ([[gateways]] entries of the group) instead
+    # of straight to the replicas: the gateway is the group's one replica (several entries: several replicas).
+    through_gateway: tuple[str, ...] = ()
     # Deadlines inside one attempt (see model_server/client/deadlines.py): the first token must arrive within
     # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
     # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.
@@ -389,6 +393,15 @@ class ClientPolicy(_Strict):
             data.setdefault("probe_bound_growth", data["latency_growing_rate"])
             data.setdefault("degraded_latency_factor", data["latency_growing_rate"])
         return data
+
+    @field_validator("through_gateway", mode="before")
+    @classmethod
+    def _groups_as_text(cls, value: Any) -> Any:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]  # one group given alone
+        if isinstance(value, (list, tuple)):  # the original keyed groups by model size: 8 means "8"
+            return tuple(str(v).strip() if isinstance(v, (str, int)) and not isinstance(v, bool) else v for v in value)
+        return value
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ClientPolicy:
@@ -478,9 +491,32 @@ class Fleet(_Strict):
                     f"servers[{j}]: a group holds one kind, so give this server another group"
                 )
             group_kind.setdefault(s.group, (s.kind, i))
+        problems += self.through_gateway_problems(self.client)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def through_gateway_problems(self, policy: ClientPolicy) -> list[str]:
+        """What keeps ``policy.through_gateway`` from working with this table, one sentence each."""
+        out: list[str] = []
+        for g in policy.through_gateway:
+            entries = [e for e in self.gateways if e.group == g]
+            if not self.group(g):
+                out.append(
+                    f"client.through_gateway names group '{g}', which the table does not have; the groups are: "
+                    f"{', '.join(sorted(self.groups))}. Name one of them"
+                )
+            elif not entries:
+                out.append(
+                    f"client.through_gateway names group '{g}', which has no [[gateways]] entry to go through: add "
+                    f'one (group = "{g}", port = <port>), or remove "{g}" from through_gateway'
+                )
+            elif len({e.api_key_env for e in entries}) > 1:
+                out.append(
+                    f"the [[gateways]] entries of group '{g}' name different api_key_env variables, and the client "
+                    f'sends one key per group: give them the same api_key_env, or remove "{g}" from through_gateway'
+                )
+        return out
 
     # ---- queries -------------------------------------------------------------------
 
@@ -495,6 +531,46 @@ class Fleet(_Strict):
         for s in self.servers:
             out[s.group].append(s)
         return {g: tuple(v) for g, v in out.items()}
+
+    def client_replicas(self, name: str | int, policy: ClientPolicy | None = None) -> tuple[ServerSpec, ...]:
+        """Where a client sends a group's requests: its servers, or its gateways if ``through_gateway`` names it.
+
+        A gateway stands in as a replica of the group's kind and model, at the address clients reach it by.
+        """
+        key, policy = str(name), policy or self.client
+        servers = self.group(key)
+        if key not in policy.through_gateway or not servers:
+            return servers
+        first = servers[0]
+        return tuple(
+            ServerSpec(
+                name=e.name,
+                group=key,
+                kind=first.kind,
+                host=reachable_host(e.client_host or e.host),
+                port=e.port,
+                model=first.model,
+                served_model_name=first.served_model_name,
+            )  # fmt: skip
+            for e in self.gateways
+            if e.group == key
+        )
+
+    def client_api_key(self, name: str | int, policy: ClientPolicy | None = None) -> str | None:
+        """The key a client sends to a group: its gateway's (``api_key_env`` of the entry) when it goes through one."""
+        key, policy = str(name), policy or self.client
+        env = next((e.api_key_env for e in self.gateways if e.group == key), None)
+        if key not in policy.through_gateway or env is None:
+            return self.api_key()  # the engines' key, which a gateway without its own also asks for
+        value = os.environ.get(env, "")
+        if not value:
+            raise ConfigError(
+                f"{self.source}: the [[gateways]] entry of group '{key}' names api_key_env {env}, which is unset or "
+                f"empty, and client.through_gateway sends the group's requests through that gateway. Fix: export "
+                f'{env}=<the gateway\'s key> before starting (never put the key in the file), or remove "{key}" '
+                f"from through_gateway"
+            )
+        return value
 
     def server(self, name: str) -> ServerSpec:
         for s in self.servers:

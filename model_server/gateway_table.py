@@ -107,6 +107,9 @@ class GatewaySpec(BaseModel):
     name: _Name = ""  # defaults to "gateway-<group>"
     group: _Group
     host: _Host = "127.0.0.1"  # bind address; 0.0.0.0 to serve other hosts
+    # Where clients reach it ([client] through_gateway): default `host`, loopback for a wildcard. Set it to this
+    # machine's name when the gateway binds 0.0.0.0 and ModelServer runs on other machines.
+    client_host: _Host | None = None
     port: int = Field(ge=1, le=65535)
     policy: GatewayPolicy = GatewayPolicy.cache_aware
     # The NAME of the variable holding the gateway's own key (what its clients send). Unset: the fleet's

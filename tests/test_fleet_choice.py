@@ -9,6 +9,7 @@ NVML that sees a GPU it refuses, naming both fixes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from _waiting import wait_for
@@ -273,8 +275,6 @@ def _status(path: Path, pid: int) -> dict[str, dict]:
     return data.get("servers", {}) if data.get("pipeline", {}).get("pid") == pid else {}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(150)
 def _readme_quick_start_call() -> list[str]:
     """The `python -c ...` client call that README.md's quick start tells a new user to run."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -284,6 +284,62 @@ def _readme_quick_start_call() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
+def _readme_gateway_commands() -> tuple[list[str], list[str]]:
+    """README.md's `model-server gateway` command (the table made absolute) and its openai SDK call through it."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("<!-- gateway:commands -->") : text.index("## The fault matrix")]
+    start = shlex.split(
+        next(ln for ln in section.splitlines() if ln.startswith("model-server gateway ")), comments=True
+    )
+    call = shlex.split(next(ln for ln in section.splitlines() if ln.startswith("python -c ")))
+    table = str(ROOT / "configs" / "local.toml")
+    return [sys.executable, "-m", "model_server", *[table if a == "configs/local.toml" else a for a in start[1:]]], [
+        sys.executable,
+        *call[1:],
+    ]
+
+
+def _gateway_serves(port: int, workers: int) -> bool:
+    """The gateway at ``port`` answers and lists ``workers`` healthy workers."""
+    try:
+        listed = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2).json()["workers"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return sum(bool(w.get("is_healthy")) for w in listed) == workers
+
+
+def _readme_gateway_steps(fleet, tmp_path: Path) -> None:
+    """README's "One URL for the fleet": `model-server gateway` on the running local fleet, then an OpenAI client."""
+    if importlib.util.find_spec("sglang_router") is None and os.environ.get("MODEL_SERVER_REQUIRE_GATEWAY") != "1":
+        return  # the gateway extra is not installed here: its own tests say so (skipped, with the reason)
+    busy = [f"{g.name} (127.0.0.1:{g.port})" for g in fleet.gateways if _port_busy("127.0.0.1", g.port)]
+    assert not busy, f"the local fleet's gateway ports are in use: {busy}"
+    start, call = _readme_gateway_commands()
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        gateway = subprocess.Popen(start, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: gateway.poll() is None and all(_gateway_serves(g.port, len(fleet.group(g.group))) for g in fleet.gateways),
+            60.0, lambda: f"both gateways serving their groups:\n{log.read_text(errors='replace')[-3000:]}", 0.2,
+        )  # fmt: skip
+        reply = subprocess.run(call, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+        assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr[-3000:]
+        embed = next(g for g in fleet.gateways if g.group == "7")
+        vectors = httpx.post(
+            f"http://127.0.0.1:{embed.port}/v1/embeddings", json={"model": "gte-7b", "input": "Hello!"}, timeout=10
+        ).json()["data"]
+        assert len(vectors) == 1 and len(vectors[0]["embedding"]) > 0
+        gateway.send_signal(signal.SIGINT)  # Ctrl-C
+        assert gateway.wait(timeout=40) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_path):
     if _this_machine_serves_the_default_table():
         pytest.skip("this machine is a host of configs/servers.toml: no flags runs that table here")
@@ -291,6 +347,7 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
         pytest.skip("this machine has an NVIDIA GPU: no flags is refused here (tested above)")
     fleet = load_fleet(ROOT / "configs" / "local.toml")
     busy = [f"{s.name} ({s.host}:{s.port})" for s in fleet.servers if _port_busy(s.host, s.port)]
+    busy += [f"{g.name} (127.0.0.1:{g.port})" for g in fleet.gateways if _port_busy("127.0.0.1", g.port)]
     if busy:
         pytest.skip(f"the simulated fleet's fixed ports are in use: {', '.join(busy)}")
     names = [s.name for s in fleet.servers]
@@ -332,6 +389,8 @@ def test_no_flags_without_a_gpu_serves_the_simulated_fleet_and_stops_clean(tmp_p
         call = _readme_quick_start_call()
         reply = subprocess.run(call, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
         assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr[-3000:]
+        _readme_gateway_steps(fleet, tmp_path)  # its next section: the same fleet behind one URL per group
+        tree()
         first = log.read_text(errors="replace").splitlines()[0]
         assert (
             "INFO" in first

@@ -28,11 +28,15 @@ import psutil
 import pytest
 from _pipeline_runs import free_port, local_copy
 from _waiting import wait_for
+from test_grafana import PROMETHEUS_LABELS, _scraped, gateway_queries, scrape_labels, used_labels
 
+from model_server.cli.status import gateway_lines
 from model_server.common.processes import listening_pid
 from model_server.config import load_fleet
 from model_server.gateway.membership import Membership
 from model_server.gateway.settings import PINNED_VERSION
+from model_server.gateway.status_view import GatewayView
+from model_server.launcher import fleet_view
 from model_server.sim.process import SimProcess
 
 ROUTER = importlib.util.find_spec("sglang_router") is not None
@@ -67,6 +71,7 @@ startup_timeout_s = 45
 restart_backoff_initial_s = 0.1
 restart_backoff_max_s = 0.5
 health_check_interval_secs = 1
+health_check_timeout_secs = 1
 
 [[gateways]]
 group = "7"
@@ -118,6 +123,7 @@ class Fleet:
     chat_port: int
     embed_port: int
     chat_metrics: int
+    embed_metrics: int
 
     def url(self, name: str) -> str:
         return self.sims[name].url
@@ -141,7 +147,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             ).start(wait=False)  # fmt: skip
         for sim in sims.values():
             sim.wait_ready(30)
-        yield Fleet(table, tmp, sims, chat_port, embed_port, chat_metrics)
+        yield Fleet(table, tmp, sims, chat_port, embed_port, chat_metrics, embed_metrics)
     finally:
         for sim in sims.values():
             sim.stop(grace_s=3)
@@ -317,6 +323,124 @@ def test_no_key_in_any_argv_log_or_status_output(fleet: Fleet, gateways: Gateway
     assert not [line for line in starts if "***" in line], starts
     for what, text in texts.items():
         assert WORKER_KEY not in text and GATEWAY_KEY not in text, f"a key in {what}"
+
+
+def test_every_gateway_metric_the_dashboard_queries_is_exported_by_the_real_gateway(
+    fleet: Fleet, gateways: GatewayRun
+) -> None:
+    """Each smg_ name of grafana/model-server-fleet.json is a sample of a real gateway's /metrics after traffic (a
+    retry included), and each label a query groups or filters by is on it or given by grafana/prometheus.yml."""
+    client = sdk(fleet.chat_port)
+    fleet.sims["chat-2"].set_faults(error_rate=1.0)
+    try:  # round robin over three: one of these meets chat-2, whose 500 the gateway retries on another worker
+        for i in range(4):
+            client.chat.completions.create(model="llama-8b", messages=[{"role": "user", "content": f"m{i}"}],
+                                           max_tokens=2)  # fmt: skip
+    finally:
+        fleet.sims["chat-2"].reset_faults()
+    assert sdk(fleet.embed_port).embeddings.create(model="gte-7b", input="x").data
+    queries = gateway_queries()
+    assert len(queries) >= 8, queries
+    wanted = set().union(*(names for _, _, names in queries))
+    exported: dict[str, set[str]] = {}
+
+    def scraped_all() -> bool:  # some series appear with their first event (a health check ticks every second)
+        exported.clear()
+        for port in (fleet.chat_metrics, fleet.embed_metrics):
+            for name, labels in _scraped(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text).items():
+                exported.setdefault(name, set()).update(labels)
+        return wanted <= exported.keys()
+
+    wait_for(scraped_all, 10, lambda: f"sglang-router {PINNED_VERSION} exporting every name the dashboard queries; "
+             f"missing {sorted(wanted - exported.keys())}, exported {sorted(exported)}", interval_s=0.2)  # fmt: skip
+    given = scrape_labels("sglang-gateways") | PROMETHEUS_LABELS
+    assert {"gateway", "group"} <= given
+    for title, expr, names in queries:
+        labels = set(given).union(*(exported[name] for name in names))
+        used = used_labels(expr)
+        assert used <= labels, f"{title}: labels {sorted(used - labels)} are on none of {sorted(names)}"
+
+
+def status(fleet: Fleet, table: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`model-server status` on ``table``, with both keys in its environment; no key in what it says."""
+    done = subprocess.run(
+        [sys.executable, "-m", "model_server", "status", "--config", str(table), "--timeout-s", "3", *args],
+        cwd=fleet.tmp, capture_output=True, text=True, timeout=60, env={**os.environ, **KEYS, "COLUMNS": "200"},
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out and WORKER_KEY not in out and GATEWAY_KEY not in out, out
+    return done
+
+
+def test_status_shows_each_gateway_with_its_workers_and_a_gateway_that_is_down(
+    fleet: Fleet, gateways: GatewayRun
+) -> None:
+    spare = fleet.tmp / "with-a-spare-gateway.toml"
+    nobody = free_port()
+    spare.write_text(
+        fleet.table.read_text() + f'\n[[gateways]]\nname = "gateway-spare"\ngroup = "8"\nport = {nobody}\n'
+    )
+    done = status(fleet, spare, "--json")
+    view = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout  # every server is up: a gateway down is flagged, no failure of theirs
+    assert all(s["live"]["ok"] for h in view["hosts"] for s in h["servers"])
+    by_name = {g["name"]: g for g in view["gateways"]}
+    assert list(by_name) == ["gateway-8", "gateway-7", "gateway-spare"]
+    for name, port, servers in (("gateway-8", fleet.chat_port, CHAT), ("gateway-7", fleet.embed_port, EMBED)):
+        g = by_name[name]
+        assert g["up"] and g["url"] == f"http://127.0.0.1:{port}" and g["workers_problem"] == "", g
+        assert sorted((w["server"], w["url"], w["healthy"]) for w in g["workers"]) == [
+            (n, fleet.url(n), True) for n in servers
+        ]
+        assert g["unhealthy"] == [] and g["missing"] == []
+    assert by_name["gateway-spare"] == {
+        "name": "gateway-spare", "group": "8", "url": f"http://127.0.0.1:{nobody}", "up": False,
+        "why": "connection refused: nothing listens there", "workers": [], "workers_problem": "", "unhealthy": [],
+        "missing": [],
+    }  # fmt: skip
+    text = status(fleet, fleet.table)
+    assert text.returncode == 0, text.stdout + text.stderr
+    line = next(ln for ln in text.stdout.splitlines() if "gateway-8" in ln)
+    assert f"http://127.0.0.1:{fleet.chat_port}" in line and "up" in line, text.stdout
+    assert all(f"{n} healthy" in line for n in CHAT) and "unhealthy" not in line, line  # in the gateway's order
+    assert "5 up, 0 down; gateways: 2 up, 0 down" in text.stdout, text.stdout
+
+
+def not_probed(spec: object, timeout_s: float) -> fleet_view.Live:
+    """The servers' own probes take a second each (the sim's /health_generate): not what this test is about."""
+    return fleet_view.Live(True)
+
+
+def test_status_flags_a_worker_the_gateway_finds_unhealthy_by_its_server_name_until_it_heals(
+    fleet: Fleet, gateways: GatewayRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chat-3 stopped (SIGSTOP: it takes connections and never answers): gateway-8's health checks (1 s timeout, 2
+    in a row) mark it unhealthy, status names it; continued, it is healthy again. Read as status reads."""
+    monkeypatch.setenv("MS_GW_GATEWAY_KEY", GATEWAY_KEY)
+    table = load_fleet(fleet.table)
+    seen: list[GatewayView] = []
+
+    def gateway_8() -> GatewayView:
+        view = fleet_view.read_fleet(table, timeout_s=2.0, probe_one=not_probed)
+        seen.append(next(g for g in view.gateways if g.name == "gateway-8"))
+        return seen[-1]
+
+    assert gateway_8().ok, seen[-1]
+    pid = fleet.sims["chat-3"].pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        flagged = wait_for(lambda: gateway_8().unhealthy == ("chat-3",) and seen[-1], 20,
+                           lambda: f"gateway-8 reporting chat-3 unhealthy; last seen {seen[-1]}")  # fmt: skip
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert flagged.up and not flagged.ok
+    assert sorted(w.server for w in flagged.workers if w.healthy) == ["chat-1", "chat-2"]
+    assert gateway_lines(flagged) == [
+        "gateway gateway-8 reports chat-3 unhealthy: it sends it no request until its health checks pass"
+    ]
+    wait_for(lambda: gateway_8().ok, 20, lambda: f"chat-3 healthy again in gateway-8; last seen {seen[-1]}")
+    assert all(w.healthy for w in seen[-1].workers) and len(seen[-1].workers) == 3
 
 
 def test_a_killed_gateway_is_restarted_by_its_supervisor(fleet: Fleet, gateways: GatewayRun) -> None:

@@ -30,7 +30,10 @@ import pytest
 from _pipeline_runs import Run, all_ready, free_port, local_copy
 from _waiting import wait_for
 
+from model_server.client import ModelServer
+from model_server.client.deadline_transport import deadline_transport
 from model_server.common.processes import listening_pid
+from model_server.config import ClientPolicy, load_fleet
 from model_server.gateway.settings import PINNED_VERSION
 
 ROUTER = importlib.util.find_spec("sglang_router") is not None
@@ -89,6 +92,7 @@ class Stack:
     urls: dict[str, str]
     control: httpx.Client
     workers: httpx.Client
+    table: Path
 
     def servers(self) -> dict[str, dict]:
         return {s["name"]: s for s in self.control.get("/status").json()["servers"]}
@@ -165,7 +169,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         workers = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {GATEWAY_KEY}"}, timeout=5
         )
-        s = Stack(run, gateway, gateway_log, tmp, port, urls, control, workers)
+        s = Stack(run, gateway, gateway_log, tmp, port, urls, control, workers, table)
         wait_for(lambda: gateway.poll() is not None or s.all_served(), 60,
                  lambda: f"the gateway READY with chat-1..3 as healthy workers; {s.diagnose()}")  # fmt: skip
         assert gateway.poll() is None, s.output()
@@ -353,3 +357,68 @@ def test_a_restarted_gateway_gets_the_ready_replicas_again_and_no_other(stack: S
     assert stack.control.post("/servers/chat-3/start", headers=auth).status_code == 202
     wait_for(stack.all_served, 30, lambda: f"chat-3 READY and a worker again; {stack.diagnose()}")
     assert f"adding worker {stack.urls['chat-3']} (chat-3 is READY)" in stack.output().split("killed by signal 9")[-1]
+
+
+class PortsSeen(httpx.BaseTransport):
+    """The client's own transport, noting the port of every request it sends."""
+
+    def __init__(self) -> None:
+        self._inner = deadline_transport(httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        self.ports: set[int] = set()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.ports.add(request.url.port or 0)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.timeout(60)
+def test_model_server_through_the_gateway_rides_out_a_killed_replica(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    fleet = load_fleet(stack.table)
+    policy = ClientPolicy(**{**fleet.client.model_dump(), "through_gateway": ["8"]})
+    transport, outcomes, stop = PortsSeen(), [], threading.Event()
+
+    def caller(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                if n % 4:
+                    text = (
+                        ms.chat("8", [{"role": "user", "content": f"q {i}-{n}"}], max_tokens=4)
+                        .choices[0]
+                        .message.content
+                    )
+                else:
+                    text = "".join(ms.stream_chat("8", [{"role": "user", "content": f"s {i}-{n}"}], max_tokens=8))
+                outcomes.append(None if text else "an empty reply")
+            except Exception as err:  # every failure is counted, none ends the caller
+                outcomes.append(f"{type(err).__name__}: {err}")
+
+    old_pid = stack.servers()["chat-1"]["pid"]
+    with ModelServer(fleet, policy=policy, transport=transport) as ms:
+        threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: len(outcomes) >= 20, 15, "the first 20 calls through the gateway")
+            os.kill(old_pid, signal.SIGKILL)
+            wait_for(lambda: (s := stack.servers()["chat-1"])["state"] == "READY" and s["pid"] != old_pid, 30,
+                     lambda: f"chat-1 READY again; {stack.diagnose()}")  # fmt: skip
+            wait_for(stack.all_served, 10, lambda: f"chat-1 a healthy worker again; {stack.diagnose()}")
+            served = len(outcomes)
+            wait_for(lambda: len(outcomes) >= served + 20, 10, "20 more calls, chat-1 back among the workers")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert set(ms.stats()["8"]) == {"gateway-8"}
+    failures = [o for o in outcomes if o is not None]
+    print(f"\nModelServer through the gateway, chat-1 killed: {len(outcomes)} calls, {len(failures)} failed")
+    assert failures == [] and transport.ports == {stack.port}, (failures[:5], transport.ports)

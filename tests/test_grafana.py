@@ -7,7 +7,10 @@ once so every series exists, then scraped. Each ``sglang:`` name must also be
 one SGLang 0.5.23 defines (its ``metrics_collector.py``), when its environment
 is there (.ci/run makes it). Labels a query groups or filters by must be the
 metric's own, Prometheus's (``instance``, ``job``, ``le``), or the scrape
-config's (grafana/prometheus.yml), whose engine targets are configs/local.toml's.
+config's (grafana/prometheus.yml), whose engine and gateway targets are
+configs/local.toml's. The gateway's ``smg_`` names and their labels are
+checked against a real gateway's /metrics, after traffic, in
+tests/test_gateway_live.py (:func:`gateway_queries` is what it checks).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_server.config import load_fleet
+from model_server.gateway.settings import resolve
 from model_server.launcher.events_file import Transition
 from model_server.launcher.gpu_memory import GpuReading
 from model_server.launcher.metrics import PipelineMetrics
@@ -34,7 +38,8 @@ from model_server.sim.metrics import SimMetrics
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "model-server-fleet.json"
 SCRAPE = ROOT / "grafana" / "prometheus.yml"
-METRIC = re.compile(r"\b(sglang:[a-z0-9_]+|model_server_[a-z0-9_]+)\b")
+METRIC = re.compile(r"\b(sglang:[a-z0-9_]+|model_server_[a-z0-9_]+|smg_[a-z0-9_]+)\b")
+GATEWAY_PREFIX = "smg_"  # sglang-router's names: checked against a real gateway in test_gateway_live.py
 PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "heatmap", "table", "state-timeline", "gauge", "text"}
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
 PROMETHEUS_LABELS = {"instance", "job"}
@@ -106,6 +111,39 @@ def _queries(dashboard: dict) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", ())]
 
 
+def _all_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(title, PromQL) of every target and every variable's query."""
+    variables = [("variable " + v["name"], v["definition"]) for v in dashboard["templating"]["list"]]
+    return _queries(dashboard) + variables
+
+
+def used_labels(expr: str) -> set[str]:
+    """The labels a query filters or groups by (and a label_values() reads)."""
+    used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        used |= {x.strip() for x in group.split(",") if x.strip()}
+    for match in re.findall(r"label_values\([^,]+,\s*(\w+)\)", expr):
+        used.add(match)
+    return used
+
+
+def scrape_labels(job: str | None = None) -> set[str]:
+    """The labels grafana/prometheus.yml gives its targets (of one job, or of all)."""
+    jobs = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    return {label for j in jobs if job is None or j["job_name"] == job
+            for c in j["static_configs"] for label in c.get("labels", {})}  # fmt: skip
+
+
+def gateway_queries() -> list[tuple[str, str, set[str]]]:
+    """(title, PromQL, its smg_ metric names) of every query of the dashboard that reads a gateway's metrics."""
+    out = []
+    for title, expr in _all_queries(_dashboard()):
+        names = {m for m in METRIC.findall(expr) if m.startswith(GATEWAY_PREFIX)}
+        if names:
+            out.append((title, expr, names))
+    return out
+
+
 def _base(name: str) -> str:
     return re.sub(r"_(bucket|sum|count|total|created)$", "", name)
 
@@ -148,33 +186,32 @@ def test_the_dashboard_is_an_importable_grafana_dashboard() -> None:
 def test_every_query_names_metrics_our_exporters_or_sglang_export_with_labels_they_have() -> None:
     exported = _exported()
     sglang = _sglang_names()
-    scrape_labels = {label for job in yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
-                     for c in job["static_configs"] for label in c.get("labels", {})}  # fmt: skip
-    d = _dashboard()
+    scraped = scrape_labels()
     named: set[str] = set()
-    for title, expr in _queries(d) + [("variable " + v["name"], v["definition"]) for v in d["templating"]["list"]]:
+    for title, expr in _all_queries(_dashboard()):
         metrics = set(METRIC.findall(expr))
         assert metrics, (title, expr)
+        named |= {_base(m) for m in metrics}
+        if any(m.startswith(GATEWAY_PREFIX) for m in metrics):
+            assert all(m.startswith(GATEWAY_PREFIX) for m in metrics), f"{title}: mixes the gateway's and others'"
+            continue  # the gateway's names and labels: against a real gateway, in test_gateway_live.py
         labels: set[str] = set(PROMETHEUS_LABELS)
         for m in metrics:
             assert m in exported, f"{title}: {m} is exported by none of the pipeline, the client, the engine"
             labels |= exported[m]
             if m.startswith("sglang:"):
-                labels |= scrape_labels
+                labels |= scraped
                 if sglang is not None:
                     assert _base(m) in sglang or m in sglang, f"{title}: SGLang 0.5.23 has no metric {m}"
-        used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
-        for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
-            used |= {x.strip() for x in group.split(",") if x.strip()}
-        for match in re.findall(r"label_values\([^,]+,\s*(\w+)\)", expr):
-            used.add(match)
+        used = used_labels(expr)
         assert used <= labels, f"{title}: labels {sorted(used - labels)} are on none of {sorted(metrics)}"
-        named |= {_base(m) for m in metrics}
-    wanted = {  # what the issue asks the dashboard to show
+    wanted = {  # what the issues ask the dashboard to show
         "model_server_server_state", "model_server_server_restarts", "model_server_gpu_memory_used_bytes",
         "model_server_client_failovers", "model_server_client_failures", "sglang:num_running_reqs",
         "sglang:num_queue_reqs", "sglang:time_to_first_token_seconds", "sglang:inter_token_latency_seconds",
         "sglang:token_usage", "sglang:cache_hit_rate",
+        "smg_router_requests", "smg_router_request_duration_seconds", "smg_worker_retries", "smg_worker_health",
+        "smg_worker_cb_state",
     }  # fmt: skip
     assert wanted <= named, wanted - named
 
@@ -182,7 +219,7 @@ def test_every_query_names_metrics_our_exporters_or_sglang_export_with_labels_th
 def test_the_scrape_config_example_scrapes_the_local_fleet() -> None:
     config = yaml.safe_load(SCRAPE.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"model-server-pipelines", "sglang-engines", "model-server-clients"}
+    assert set(jobs) == {"model-server-pipelines", "sglang-engines", "model-server-clients", "sglang-gateways"}
     fleet = load_fleet(ROOT / "configs" / "local.toml")
     engines = {
         (c["targets"][0], c["labels"]["server"], c["labels"]["group"]) for c in jobs["sglang-engines"]["static_configs"]
@@ -190,3 +227,12 @@ def test_the_scrape_config_example_scrapes_the_local_fleet() -> None:
     assert engines == {(f"{s.host}:{s.port}", s.name, s.group) for s in fleet.servers}
     pipelines = [t for c in jobs["model-server-pipelines"]["static_configs"] for t in c["targets"]]
     assert pipelines == [f"127.0.0.1:{fleet.launch.control_port}"]
+    gateways = {
+        (c["targets"][0], c["labels"]["gateway"], c["labels"]["group"])
+        for c in jobs["sglang-gateways"]["static_configs"]
+    }
+    settings = [resolve(fleet, g) for g in fleet.gateways]
+    assert settings, "configs/local.toml has no [[gateways]] entry for the gateway job to scrape"
+    assert gateways == {
+        (f"{g.router['prometheus_host']}:{g.router['prometheus_port']}", g.name, g.group) for g in settings
+    }

@@ -239,7 +239,7 @@ class ClientBase:
     def _embed_attempt(self, req: EmbedRequest, call: Call) -> Flow:
         spec = call.lease.spec
         deadline = Deadline.after(call.timeout_s, "answer", spec.name)
-        headers = self._core.headers(req.headers)
+        headers = self._core.headers(spec.group, req.headers)
         stream = yield Send(spec.base_url + "/embeddings", req.encoded(spec), headers, req.query, deadline)
         try:
             raw = yield Read(stream, deadline, whole=True)
@@ -302,7 +302,7 @@ class ClientBase:
             if not specs:
                 return g.note_round_without_probes()
             results = yield ProbeReplicas(
-                specs, probe.timeout_s, frozenset(g.suspects()), patient, **self._core.probe_kwargs()
+                specs, probe.timeout_s, frozenset(g.suspects()), patient, **self._core.probe_kwargs(g.name)
             )
             return g.apply_probes(results, probe.timeout_s)
         finally:
@@ -346,7 +346,7 @@ class ClientBase:
         """Send one segment's request and read up to its first token, all within the first-token deadline."""
         spec = call.lease.spec
         deadline = Deadline.after(call.deadlines.first_token_s, "first token", spec.name)
-        headers = self._core.headers(req.headers)
+        headers = self._core.headers(spec.group, req.headers)
         stream: OpenStream = yield Send(spec.base_url + req.path, req.encoded(spec, body), headers, req.query, deadline)
         try:
             if stream.status_code >= 400:

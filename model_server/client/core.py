@@ -35,6 +35,7 @@ from model_server.common.urls import bearer_headers
 from model_server.config import ClientPolicy, Fleet, ServerKind, load_fleet
 from model_server.errors import (
     ClientError,
+    ConfigError,
     GroupUnavailableError,
     InvalidRequestError,
     RequestRejectedError,
@@ -71,7 +72,10 @@ class ClientCore:
     ):
         self.fleet, self.policy, self.state_path = fleet, policy, state
         self.metrics, self.clock, self.rng = metrics, clock, rng
-        self.api_key = fleet.api_key()
+        problems = fleet.through_gateway_problems(policy)  # the table's own [client] was checked as it loaded
+        if problems:
+            raise ConfigError(f"{fleet.source}: " + "; ".join(problems) + ".")
+        self._keys = {g: fleet.client_api_key(g, policy) for g in fleet.groups}  # a gateway may ask for its own
         self.view = control_view_for(fleet, policy, clock)  # None: no control API to listen to
         metrics.watch(self.stats)
         self._groups: dict[str, ReplicaGroup] = {}
@@ -91,7 +95,7 @@ class ClientCore:
         with self._lock:
             group = self._groups.get(key)
             if group is None:
-                specs = self.fleet.group(key)
+                specs = self.fleet.client_replicas(key, self.policy)
                 if not specs:
                     raise UnknownGroupError(key, self.group_names, self.fleet.source)
                 group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock, view=self.view)
@@ -119,11 +123,12 @@ class ClientCore:
         """With the probe lock held: the result of a round another caller finished meanwhile, or None."""
         return group.last_round_found if group.probe_rounds > probe.seen_rounds else None
 
-    def probe_kwargs(self) -> dict[str, Any]:
-        return {"api_key": self.api_key, "connect_timeout_s": self.policy.connect_timeout_s}
+    def probe_kwargs(self, group: str) -> dict[str, Any]:
+        return {"api_key": self._keys.get(group), "connect_timeout_s": self.policy.connect_timeout_s}
 
-    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", **bearer_headers(self.api_key)}
+    def headers(self, group: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        key = self._keys.get(group)
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **bearer_headers(key)}
         headers.update(extra or {})
         return headers
 

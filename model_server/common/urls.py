@@ -7,7 +7,9 @@ probe or a control API is built here so none forgets them.
 
 from __future__ import annotations
 
-__all__ = ["bearer_headers", "host_for_url", "server_url"]
+__all__ = ["bearer_headers", "host_for_url", "reachable_host", "server_url"]
+
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 def host_for_url(host: str) -> str:
@@ -15,6 +17,11 @@ def host_for_url(host: str) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]"
     return host
+
+
+def reachable_host(host: str) -> str:
+    """Where this machine reaches a server bound to ``host``: a wildcard bind address means loopback."""
+    return _WILDCARDS.get(host, host)
 
 
 def server_url(host: str, port: int, path: str = "") -> str:

@@ -13,6 +13,8 @@ replicas, when they serve a control API)::
     membership.py  add/remove workers through the gateway's worker API (/workers)
     sync.py        the READY replicas per the control APIs vs. GET /workers -> what to add and remove (pure)
     sync_loop.py   the thread that follows the control plane while a gateway is READY (with launch.control_port)
+    status_read.py what `model-server status` reads of a gateway: GET /liveness and GET /workers, never raising
+    status_view.py those answers -> up or why not, its workers by server name, unhealthy and missing ones (pure)
 
 Keys never reach a command line or a log: the launcher process reads them
 from the variables the table names, and sglang-router's Python API takes them

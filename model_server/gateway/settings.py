@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_server.common.urls import server_url
+from model_server.common.urls import reachable_host, server_url
 from model_server.config import Fleet, LaunchPolicy
 from model_server.errors import ConfigError
 from model_server.gateway.sync import Replica
@@ -70,7 +70,6 @@ __all__ = [
 ]
 
 PINNED_VERSION = "0.3.2"  # sglang-router: the version these settings and tests were read off (pyproject's [gateway])
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 def _ceil(value: float) -> int:
@@ -135,7 +134,7 @@ class GatewaySettings:
     @property
     def probe_host(self) -> str:
         """Where this machine reaches the gateway: a wildcard bind address means loopback."""
-        return _WILDCARDS.get(self.host, self.host)
+        return reachable_host(self.host)
 
     @property
     def url(self) -> str:
@@ -149,7 +148,7 @@ class GatewaySettings:
     @property
     def metrics_url(self) -> str:
         host = self.router["prometheus_host"]
-        return server_url(_WILDCARDS.get(host, host), self.router["prometheus_port"], "/metrics")
+        return server_url(reachable_host(host), self.router["prometheus_port"], "/metrics")
 
     def summary(self) -> str:
         """One line for ``model-server check``."""

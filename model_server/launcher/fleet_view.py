@@ -17,6 +17,13 @@ By default every server is also probed directly (``/health_generate``), so
 ``probe="fallback"`` only the servers of hosts without a control API are
 (a dashboard that refreshes often).
 
+Each ``[[gateways]]`` entry is read too, at the same time
+(:mod:`model_server.gateway.status_read`: ``/liveness``, ``/workers`` with
+the gateway's key from the variable its settings name), and shown as
+:mod:`model_server.gateway.status_view` decides: up or why not, its workers
+named by the table's servers, the ones it reports unhealthy, and the READY
+replicas of its group it does not list.
+
 What is returned is plain data (frozen dataclasses, :meth:`FleetView.as_dict`
 for JSON), and never holds the key. The pure parts, which source a host gets
 and how the answers merge (:func:`parse_control_status`, :func:`merge_host`),
@@ -25,6 +32,7 @@ are apart from the I/O (:func:`get_control_status`, :func:`read_fleet`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +47,12 @@ from model_server.common.control_status import (
     parse_control_status,
 )
 from model_server.common.hosts import local_identities, match_servers
+from model_server.common.urls import reachable_host, server_url
 from model_server.config import Fleet, ServerSpec
+from model_server.gateway.settings import GatewaySettings, resolve
+from model_server.gateway.status_read import read_gateway
+from model_server.gateway.status_view import GatewayAnswer, GatewayView, gateway_view
+from model_server.gateway_table import GatewaySpec
 from model_server.launcher.status_file import StatusFile
 
 __all__ = [
@@ -48,12 +61,14 @@ __all__ = [
     "SOURCE_PROBES",
     "ControlAnswer",
     "FleetView",
+    "GatewayView",
     "HostView",
     "Live",
     "Recorded",
     "ServerView",
     "get_control_status",
     "hosts_of",
+    "merge_gateways",
     "merge_host",
     "parse_control_status",
     "read_fleet",
@@ -115,6 +130,11 @@ class FleetView:
     hosts: tuple[HostView, ...]
     status_file: str | None  # this machine's (launch.status_file), when a host of the table is this machine
     elapsed_s: float = 0.0
+    gateways: tuple[GatewayView, ...] = ()  # one per [[gateways]] entry, in table order
+
+    @property
+    def gateways_down(self) -> tuple[GatewayView, ...]:
+        return tuple(g for g in self.gateways if not g.up)
 
     @property
     def servers(self) -> tuple[ServerView, ...]:
@@ -188,7 +208,35 @@ def merge_host(
     )  # fmt: skip
 
 
+def merge_gateways(
+    fleet: Fleet, gateways: Sequence[GatewaySettings], answers: Sequence[GatewayAnswer], hosts: Sequence[HostView]
+) -> tuple[GatewayView, ...]:
+    """Each gateway's view from its answer, its workers named by the table, READY per the hosts' views."""
+    servers = {server_url(s.host, s.port): s.name for s in fleet.servers}
+    ready = {
+        server_url(s.host, s.port): s.group
+        for h in hosts
+        for s in h.servers
+        if s.recorded is not None and s.recorded.state == "READY"
+    }
+    return tuple(
+        gateway_view(g.name, g.group, a, servers, [u for u, group in ready.items() if group == g.group],
+                     g.gateway_key_env)
+        for g, a in zip(gateways, answers, strict=True)
+    )  # fmt: skip
+
+
+def gateway_url(spec: GatewaySpec, settings: GatewaySettings) -> str:
+    """Where this machine reaches a gateway: its ``client_host`` when set, else its bind address (a wildcard
+    means loopback)."""
+    return server_url(reachable_host(spec.client_host), settings.port) if spec.client_host else settings.url
+
+
 # ---- I/O ----------------------------------------------------------------------------------------------
+
+
+def _gateway_key(settings: GatewaySettings) -> str | None:
+    return (os.environ.get(settings.gateway_key_env) or None) if settings.gateway_key_env else None
 
 
 def _probe(spec: ServerSpec, timeout_s: float) -> Live:
@@ -209,12 +257,15 @@ def read_fleet(
     identities: frozenset[str] | None = None,
     probe: Literal["all", "fallback"] = "all",
     probe_one: Callable[[ServerSpec, float], Live] = _probe,
+    read_one: Callable[[str, str | None, float], GatewayAnswer] = read_gateway,
 ) -> FleetView:
-    """Every host's view, the control APIs asked and the servers probed concurrently, each within ``timeout_s``.
+    """Every host's view, the control APIs asked, the servers probed and the gateways read concurrently, each
+    within ``timeout_s`` (a gateway: twice, ``/liveness`` then ``/workers``).
 
     ``key``: the control key to send (default: from the environment, unless
     ``use_env_key`` is False). ``identities``: this machine's names (default:
-    its interface addresses, its hostname, and ``host_ip``).
+    its interface addresses, its hostname, and ``host_ip``). A gateway's key
+    always comes from the variable its settings name (``api_key_env``).
     """
     from model_server.common.processes import same_process  # noqa: PLC0415
     from model_server.launcher import rundir  # noqa: PLC0415
@@ -232,11 +283,14 @@ def read_fleet(
     running = None
     if status_file is not None and status_file.exists:
         running = same_process(status_file.pipeline.get("pid"), status_file.pipeline.get("create_time"))
-    tasks = len(by_host) + len(fleet.servers)
+    gateways = [resolve(fleet, spec) for spec in fleet.gateways]
+    urls = [gateway_url(spec, g) for spec, g in zip(fleet.gateways, gateways, strict=True)]
+    tasks = len(by_host) + len(fleet.servers) + len(gateways)
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_THREADS, tasks)), thread_name_prefix="fleet-view") as pool:
         asked: dict[str, Future[ControlAnswer]] = {}
         if policy.control_port is not None:
             asked = {h: pool.submit(get_control_status, h, policy, key, timeout_s) for h in by_host}
+        read = [pool.submit(read_one, u, _gateway_key(g), timeout_s) for u, g in zip(urls, gateways, strict=True)]
         probed: dict[str, Future[Live]] = {}
         if probe == "all":
             probed = {s.name: pool.submit(probe_one, s, timeout_s) for s in fleet.servers}
@@ -247,8 +301,10 @@ def read_fleet(
                 if answer is None or answer.data is None:
                     probed.update({s.name: pool.submit(probe_one, s, timeout_s) for s in specs})
         probes = {n: f.result() for n, f in probed.items()}
+        gateway_answers = [f.result() for f in read]
     hosts = tuple(
         merge_host(h, specs, answers.get(h), status_file if h in local else None, probes, running)
         for h, specs in by_host.items()
     )
-    return FleetView(fleet.source, hosts, str(path) if local else None, time.monotonic() - started)
+    views = merge_gateways(fleet, gateways, gateway_answers, hosts)
+    return FleetView(fleet.source, hosts, str(path) if local else None, time.monotonic() - started, views)
