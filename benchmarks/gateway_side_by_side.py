@@ -888,7 +888,7 @@ def main() -> None:
             "request_timeout_s": REQUEST_TIMEOUT_S,
             "sdk_max_retries": {"sdk-r1": 0, "sdk-r1-retry": openai.DEFAULT_MAX_RETRIES, "gw-*": 0},
             "concurrency_1_requests": args.c1_requests,
-            "concurrency_8": {"concurrency": C8, "seconds_a_round": C8_S, "rounds": C8_ROUNDS},
+            "concurrency_8_settings": {"concurrency": C8, "seconds_a_round": C8_S, "rounds": C8_ROUNDS},
             "slow": {"factor": SLOW_FACTOR, "rate": SLOW_RATE, "seconds": SLOW_S, "replica": TARGET},
             "fault": {
                 "rate": FAULT_RATE,

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from model_server.common.urls import reachable_host
+from model_server.common.urls import server_url
 from model_server.errors import ConfigError
 from model_server.gateway_table import GatewaySpec
 
@@ -177,7 +177,7 @@ class ServerSpec(_Strict):
     @property
     def base_url(self) -> str:
         """The OpenAI-compatible base URL clients use."""
-        return f"http://{self.host}:{self.port}/v1"
+        return server_url(self.host, self.port, "/v1")
 
     @property
     def model_name(self) -> str:
@@ -491,6 +491,13 @@ class Fleet(_Strict):
                     f"servers[{j}]: a group holds one kind, so give this server another group"
                 )
             group_kind.setdefault(s.group, (s.kind, i))
+        server_names = {s.name for s in self.servers}
+        for i, e in enumerate(self.gateways):
+            if e.name in server_names:
+                problems.append(
+                    f"gateway '{e.name}' (gateways[{i}]): field 'name' is also the name of a server, and a client "
+                    f"would take one for the other (their states, metrics and logs): give the gateway another name"
+                )
         problems += self.through_gateway_problems(self.client)
         if problems:
             raise ValueError("; ".join(problems))
@@ -511,7 +518,7 @@ class Fleet(_Strict):
                     f"client.through_gateway names group '{g}', which has no [[gateways]] entry to go through: add "
                     f'one (group = "{g}", port = <port>), or remove "{g}" from through_gateway'
                 )
-            elif len({e.api_key_env for e in entries}) > 1:
+            elif len({e.api_key_env or self.api_key_env for e in entries}) > 1:
                 out.append(
                     f"the [[gateways]] entries of group '{g}' name different api_key_env variables, and the client "
                     f'sends one key per group: give them the same api_key_env, or remove "{g}" from through_gateway'
@@ -547,7 +554,7 @@ class Fleet(_Strict):
                 name=e.name,
                 group=key,
                 kind=first.kind,
-                host=reachable_host(e.client_host or e.host),
+                host=e.reach_host,
                 port=e.port,
                 model=first.model,
                 served_model_name=first.served_model_name,

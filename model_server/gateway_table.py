@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from model_server.common.urls import reachable_host, server_url
+
 __all__ = ["GatewayPolicy", "GatewaySpec"]
 
 _HOUR_S = 3600.0
@@ -175,6 +177,16 @@ class GatewaySpec(BaseModel):
     # leaves before it stops, so below [launch] drain_notice_s). 0: the static list of the table, as without
     # a control API.
     sync_interval_s: float = Field(default=1.0, ge=0, le=_HOUR_S)
+
+    @property
+    def reach_host(self) -> str:
+        """Where clients reach it: ``client_host``, else its bind address (a wildcard meaning loopback)."""
+        return reachable_host(self.client_host or self.host)
+
+    @property
+    def client_url(self) -> str:
+        """``http://host:port`` as clients reach it (IPv6 in brackets)."""
+        return server_url(self.reach_host, self.port)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySpec:

@@ -66,16 +66,14 @@ def local_copy(
     inventory: str = "",
     extra: str = "",
     args: dict[str, list[str]] | None = None,
-    gateways: bool = False,
 ) -> Path:
     """configs/local.toml with free ports, logs/status in tmp_path and the given [launch] values.
 
-    ``args`` replaces the ``args`` of the named servers (the fake engine's flags, for instance). ``gateways``
-    keeps the table's [[gateways]] entries (on free ports too; their sync needs drain_notice_s above 1 s).
+    ``args`` replaces the ``args`` of the named servers (the fake engine's flags, for instance). The table's
+    [[gateways]] entries are left out (their fixed ports): a test that runs a gateway brings its own entry.
     """
     text = (ROOT / "configs" / "local.toml").read_text()
-    if not gateways:  # most tests run no gateway, and bring their own entries when they do
-        text = re.sub(r"(?ms)^\[\[gateways\]\]\n.*?(?=^\[)", "", text)
+    text = re.sub(r"(?ms)^\[\[gateways\]\]\n.*?(?=^\[)", "", text)
     text = re.sub(r"(?m)^port = \d+$", lambda _m: f"port = {free_port()}", text)
     values = {
         **FAST,

@@ -161,3 +161,56 @@ def test_requests_and_probes_of_the_group_go_to_its_gateway_with_its_key(keys: N
     to_engines = [(port, key) for port, key in transport.seen if port != 9300]
     assert len(to_gateway) == 2 and set(to_gateway) == {f"Bearer {GATEWAY_KEY}"}
     assert len(to_engines) == 1 and to_engines[0][0] in (9201, 9202) and to_engines[0][1] == f"Bearer {ENGINE_KEY}"
+
+
+def test_an_application_that_only_uses_the_gateway_needs_no_engines_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MS_TG_ENGINE_KEY", raising=False)
+    monkeypatch.setenv("MS_TG_GATEWAY_KEY", GATEWAY_KEY)
+    transport = Recording()
+    ok = lambda specs, timeout_s, **kw: [ProbeResult(s, 0.01, output_tokens=1) for s in specs]  # noqa: E731
+    with ModelServer(_table(), transport=transport, prober=ok) as ms:
+        assert ms.chat("8", MESSAGES).choices[0].message.content == "hi"
+        with pytest.raises(ConfigError, match="MS_TG_ENGINE_KEY, which is unset or empty"):
+            ms.embed("7", ["a"])  # a group straight to its engines still says what is missing, when used
+    assert transport.seen == [(9300, f"Bearer {GATEWAY_KEY}")]
+    with pytest.raises(ConfigError, match="MS_TG_ENGINE_KEY"):  # without gateways, at once, as ever
+        ModelServer(_table(client=""))
+
+
+@pytest.mark.parametrize(
+    ("host", "client_host", "url"),
+    [
+        ("::", None, "http://[::1]:9300/v1"),
+        ("0.0.0.0", "fd00::1", "http://[fd00::1]:9300/v1"),
+        ("10.0.0.5", None, "http://10.0.0.5:9300/v1"),
+    ],
+)
+def test_the_gateway_url_a_client_and_status_use_holds_ipv6_in_brackets(host: str, client_host: str | None, url: str):
+    extra = f'client_host = "{client_host}"\n' if client_host else ""
+    fleet = _table(gateways=GATEWAYS + f'host = "{host}"\n' + extra, top="")
+    assert fleet.client_replicas("8")[0].base_url == url
+    from model_server.gateway.settings import resolve
+    from model_server.launcher.fleet_view import gateway_url
+
+    assert gateway_url(fleet.gateways[0], resolve(fleet, fleet.gateways[0])) + "/v1" == url
+
+
+def test_a_gateway_named_like_a_server_is_refused_and_one_key_given_twice_is_one_key(tmp_path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(f'{TOP}{GATEWAYS}name = "8-0"\n{SERVERS}')
+    with pytest.raises(ConfigError, match="gateway '8-0'.*also the name of a server"):
+        load_fleet(path)
+    same = GATEWAYS + '\n[[gateways]]\nname = "b"\ngroup = "8"\nport = 9310\napi_key_env = "MS_TG_ENGINE_KEY"\n'
+    fleet = _table(gateways=same.replace('api_key_env = "MS_TG_GATEWAY_KEY"\n', ""))  # the fleet's, twice
+    assert [r.port for r in fleet.client_replicas("8")] == [9300, 9310]
+
+
+def test_a_client_whose_groups_all_go_through_gateways_does_not_poll_the_control_apis() -> None:
+    from model_server.client.control_listener import control_view_for
+
+    entries = GATEWAYS + '\n[[gateways]]\ngroup = "7"\nport = 9310\n'
+    fleet = parse_fleet(f"[launch]\ncontrol_port = 9400\n{entries}{SERVERS}", source="<t>")
+    assert control_view_for(fleet, fleet.client, lambda: 0.0) is not None
+    both = ClientPolicy(through_gateway=("8", "7"))
+    assert control_view_for(fleet, both, lambda: 0.0) is None
+    assert control_view_for(fleet, ClientPolicy(through_gateway=("8",)), lambda: 0.0) is not None

@@ -374,7 +374,7 @@ class PortsSeen(httpx.BaseTransport):
         self._inner.close()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_model_server_through_the_gateway_rides_out_a_killed_replica(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

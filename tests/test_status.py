@@ -117,6 +117,10 @@ def test_cleanup_finds_workers_by_their_record_and_by_their_tag(tmp_path: Path) 
     foreign = procs.spawn_engine(LaunchCommand("w4", sleeper), tmp_path / "w4.log", tag="another/old/chat-1")
     everyone = [recorded, untracked, mine, foreign]
     try:
+        # until a forked child has exec'd, its environment is this process's (no tag): wait for the three tags
+        tagged = {untracked.pid, mine.pid, foreign.pid}
+        wait_until(lambda: tagged <= {p.pid for p in procs.tagged_processes(lambda _tag: True)}, 20,
+                   what="the three tagged workers started")  # fmt: skip
         path = tmp_path / "status.json"
         path.write_text(json.dumps({"pipeline": {}, "servers": {"chat-1": {
             "pid": 999999, "create_time": 1.0, "tag": "owner/old/chat-1",

@@ -42,6 +42,8 @@ def control_view_for(fleet: Fleet, policy: ClientPolicy, clock: Callable[[], flo
     """The view a client keeps, or None when the table has no control API or the client does not listen."""
     if fleet.launch.control_port is None or policy.control_refresh_s <= 0:
         return None
+    if set(fleet.groups) <= set(policy.through_gateway):  # every group goes through its gateway, which follows
+        return None
     stale_after_s = STALE_AFTER_READS * policy.control_refresh_s + _read_timeout_s(policy)
     return ControlView({s.name: s.host for s in fleet.servers}, stale_after_s, clock)
 

@@ -75,7 +75,15 @@ class ClientCore:
         problems = fleet.through_gateway_problems(policy)  # the table's own [client] was checked as it loaded
         if problems:
             raise ConfigError(f"{fleet.source}: " + "; ".join(problems) + ".")
-        self._keys = {g: fleet.client_api_key(g, policy) for g in fleet.groups}  # a gateway may ask for its own
+        self._keys: dict[str, str | None] = {}  # per group: a gateway may ask for its own key
+        for g in fleet.groups:
+            try:
+                self._keys[g] = fleet.client_api_key(g, policy)
+            except ConfigError:
+                if not policy.through_gateway or g in policy.through_gateway:
+                    raise  # a missing key is said at once...
+                # ...except the engines' key where groups go through gateways: an application that uses only
+                # those need not hold it. Asked again (and said) when one of the other groups is first used.
         self.view = control_view_for(fleet, policy, clock)  # None: no control API to listen to
         metrics.watch(self.stats)
         self._groups: dict[str, ReplicaGroup] = {}
@@ -96,6 +104,8 @@ class ClientCore:
             group = self._groups.get(key)
             if group is None:
                 specs = self.fleet.client_replicas(key, self.policy)
+                if specs and key not in self._keys:
+                    self._keys[key] = self.fleet.client_api_key(key, self.policy)
                 if not specs:
                     raise UnknownGroupError(key, self.group_names, self.fleet.source)
                 group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock, view=self.view)

@@ -130,6 +130,7 @@ class GatewaySettings:
     stop_grace_s: float
     sources: Mapping[str, str] = field(default_factory=dict)  # router setting -> where its value came from
     control: ControlSync | None = None  # None: the static list of the table (no control_port, or sync_interval_s 0)
+    client_url: str = ""  # where clients reach it (client_host, else host; a wildcard means loopback)
 
     @property
     def probe_host(self) -> str:
@@ -170,6 +171,7 @@ class GatewaySettings:
             "name": self.name,
             "group": self.group,
             "url": self.base_url,
+            "clients_reach_it_at": (self.client_url or self.url) + "/v1",
             "metrics": self.metrics_url,
             "policy": self.policy,
             "workers": list(self.workers),
@@ -308,6 +310,7 @@ def resolve(fleet: Fleet, spec: GatewaySpec) -> GatewaySettings:
         router=router,
         worker_health=worker_health,
         log_file=str(Path(launch.log_dir).absolute() / log_name(spec.name)),
+        client_url=spec.client_url,
         startup_timeout_s=spec.startup_timeout_s,
         liveness_interval_s=_pick(
             spec, "liveness_interval_s", launch.health_interval_s, "[launch] health_interval_s", sources

@@ -32,7 +32,10 @@ def _failure(err: Exception, timeout_s: float) -> str:
 
 
 def read_gateway(url: str, key: str | None, timeout_s: float, client: Any = None) -> GatewayAnswer:
-    """The gateway at ``url`` (``http://host:port``): is it live, and its worker list; at most 2 x ``timeout_s``.
+    """The gateway at ``url`` (``http://host:port``): is it live, and its worker list.
+
+    Two requests, each with ``timeout_s`` on every phase (connect, each read), so about 2 x ``timeout_s``
+    unless a slow gateway trickles its answer.
 
     ``client``: an ``httpx.Client`` to send with (a test's in-process app); default: a new connection each.
     """

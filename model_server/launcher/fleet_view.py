@@ -47,7 +47,7 @@ from model_server.common.control_status import (
     parse_control_status,
 )
 from model_server.common.hosts import local_identities, match_servers
-from model_server.common.urls import reachable_host, server_url
+from model_server.common.urls import server_url
 from model_server.config import Fleet, ServerSpec
 from model_server.gateway.settings import GatewaySettings, resolve
 from model_server.gateway.status_read import read_gateway
@@ -229,7 +229,7 @@ def merge_gateways(
 def gateway_url(spec: GatewaySpec, settings: GatewaySettings) -> str:
     """Where this machine reaches a gateway: its ``client_host`` when set, else its bind address (a wildcard
     means loopback)."""
-    return server_url(reachable_host(spec.client_host), settings.port) if spec.client_host else settings.url
+    return settings.client_url or spec.client_url
 
 
 # ---- I/O ----------------------------------------------------------------------------------------------
