@@ -82,9 +82,9 @@ from model_server.bench import build_schedule
 from model_server.bench.stats import summarize_values
 from model_server.client.async_driver import AsyncModelServer
 from model_server.common.processes import listening_pid
+from model_server.common.urls import same_url
 from model_server.config import load_fleet
 from model_server.gateway.settings import GatewaySettings, validate
-from model_server.gateway.sync import same_url
 from model_server.sim.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -584,8 +584,16 @@ async def slow_replica(routes: dict[str, Route], stack: Stack) -> dict[str, Any]
         s["r1_seen"] = seen
         s["r1_same_process"] = (await stack.servers())[TARGET]["pid"] == pid_before
         out[name] = s
-        await asyncio.sleep(1.0)  # the slowed replica's last answers drain
+        await wait_until(stack, lambda: r1_drained(stack), 30, f"{TARGET} running and queuing no request")
     return out
+
+
+async def r1_drained(stack: Stack) -> bool:
+    """Whether the slowed replica has answered all it took: its /sim/stats shows none running and none queued."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        stats = (await stack.http.get(stack.urls[TARGET] + "/sim/stats")).json()
+        return stats["running"] == 0 and stats["queued"] == 0
+    return False
 
 
 class Watch:

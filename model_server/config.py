@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from model_server.common.urls import server_url
 from model_server.errors import ConfigError
-from model_server.gateway_table import GatewaySpec
+from model_server.gateway_table import MIN_SYNC_INTERVAL_S, GatewaySpec, GroupName
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -293,9 +293,14 @@ class LaunchPolicy(_Strict):
         if required is None:
             required = "control_key_env" in self.model_fields_set
         if not value and required:
+            named = (
+                f"field 'launch.control_key_env' names the environment variable {self.control_key_env}"
+                if "control_key_env" in self.model_fields_set
+                else f"the control key is read from {self.control_key_env} (the default of launch.control_key_env)"
+            )
             raise ConfigError(
-                f"field 'launch.control_key_env' names the environment variable {self.control_key_env}, which is "
-                f"unset or empty in this shell, so the control API's write routes could not be used. Fix: "
+                f"{named}, which is unset or empty in this shell, so the control API's write routes could not be "
+                f"used. Fix: "
                 + (fix or f"export {self.control_key_env}=<a long random key> before starting, or remove "
                    f"'control_key_env'")
             )  # fmt: skip
@@ -367,10 +372,10 @@ class ClientPolicy(_Strict):
     # With launch.control_port set, the client reads every host's control API this often (a background
     # thread, never on a request's path) and sends requests only to replicas the pipeline says are READY;
     # a control API that does not answer is ignored (the client's own probes decide). 0 turns this off.
-    control_refresh_s: float = Field(default=1.0, ge=0, le=3600)
+    control_refresh_s: float = Field(default=1.0, ge=0, le=_HOUR_S)
     # Groups whose requests go through their SGLang Model Gateway ([[gateways]] entries of the group) instead
     # of straight to the replicas: the gateway is the group's one replica (several entries: several replicas).
-    through_gateway: tuple[str, ...] = ()
+    through_gateway: tuple[GroupName, ...] = ()
     # Deadlines inside one attempt (see model_server/client/deadlines.py): the first token must arrive within
     # factor x the group's smoothed time to first token, plus prompt_tokens / prefill_tokens_per_s,
     # clamped to [floor, ceiling]; the gap between two chunks within factor x the smoothed gap, clamped.
@@ -396,11 +401,17 @@ class ClientPolicy(_Strict):
 
     @field_validator("through_gateway", mode="before")
     @classmethod
-    def _groups_as_text(cls, value: Any) -> Any:
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]  # one group given alone
-        if isinstance(value, (list, tuple)):  # the original keyed groups by model size: 8 means "8"
-            return tuple(str(v).strip() if isinstance(v, (str, int)) and not isinstance(v, bool) else v for v in value)
+    def _one_group_alone(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+    @field_validator("control_refresh_s")
+    @classmethod
+    def _refresh_not_a_storm(cls, value: float) -> float:
+        if 0 < value < MIN_SYNC_INTERVAL_S:
+            raise ValueError(
+                f"is {value:g}: every client would read every control API that often; set at least "
+                f"{MIN_SYNC_INTERVAL_S:g} s, or 0 to stop listening"
+            )
         return value
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from model_server.common.urls import reachable_host, server_url
 
-__all__ = ["GatewayPolicy", "GatewaySpec"]
+__all__ = ["MIN_SYNC_INTERVAL_S", "GatewayPolicy", "GatewaySpec", "GroupName"]
 
 _HOUR_S = 3600.0
 _DAY_S = 86400.0
@@ -86,7 +86,7 @@ def _an_env_name(value: str) -> str:
 # to the stripped text.)
 _NO_NUL = AfterValidator(_no_nul)
 _Name = Annotated[str, BeforeValidator(_stripped), _NO_NUL, AfterValidator(_a_file_name)]
-_Group = Annotated[str, Field(min_length=1), BeforeValidator(_group_as_text), _NO_NUL]
+GroupName = Annotated[str, Field(min_length=1), BeforeValidator(_group_as_text), _NO_NUL]
 _Host = Annotated[str, Field(min_length=1), BeforeValidator(_stripped), _NO_NUL]
 _WorkerPath = Annotated[str, _NO_NUL, AfterValidator(_a_worker_path)]
 _EnvName = Annotated[str, AfterValidator(_an_env_name)]
@@ -107,7 +107,7 @@ class GatewaySpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: _Name = ""  # defaults to "gateway-<group>"
-    group: _Group
+    group: GroupName
     host: _Host = "127.0.0.1"  # bind address; 0.0.0.0 to serve other hosts
     # Where clients reach it ([client] through_gateway): default `host`, loopback for a wildcard. Set it to this
     # machine's name when the gateway binds 0.0.0.0 and ModelServer runs on other machines.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +123,15 @@ def servers_toml(groups: dict[str, tuple[str, Sequence[int]]], *, gpus: bool = F
     return "\n".join(lines) + "\n"
 
 
+def rehost(toml: str, hosts: dict[str, str]) -> str:
+    """``servers_toml`` text with the named servers moved to other hosts ({name: host})."""
+    for name, host in hosts.items():
+        pattern = rf'(name = "{re.escape(name)}"\n(?:[^\[\n].*\n)*?)host = "[^"]*"'
+        toml, n = re.subn(pattern, rf'\1host = "{host}"', toml)
+        assert n == 1, name
+    return toml
+
+
 @functools.cache
 def firewalled_port() -> int:
     """A port on 127.0.0.1 that takes connections and never answers (nothing accepts them): a firewalled or hung
@@ -158,3 +168,13 @@ def chat_chunk(
     if usage is not None:
         event["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
     return event
+
+
+def fleet_with_firewalled_control(groups: dict[str, tuple[str, Sequence[int]]], **kw: object) -> Fleet:
+    """:func:`fleet_of` with a control API that never answers (issue 12): every result must stay what it is
+    without one, since the client never depends on the control plane. Asserts the client does listen there."""
+    from model_server.client.control_listener import control_view_for
+
+    fleet = fleet_of(groups, control_port=firewalled_port(), control_refresh_s=0.2, **kw)
+    assert control_view_for(fleet, fleet.client, lambda: 0.0) is not None, "the client would not listen to it"
+    return fleet

@@ -73,7 +73,8 @@ def local_copy(
     [[gateways]] entries are left out (their fixed ports): a test that runs a gateway brings its own entry.
     """
     text = (ROOT / "configs" / "local.toml").read_text()
-    text = re.sub(r"(?ms)^\[\[gateways\]\]\n.*?(?=^\[)", "", text)
+    text = re.sub(r"(?ms)^\[\[gateways\]\]\n.*?(?=^\[|\Z)", "", text)
+    assert "[[gateways]]" not in text, "configs/local.toml: a [[gateways]] entry local_copy did not leave out"
     text = re.sub(r"(?m)^port = \d+$", lambda _m: f"port = {free_port()}", text)
     values = {
         **FAST,

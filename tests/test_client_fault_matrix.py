@@ -11,18 +11,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import _client_sims
 import pytest
-from _client_sims import FAST_ARGS, MESSAGES, firewalled_port, sims_running, stop_sims, wait_for
+from _client_sims import FAST_ARGS, MESSAGES, fleet_with_firewalled_control, sims_running, stop_sims, wait_for
 
 from model_server.client import GroupUnavailableError, InvalidRequestError, ModelServer
 from model_server.sim.process import SimProcess
-
-
-def fleet_of(groups: dict, **kw: object):  # noqa: ANN201
-    """The table of these tests, with a control API that never answers (issue 12): every result must stay
-    what it is without one, since the client never depends on the control plane."""
-    return _client_sims.fleet_of(groups, control_port=firewalled_port(), control_refresh_s=0.2, **kw)
 
 
 def _load(ms: ModelServer, total: int, threads: int, **params) -> tuple[list[float], list[BaseException]]:
@@ -60,7 +53,7 @@ def _p99(values: list[float]) -> float:
 def test_a_replica_that_was_down_at_build_time_reenters_when_it_answers(routing: str, caplog) -> None:
     with sims_running(3) as sims:
         sims[2].suspend()
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing=routing)
+        fleet = fleet_with_firewalled_control({"8": ("completion", [s.port for s in sims])}, routing=routing)
         with ModelServer(fleet) as ms:
             ms.warmup()  # 8-2 does not answer its probe: built without it
             assert ms.stats()["8"]["8-2"].latency_s is None
@@ -83,7 +76,9 @@ def test_a_replica_that_was_down_at_build_time_reenters_when_it_answers(routing:
 def test_a_fleet_restart_within_the_wait_bound_costs_latency_not_errors() -> None:
     sims = [SimProcess(served_model_name="chat", args=FAST_ARGS).start() for _ in range(3)]
     try:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", wait_for_replica_s=30)
+        fleet = fleet_with_firewalled_control(
+            {"8": ("completion", [s.port for s in sims])}, routing="p2c", wait_for_replica_s=30
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             done = threading.Event()
@@ -126,7 +121,7 @@ def test_a_fleet_restart_within_the_wait_bound_costs_latency_not_errors() -> Non
 @pytest.mark.timeout(60)
 def test_every_replica_hung_ends_within_the_wait_bound_with_an_honest_message() -> None:
     with sims_running(3) as sims:
-        fleet = fleet_of(
+        fleet = fleet_with_firewalled_control(
             {"8": ("completion", [s.port for s in sims])},
             wait_for_replica_s=6,
             breaker_failures=2,
@@ -155,7 +150,7 @@ def test_every_replica_hung_ends_within_the_wait_bound_with_an_honest_message() 
 def test_mixed_faults_500s_malformed_and_hung_lose_no_request() -> None:
     with sims_running(3) as sims:
         flaky, malformed, hung = sims
-        fleet = fleet_of(
+        fleet = fleet_with_firewalled_control(
             {"8": ("completion", [s.port for s in sims])},
             routing="p2c",
             breaker_failures=5,
@@ -177,7 +172,7 @@ def test_mixed_faults_500s_malformed_and_hung_lose_no_request() -> None:
 @pytest.mark.timeout(120)
 def test_a_call_deadline_leaves_room_for_the_next_replica() -> None:
     with sims_running(3) as sims:
-        fleet = fleet_of(
+        fleet = fleet_with_firewalled_control(
             {"8": ("completion", [s.port for s in sims])},
             routing="p2c",
             request_deadline_s=10,
@@ -202,7 +197,7 @@ def test_a_call_deadline_leaves_room_for_the_next_replica() -> None:
 @pytest.mark.timeout(60)
 def test_token_ids_are_one_input_and_no_replica_is_blamed() -> None:
     with sims_running(2, embedding=True) as sims:
-        fleet = fleet_of({"7": ("embedding", [s.port for s in sims])})
+        fleet = fleet_with_firewalled_control({"7": ("embedding", [s.port for s in sims])})
         with ModelServer(fleet, state_path=None) as ms:
             vector = ms.embed("7", [1, 2, 3])
             batch = ms.embed("7", [[1, 2, 3], [4, 5]])
@@ -218,7 +213,9 @@ def test_token_ids_are_one_input_and_no_replica_is_blamed() -> None:
 @pytest.mark.timeout(60)
 def test_bad_arguments_raise_one_typed_error_naming_the_argument_and_spend_no_attempt() -> None:
     with sims_running(1) as chat_sims, sims_running(1, embedding=True) as emb_sims:
-        fleet = fleet_of({"8": ("completion", [chat_sims[0].port]), "7": ("embedding", [emb_sims[0].port])})
+        fleet = fleet_with_firewalled_control(
+            {"8": ("completion", [chat_sims[0].port]), "7": ("embedding", [emb_sims[0].port])}
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             cases = [
@@ -254,7 +251,9 @@ def _frames(err: BaseException) -> list:
 @pytest.mark.timeout(60)
 def test_max_retry_is_the_number_of_requests_sent_for_the_call() -> None:
     with sims_running(3) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, max_retry=7, breaker_failures=1000)
+        fleet = fleet_with_firewalled_control(
+            {"8": ("completion", [s.port for s in sims])}, max_retry=7, breaker_failures=1000
+        )
         with ModelServer(fleet) as ms:
             ms.warmup()
             before = sum(s.stats()["requests_total"] for s in sims)

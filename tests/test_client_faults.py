@@ -7,18 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import _client_sims
 import pytest
-from _client_sims import MESSAGES, dead_ports, firewalled_port, sims_running, wait_for
+from _client_sims import MESSAGES, dead_ports, fleet_with_firewalled_control, sims_running, wait_for
 
 from model_server.client import GroupUnavailableError, ModelServer
 from model_server.client.breaker import BreakerState
-
-
-def fleet_of(groups: dict, **kw: object):  # noqa: ANN201
-    """The table of these tests, with a control API that never answers (issue 12): every result must stay
-    what it is without one, since the client never depends on the control plane."""
-    return _client_sims.fleet_of(groups, control_port=firewalled_port(), control_refresh_s=0.2, **kw)
 
 
 def _hammer(ms: ModelServer, total: int, threads: int, on_progress=None) -> tuple[list[str], list[BaseException]]:
@@ -50,7 +43,7 @@ def _hammer(ms: ModelServer, total: int, threads: int, on_progress=None) -> tupl
 def test_kill_9_of_a_replica_under_16_threads_loses_no_request(routing: str) -> None:
     with sims_running(3) as sims:
         by_name = {f"8-{i}": s for i, s in enumerate(sims)}
-        ms = ModelServer(fleet_of({"8": ("completion", [s.port for s in sims])}, routing=routing))
+        ms = ModelServer(fleet_with_firewalled_control({"8": ("completion", [s.port for s in sims])}, routing=routing))
         killed: list[str] = []
 
         def kill_busiest(done) -> None:
@@ -84,7 +77,9 @@ def test_a_hung_replica_and_a_flaky_one_lose_no_request_and_the_hung_one_is_cut_
     with sims_running(3) as sims:
         hung, flaky, good = sims
         # A cooldown no test run outlives: the hung replica's breaker must stay open for the whole test.
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_cooldown_s=86400)
+        fleet = fleet_with_firewalled_control(
+            {"8": ("completion", [s.port for s in sims])}, routing="p2c", breaker_cooldown_s=86400
+        )
         ms = ModelServer(fleet)
         try:
             ms.warmup()
@@ -112,7 +107,9 @@ def test_a_10x_slower_replica_gets_a_small_share(routing: str) -> None:
     # Latencies well above the HTTP overhead, so that slow_factor 10 really is 10x end to end.
     with sims_running(3, args=("--ttft-ms", "20", "--tpot-ms", "2", "--tpot-growth", "0.01")) as sims:
         sims[2].set_faults(slow_factor=10)
-        with ModelServer(fleet_of({"8": ("completion", [s.port for s in sims])}, routing=routing)) as ms:
+        with ModelServer(
+            fleet_with_firewalled_control({"8": ("completion", [s.port for s in sims])}, routing=routing)
+        ) as ms:
             ms.warmup()
             replies, errors = _hammer(ms, 200, 8)
             stats = ms.stats()["8"]
@@ -128,7 +125,7 @@ def test_every_replica_down_raises_in_bounded_time_and_clears_is_running(tmp_pat
     state = tmp_path / "run" / "state.json"
     state.parent.mkdir()
     state.write_text(json.dumps({"is_running": True, "job": "nightly", "step": 7}))
-    fleet = fleet_of({"8": ("completion", dead_ports(3))})
+    fleet = fleet_with_firewalled_control({"8": ("completion", dead_ports(3))})
     with ModelServer(fleet, state_path=state) as ms:
         started = time.monotonic()
         with pytest.raises(GroupUnavailableError) as info:
@@ -143,7 +140,7 @@ def test_every_replica_down_raises_in_bounded_time_and_clears_is_running(tmp_pat
 
 @pytest.mark.timeout(60)
 def test_warmup_of_a_dead_group_names_each_replica_and_its_error() -> None:
-    with ModelServer(fleet_of({"8": ("completion", dead_ports(2))})) as ms:
+    with ModelServer(fleet_with_firewalled_control({"8": ("completion", dead_ports(2))})) as ms:
         with pytest.raises(GroupUnavailableError) as info:
             ms.warmup()
     assert [a.replica for a in info.value.attempts] == ["8-0", "8-1"]
@@ -154,7 +151,7 @@ def test_warmup_of_a_dead_group_names_each_replica_and_its_error() -> None:
 def test_hung_replicas_give_up_within_the_deadline_and_retry_budget(tmp_path) -> None:
     state = tmp_path / "state.json"
     with sims_running(2) as sims:
-        fleet = fleet_of(
+        fleet = fleet_with_firewalled_control(
             {"8": ("completion", [s.port for s in sims])}, request_deadline_s=3.0, run_state_file=str(state)
         )
         ms = ModelServer(fleet)
@@ -178,7 +175,7 @@ def test_hung_replicas_give_up_within_the_deadline_and_retry_budget(tmp_path) ->
 @pytest.mark.timeout(90)
 def test_a_replica_that_slows_down_is_marked_degraded_and_traffic_moves(caplog) -> None:
     with sims_running(2) as sims:
-        fleet = fleet_of({"8": ("completion", [s.port for s in sims])}, degraded_latency_factor=4)
+        fleet = fleet_with_firewalled_control({"8": ("completion", [s.port for s in sims])}, degraded_latency_factor=4)
         with ModelServer(fleet) as ms:
             ms.warmup()
             for _ in range(10):

@@ -189,10 +189,9 @@ def test_the_gateway_url_a_client_and_status_use_holds_ipv6_in_brackets(host: st
     extra = f'client_host = "{client_host}"\n' if client_host else ""
     fleet = _table(gateways=GATEWAYS + f'host = "{host}"\n' + extra, top="")
     assert fleet.client_replicas("8")[0].base_url == url
-    from model_server.gateway.settings import resolve
-    from model_server.launcher.fleet_view import gateway_url
+    from model_server.gateway.settings import resolve  # what status and --dry-run use
 
-    assert gateway_url(fleet.gateways[0], resolve(fleet, fleet.gateways[0])) + "/v1" == url
+    assert resolve(fleet, fleet.gateways[0]).client_url + "/v1" == url
 
 
 def test_a_gateway_named_like_a_server_is_refused_and_one_key_given_twice_is_one_key(tmp_path) -> None:
@@ -214,3 +213,14 @@ def test_a_client_whose_groups_all_go_through_gateways_does_not_poll_the_control
     both = ClientPolicy(through_gateway=("8", "7"))
     assert control_view_for(fleet, both, lambda: 0.0) is None
     assert control_view_for(fleet, ClientPolicy(through_gateway=("8",)), lambda: 0.0) is not None
+
+
+def test_the_view_of_a_client_speaks_only_for_the_replicas_it_sends_to_itself() -> None:
+    from model_server.client.control_listener import control_view_for
+    from model_server.common.control_status import Recorded
+
+    fleet = parse_fleet(f"[launch]\ncontrol_port = 9400\n{GATEWAYS}{SERVERS}", source="<t>")
+    view = control_view_for(fleet, ClientPolicy(through_gateway=("8",)), lambda: 0.0)
+    assert view is not None
+    view.heard("127.0.0.1", {"8-0": Recorded("DRAINING"), "7-0": Recorded("DRAINING")})
+    assert view.held_out(["8-0", "7-0"]) == {"7-0"}  # group 8's replicas are the gateway's business

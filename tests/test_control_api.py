@@ -201,9 +201,9 @@ def test_reads_from_another_machine_need_the_key(tmp_path: Path) -> None:
     specs = [s for s in fleet.servers if s.name in NAMES]
     board = StatusBoard(tmp_path / "status.json", [ServerStatus(s.name, s.group, s.host, s.port) for s in specs], {})
     with ThreadPoolExecutor(1) as pool:
-        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, lambda _s: None)  # type: ignore[arg-type,return-value]
+        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, lambda _s: None, fleet.launch)  # type: ignore[arg-type,return-value]
         metrics = PipelineMetrics(control.statuses, control.read_gpus)
-        client = TestClient(build_app(control, EventLog(), metrics, Secret(KEY)))  # its client is "testclient"
+        client = TestClient(build_app(control, EventLog(), metrics, Secret(KEY), fleet))  # its client is "testclient"
         for path in ("/status", "/events", "/metrics"):
             refused = client.get(path)
             assert refused.status_code == 401 and "read the control API from another machine" in refused.json()["error"]
@@ -211,7 +211,7 @@ def test_reads_from_another_machine_need_the_key(tmp_path: Path) -> None:
         assert client.get("/events", params={"limit": 0}, headers=AUTH).status_code == 422
         garbage = client.get("/events", params={"limit": "many"}, headers=AUTH)
         assert garbage.status_code == 422 and "limit" in garbage.json()["error"]
-        keyless = TestClient(build_app(control, EventLog(), metrics, None))
+        keyless = TestClient(build_app(control, EventLog(), metrics, None, fleet))
         refused = keyless.post("/servers/chat-1/drain", headers=AUTH)
         assert refused.status_code == 401 and "launch.control_key_env" in refused.json()["error"]
         assert keyless.get("/status").status_code == 403
@@ -267,7 +267,7 @@ def test_a_state_an_operator_asked_for_is_no_failure_until_the_server_crashes_or
     specs = [s for s in fleet.servers if s.name in NAMES]
     board = StatusBoard(tmp_path / "status.json", [ServerStatus(s.name, s.group, s.host, s.port) for s in specs], {})
     with ThreadPoolExecutor(3) as pool:
-        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, _FakeSupervisor)  # type: ignore[arg-type]
+        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, _FakeSupervisor, fleet.launch)  # type: ignore[arg-type]
         control.start_all()
         assert not control.operator_asked("chat-1")
         control.command("chat-1", "restart")

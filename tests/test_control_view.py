@@ -165,3 +165,31 @@ def test_without_a_view_the_group_routes_on_its_own_probes() -> None:
     group = ReplicaGroup("g", [spec(n) for n in HOSTS], ClientPolicy(), clock=clock)
     group.apply_probes([ProbeResult(spec(n), latency_s=0.1, output_tokens=1) for n in HOSTS])
     assert chosen(group) == {"a", "b", "c"} and len(group.probe_specs()) == 3
+
+
+def test_a_view_with_nothing_held_out_answers_without_its_lock_and_holds_out_again_once_told() -> None:
+    v, clock = view()
+    v.heard("h1", status(a="READY", b="READY"))
+    with v._lock:  # held elsewhere: a request in the usual case (all READY, all probed) does not wait for it
+        assert v.held_out(HOSTS) == frozenset() and v.unprobed(HOSTS) == frozenset()
+    v.heard("h2", status(c="DRAINING"))
+    assert v.held_out(HOSTS) == {"c"} and v.not_ready(HOSTS) == {"c"}
+    clock.now = 10.0  # its answer is stale: it counts for nothing, though the view is not quiet
+    assert v.held_out(HOSTS) == frozenset()
+    v.heard("h2", status(c="READY"))  # back: out until probed
+    assert v.held_out(HOSTS) == {"c"} and v.unprobed(HOSTS) == {"c"}
+    v.probed("c")
+    with v._lock:
+        assert v.held_out(HOSTS) == frozenset()
+    assert v.hosts == ("h1", "h2")
+
+
+def test_a_control_refresh_that_would_storm_the_control_apis_is_refused() -> None:
+    import pytest
+
+    from model_server.errors import ConfigError
+
+    assert ClientPolicy(control_refresh_s=0).control_refresh_s == 0
+    with pytest.raises(ValueError, match="at least 0.1 s, or 0 to stop listening"):
+        ClientPolicy(control_refresh_s=0.001)
+    assert issubclass(ConfigError, ValueError)

@@ -39,6 +39,7 @@ from _waiting import wait_for
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 
+from model_server.common.control_status import Recorded
 from model_server.config import load_fleet
 from model_server.launcher import dashboard_data as view
 from model_server.launcher.control_api import build_app
@@ -120,14 +121,15 @@ def test_write_target_says_here_there_or_why_not() -> None:
 
 def test_an_unreachable_host_shows_its_servers_unknown_with_why() -> None:
     specs = [{"name": "embed-1", "group": "7", "host": "b", "port": 1}]
-    host = view.host_view("b", specs, None, "nothing listens", False, {}, now=100.0)
+    host = view.host_view("b", specs, view.HostStatus(problem="nothing listens"), False, {}, now=100.0)
     assert host["reachable"] is False and host["problem"] == "nothing listens"
     assert host["groups"][0]["servers"][0]["state"] == view.UNKNOWN
     page = view.fleet_page("t.toml", [host], [], [], 100.0, writable=False)
     assert page["states"] == {"UNKNOWN": 1}
     status = {"started": 50.0, "servers": [{**specs[0], "state": "READY", "pid": 7, "since": 90.0}], "rollouts": {}}
     both = [*specs, {"name": "embed-2", "group": "7", "host": "b", "port": 2}]
-    host = view.host_view("b", both, status, "", False, {"embed-1": (view.EngineLoad(running=2), "")}, now=100.0)
+    answer = view.HostStatus(status, {"embed-1": Recorded("READY", 7, since=90.0)})
+    host = view.host_view("b", both, answer, False, {"embed-1": (view.EngineLoad(running=2), "")}, now=100.0)
     rows = {s["name"]: s for s in host["groups"][0]["servers"]}
     assert rows["embed-1"]["in_state_s"] == 10.0 and rows["embed-1"]["load"]["running"] == 2
     assert host["uptime_s"] == 50.0
@@ -184,12 +186,11 @@ class FakeHost:
         return httpx.Response(404, json={"error": "no route"})
 
 
-@pytest.fixture(params=["table given", "table from the status file"])
-def two_hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, FakeHost]]:
+@pytest.fixture
+def two_hosts(tmp_path: Path) -> Iterator[tuple[TestClient, FakeHost]]:
     """This host runs group 8 (no engine answers); host ``b`` of the table runs group 7, behind a FakeHost.
 
-    The table is given to build_app (as the pipeline may), or found as the pipeline finds it: the one its
-    status file names.
+    The table is given to build_app, as the pipeline gives it.
     """
     launch = {"control_port": "9100", "dashboard_client_metrics": '["http://app:9400/metrics"]'}
     path = local_copy(tmp_path, launch=launch)
@@ -203,13 +204,12 @@ def two_hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
     board = StatusBoard(tmp_path / "status.json", [ServerStatus(s.name, s.group, s.host, s.port) for s in here], meta)
     for s in here:
         board.update(s.name, state="READY", pid=os.getpid())
-    given = table if request.param == "table given" else None
     with ThreadPoolExecutor(1) as pool:
-        control = FleetControl(here, board, make_inventory(table.gpu_inventory), pool, lambda _s: None)  # type: ignore[arg-type,return-value]
+        control = FleetControl(here, board, make_inventory(table.gpu_inventory), pool, lambda _s: None, table.launch)  # type: ignore[arg-type,return-value]
         metrics = PipelineMetrics(control.statuses, control.read_gpus)
         events = EventLog()
         events.record("chat-1", ServerState.STARTING, ServerState.READY, "pid 1")
-        app = build_app(control, events, metrics, Secret(KEY), given, dashboard_transport=httpx.MockTransport(fake))
+        app = build_app(control, events, metrics, Secret(KEY), table, dashboard_transport=httpx.MockTransport(fake))
         yield TestClient(app), fake  # its client is "testclient": another machine, so reads need the key too
 
 

@@ -308,10 +308,26 @@ def _gateway_serves(port: int, workers: int) -> bool:
     return sum(bool(w.get("is_healthy")) for w in listed) == workers
 
 
+# README's gateway steps run inside the quick-start test (on its fleet), where the gateway extra is installed or
+# required; elsewhere test_the_readme_gateway_steps_run_here says, skipped, that they were not run.
+README_GATEWAY_STEPS = (
+    importlib.util.find_spec("sglang_router") is not None or os.environ.get("MODEL_SERVER_REQUIRE_GATEWAY") == "1"
+)
+NOT_RUN = "sglang_router is not importable: README's gateway steps were not run"
+
+
+def test_the_readme_gateway_steps_run_here() -> None:
+    start, call = _readme_gateway_commands()  # README has them, whether or not they run here
+    assert start[3] == "gateway" and call[1] == "-c", (start, call)
+    if not README_GATEWAY_STEPS:
+        pytest.skip(f"{NOT_RUN} (pip install 'model-server[gateway]', or MODEL_SERVER_REQUIRE_GATEWAY=1)")
+
+
 def _readme_gateway_steps(fleet, tmp_path: Path) -> None:
     """README's "One URL for the fleet": `model-server gateway` on the running local fleet, then an OpenAI client."""
-    if importlib.util.find_spec("sglang_router") is None and os.environ.get("MODEL_SERVER_REQUIRE_GATEWAY") != "1":
-        return  # the gateway extra is not installed here: its own tests say so (skipped, with the reason)
+    if not README_GATEWAY_STEPS:
+        print(f"\n{NOT_RUN}: see test_the_readme_gateway_steps_run_here")  # in the test's output; that test is skipped
+        return
     busy = [f"{g.name} (127.0.0.1:{g.port})" for g in fleet.gateways if _port_busy("127.0.0.1", g.port)]
     assert not busy, f"the local fleet's gateway ports are in use: {busy}"
     start, call = _readme_gateway_commands()
@@ -320,9 +336,11 @@ def _readme_gateway_steps(fleet, tmp_path: Path) -> None:
         gateway = subprocess.Popen(start, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(
-            lambda: gateway.poll() is None and all(_gateway_serves(g.port, len(fleet.group(g.group))) for g in fleet.gateways),
+            lambda: gateway.poll() is not None
+            or all(_gateway_serves(g.port, len(fleet.group(g.group))) for g in fleet.gateways),
             60.0, lambda: f"both gateways serving their groups:\n{log.read_text(errors='replace')[-3000:]}", 0.2,
         )  # fmt: skip
+        assert gateway.poll() is None, f"`model-server gateway` exited:\n{log.read_text(errors='replace')[-3000:]}"
         reply = subprocess.run(call, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
         assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr[-3000:]
         embed = next(g for g in fleet.gateways if g.group == "7")

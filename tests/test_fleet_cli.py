@@ -23,10 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _client_sims import servers_toml
+from _client_sims import rehost, servers_toml
 from _pipeline_runs import FAST, Run, all_ready, free_port
 from _waiting import wait_for
-from test_fleet_view import rehost
 
 KEY_ENV = "MS_TEST_FLEET_KEY"
 KEY = "fleet-cli-control-key-0123456789abcdef"
@@ -246,7 +245,6 @@ def test_bad_input_exits_2_with_one_paragraph_naming_the_fix(fleet: TwoHosts) ->
     cases = [
         (("restart", "nope", *args), True, "no server is named 'nope'. The servers are: 8-0, 8-1, 8-2, 7-0"),
         (("rollout", "9", *args), True, "has no group '9'. Its groups are: '8', '7'"),
-        (("drain", "8-0", "--then", "explode", *args), True, "--then explode: give 'stop' (the default) or 'restart'"),
         (("restart", "8-0", *args), False, f"names the environment variable {KEY_ENV}, which is unset or empty"),
         (
             ("rollout", "8", "--config", str(fleet.other_table("no-port2.toml", None))),
@@ -264,4 +262,43 @@ def test_bad_input_exits_2_with_one_paragraph_naming_the_fix(fleet: TwoHosts) ->
         done = cli(*argv, cwd=fleet.root, key=key)
         assert done.returncode == 2, (argv, done.stdout, done.stderr)
         assert says in done.stderr and done.stderr.count("\n") == 1, (argv, done.stderr)
+    bad = cli("drain", "8-0", "--then", "explode", *args, cwd=fleet.root, key=True)  # typer checks it: its box
+    said = " ".join(bad.stderr.replace("│", " ").split())
+    assert (
+        bad.returncode == 2
+        and "Invalid value for '--then': Value error, 'explode' is not one of 'stop', 'restart'" in said
+    )
     assert {n: s["pid"] for n, s in fleet.servers().items()} == before
+
+
+def test_a_refused_key_names_its_variable_and_only_silence_asks_to_start_the_pipeline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No subprocess: the control API's answers are faked at httpx."""
+    from model_server.cli import fleet as cf
+    from model_server.config import parse_fleet
+    from model_server.errors import LaunchError
+    from model_server.launcher.redact import Secret
+
+    ports = {"8-0": 1001, "8-1": 1002, "8-2": 1003, "7-0": 1004}
+    target = cf.ControlTarget(parse_fleet(table("127.0.0.2", 9100, ports), source="<t>"), 9100, Secret("wrong"))
+    refusal = httpx.Response(401, json={"error": "wrong key"})
+    monkeypatch.setattr(httpx, "get", lambda *_a, **_k: refusal)
+    monkeypatch.setattr(httpx, "post", lambda *_a, **_k: refusal)
+    with pytest.raises(LaunchError) as read:
+        cf.first_status(target, "127.0.0.2")
+    assert f"The key in ${KEY_ENV} here is not that pipeline's" in str(read.value)
+    assert "Start the pipeline" not in str(read.value)
+    with pytest.raises(LaunchError) as sent:
+        cf.post(target, "127.0.0.2", "/servers/8-0/restart")
+    assert f"refused POST /servers/8-0/restart (401): wrong key (the key sent is the one in ${KEY_ENV} here)" in str(
+        sent.value
+    )
+
+    def refused(*_a: object, **_k: object) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(httpx, "get", refused)
+    with pytest.raises(LaunchError) as silent:
+        cf.first_status(target, "127.0.0.2")
+    assert "nothing listens at" in str(silent.value) and "Start the pipeline there" in str(silent.value)

@@ -1,16 +1,16 @@
 """The fleet's view, host by host: which source each host gets and how the answers merge (no socket), and the
-control API's refusals as :func:`get_control_status` reports them (the app in process)."""
+control API's refusals as :func:`~model_server.common.control_status.get_control_status` reports them (the app in process)."""
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _client_sims import servers_toml
+from _client_sims import rehost, servers_toml
 from fastapi.testclient import TestClient
 
+from model_server.common.control_status import ControlAnswer, Recorded, get_control_status
 from model_server.config import LaunchPolicy, parse_fleet
 from model_server.launcher import fleet_view as fv
 from model_server.launcher.control_api import build_app
@@ -22,15 +22,6 @@ from model_server.launcher.redact import Secret
 from model_server.launcher.status_file import ServerStatus, StatusBoard, StatusFile
 
 KEY = "fleet-view-key-0123456789abcdef"
-
-
-def rehost(toml: str, hosts: dict[str, str]) -> str:
-    """``servers_toml`` text with the named servers moved to other hosts ({name: host})."""
-    for name, host in hosts.items():
-        pattern = rf'(name = "{re.escape(name)}"\n(?:[^\[\n].*\n)*?)host = "[^"]*"'
-        toml, n = re.subn(pattern, rf'\1host = "{host}"', toml)
-        assert n == 1, name
-    return toml
 
 
 def two_hosts(control: str = 'control_port = 9100\ncontrol_key_env = "MS_TEST_VIEW_KEY"\n'):
@@ -60,11 +51,11 @@ def test_hosts_of_keeps_the_order_of_the_table() -> None:
 
 def test_a_host_whose_control_api_answered_takes_its_states_and_rollouts() -> None:
     specs = fv.hosts_of(two_hosts().servers)["10.0.0.2"]
-    answer = fv.ControlAnswer("http://10.0.0.2:9100/status", API_STATUS)
+    answer = ControlAnswer("http://10.0.0.2:9100/status", API_STATUS)
     probes = {"8-1": fv.Live(True), "7-0": fv.Live(False, "status 503")}
     host = fv.merge_host("10.0.0.2", specs, answer, None, probes)
     assert host.source == fv.SOURCE_API and host.why == "" and host.control_url == answer.url
-    assert host.servers[0].recorded == fv.Recorded("READY", 42, 1, 1001.0, "")
+    assert host.servers[0].recorded == Recorded("READY", 42, 1, 1001.0, "")
     assert host.servers[1].recorded.state == "DRAINING" and not host.servers[1].up
     assert host.rollouts == {"8": API_STATUS["rollouts"]["8"]} and host.pipeline == {"started": 1000.0}
 
@@ -72,12 +63,12 @@ def test_a_host_whose_control_api_answered_takes_its_states_and_rollouts() -> No
 def test_the_local_host_falls_back_to_the_status_file_and_another_host_to_probes_only(tmp_path: Path) -> None:
     fleet = two_hosts()
     by_host = fv.hosts_of(fleet.servers)
-    refused = fv.ControlAnswer("http://127.0.0.1:9100/status", problem="nothing listens at ...")
+    refused = ControlAnswer("http://127.0.0.1:9100/status", problem="nothing listens at ...")
     entries = {"8-0": ServerStatus("8-0", "8", "127.0.0.1", 1001, state="STARTING", pid=7, restarts=2)}
     status_file = StatusFile(tmp_path / "status.json", True, {"pid": 99}, entries, ("servers['x'].pid is 'a'",))
     local = fv.merge_host("127.0.0.1", by_host["127.0.0.1"], refused, status_file, {}, pipeline_running=False)
     assert local.source == fv.SOURCE_FILE and local.why == "nothing listens at ..."
-    assert local.servers[0].recorded == fv.Recorded("STARTING", 7, 2, entries["8-0"].since, "")
+    assert local.servers[0].recorded == Recorded("STARTING", 7, 2, entries["8-0"].since, "")
     assert local.servers[0].live is None and not local.servers[0].up  # not probed: its recorded state decides
     assert local.pipeline == {"pid": 99, "running": False, "file": str(status_file.path)}
     assert local.status_file_problems == ("servers['x'].pid is 'a'",)
@@ -101,7 +92,7 @@ def test_the_local_host_falls_back_to_the_status_file_and_another_host_to_probes
 )
 def test_an_answer_that_is_not_a_status_is_a_reason_to_fall_back(data: object, problem: str) -> None:
     specs = fv.hosts_of(two_hosts().servers)["10.0.0.2"]
-    host = fv.merge_host("10.0.0.2", specs, fv.ControlAnswer("u", data), None, {})  # type: ignore[arg-type]
+    host = fv.merge_host("10.0.0.2", specs, ControlAnswer("u", data), None, {})  # type: ignore[arg-type]
     assert host.source == fv.SOURCE_PROBES and problem in host.why
 
 
@@ -134,23 +125,23 @@ def app_client(tmp_path: Path):
     specs = [s for s in fleet.servers if s.host == "10.0.0.2"]
     board = StatusBoard(tmp_path / "status.json", [ServerStatus(s.name, s.group, s.host, s.port) for s in specs], {})
     with ThreadPoolExecutor(1) as pool:
-        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, lambda _s: None)  # type: ignore[arg-type,return-value]
+        control = FleetControl(specs, board, make_inventory(fleet.gpu_inventory), pool, lambda _s: None, fleet.launch)  # type: ignore[arg-type,return-value]
         metrics = PipelineMetrics(control.statuses, control.read_gpus)
-        yield fleet, TestClient(build_app(control, EventLog(), metrics, Secret(KEY)))
+        yield fleet, TestClient(build_app(control, EventLog(), metrics, Secret(KEY), fleet))
 
 
 @pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument with the TestClient")
 def test_a_read_without_the_key_says_which_variable_to_export(app_client) -> None:
     fleet, client = app_client
-    answer = fv.get_control_status("10.0.0.2", fleet.launch, None, client=client)
+    answer = get_control_status("10.0.0.2", fleet.launch, None, client=client)
     assert answer.data is None and "answered 401" in answer.problem
     assert "Export MS_TEST_VIEW_KEY=<the pipelines' control key> here" in answer.problem
-    wrong = fv.get_control_status("10.0.0.2", fleet.launch, "wrong", client=client)
+    wrong = get_control_status("10.0.0.2", fleet.launch, "wrong", client=client)
     assert "is not that pipeline's" in wrong.problem and KEY not in wrong.problem
-    right = fv.get_control_status("10.0.0.2", fleet.launch, KEY, client=client)
+    right = get_control_status("10.0.0.2", fleet.launch, KEY, client=client)
     assert right.problem == "" and [s["name"] for s in right.data["servers"]] == ["8-1", "7-0"]
     assert right.data["rollouts"] == {}
-    no_key_env = fv.get_control_status("10.0.0.2", LaunchPolicy(control_port=9100), None, client=client)
+    no_key_env = get_control_status("10.0.0.2", LaunchPolicy(control_port=9100), None, client=client)
     assert "Export MODEL_SERVER_CONTROL_KEY=<the pipelines' control key> here" in no_key_env.problem  # the default
 
 

@@ -18,16 +18,17 @@ import httpx
 import pytest
 
 import model_server.gateway as gateway_pkg
+from model_server.common.control_status import ControlAnswer, read_timeout_s
+from model_server.common.urls import same_url
 from model_server.config import parse_fleet
 from model_server.errors import ConfigError, LaunchError
 from model_server.gateway import command, launcher, membership, settings, supervisor, sync, sync_loop
-from model_server.gateway.membership import Member, Membership, same_url
+from model_server.gateway.membership import Membership
 from model_server.gateway.settings import PINNED_VERSION, GatewaySettings
 from model_server.gateway.supervisor import GatewayDeps, GatewayKeys, GatewaySupervisor
-from model_server.gateway.sync import Job, Replica, plan_sync, wanted
+from model_server.gateway.sync import Job, Member, Replica, plan_sync, wanted
 from model_server.gateway.sync_loop import SyncLoop
 from model_server.gateway_table import GatewaySpec
-from model_server.launcher.fleet_view import ControlAnswer
 from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import Secret
 
@@ -433,23 +434,52 @@ def test_a_failed_job_and_a_deadline_are_errors_naming_the_worker() -> None:
 
 def test_a_wrong_key_and_an_unreachable_gateway_are_explained() -> None:
     m, _ = members_of(FakeGateway(), key="wrong")
-    with pytest.raises(LaunchError, match="needs the gateway's own key"):
+    with pytest.raises(LaunchError, match="needs the gateway's own key. Set api_key_env in its"):
         m.members()
+    named = Membership("http://gw:1", "wrong", key_env="MS_GW_KEY", transport=httpx.MockTransport(FakeGateway()))
+    with pytest.raises(LaunchError, match="Export MS_GW_KEY=<the key the gateway was started with> here"):
+        named.members()
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     m2 = Membership("http://gw:1", transport=httpx.MockTransport(refuse))
-    with pytest.raises(LaunchError, match="Is the gateway running"):
+    with pytest.raises(LaunchError, match=r"\(connection refused: nothing listens there\)\. Is the gateway up"):
         m2.members()
 
 
-def test_ensure_queues_only_the_missing_workers() -> None:
+def test_ensure_queues_only_the_missing_workers_reading_the_list_once() -> None:
     fake = FakeGateway(delay=1)
     m, _ = members_of(fake)
     m.add("http://a:1")
+    reads = len(fake.seen_auth)
     assert m.ensure(["http://a:1", "http://b:1", "http://c:1"], worker_api_key="w") == ("http://b:1", "http://c:1")
     assert [b["url"] for b in fake.bodies] == ["http://a:1", "http://b:1", "http://c:1"]
+    assert len(fake.seen_auth) - reads == 3  # one GET /workers, then a POST per missing worker
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"total": 1}, 'no "workers" list'),
+        ({"workers": ["http://a:1"]}, "no url in workers[0]"),
+        ({"workers": [{"url": ""}]}, "no url in workers[0]"),
+    ],
+)
+def test_a_worker_list_the_gateway_garbles_is_an_error_saying_what_is_wrong(data: Any, problem: str) -> None:
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=data)
+
+    m = Membership("http://gw:1", transport=httpx.MockTransport(garbled))
+    with pytest.raises(LaunchError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        m.members()
+
+
+def test_a_worker_is_healthy_only_when_the_gateway_says_true() -> None:
+    fake = FakeGateway()
+    fake.workers = {"w1": {"id": "w1", "url": "http://a:1", "is_healthy": "false", "load": "?"}}
+    (member,) = members_of(fake)[0].members()
+    assert member == Member("w1", "http://a:1", "", False, 0)
 
 
 def test_same_url() -> None:
@@ -487,7 +517,7 @@ class World:
         world = self
 
         class Members:
-            def __init__(self, url: str, key: Any, timeout_s: float) -> None:
+            def __init__(self, url: str, key: Any, timeout_s: float, key_env: str | None = None) -> None:
                 self.url, self.key = url, key
 
             def __enter__(self):
@@ -648,7 +678,8 @@ def test_with_a_control_port_the_workers_follow_the_control_plane() -> None:
     assert off.control is None and "static" in off.summary() and off.describe()["worker_list"].startswith("static")
     (bare,) = settings.validate(fleet_with(gw(group="8", port=9000)))
     assert bare.control is None  # no control API: the table's static list, as before
-    assert settings.sync_read_timeout_s(0.2) == 1.0 and settings.sync_read_timeout_s(30) == 5.0
+    assert st.control.timeout_s == read_timeout_s(st.control.interval_s)  # the one rule, in common
+    assert read_timeout_s(0.2) == 1.0 and read_timeout_s(30) == 5.0
 
 
 @pytest.mark.parametrize(
@@ -694,9 +725,9 @@ def sync_of(fake: FakeGateway, control: FakeControl, **kwargs: Any) -> SyncLoop:
     (st,) = settings.validate(fleet_with(gw(group="8", port=9000), policy=CONTROL))
     clock = FakeClock()
 
-    def members(url: str, key: Any, timeout_s: float) -> Membership:
-        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake), clock=clock,
-                          sleep=clock.sleep)  # fmt: skip
+    def members(url: str, key: Any, timeout_s: float, key_env: str | None = None) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, key_env=key_env, transport=httpx.MockTransport(fake),
+                          clock=clock, sleep=clock.sleep)  # fmt: skip
 
     return SyncLoop(st, membership=members, read_control=control, clock=clock, **kwargs)
 
@@ -771,8 +802,8 @@ def test_the_supervisor_follows_the_control_plane_while_ready_and_stops_the_sync
     )
     assert st.workers_on_command_line  # no key: given on its command line, so in flight at the start
 
-    def members(url: str, key: Any, timeout_s: float) -> Membership:
-        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake))
+    def members(url: str, key: Any, timeout_s: float, key_env: str | None = None) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, key_env=key_env, transport=httpx.MockTransport(fake))
 
     deps = world.deps()
     deps.membership, deps.read_control, deps.clock = members, control, time.monotonic
@@ -782,6 +813,7 @@ def test_the_supervisor_follows_the_control_plane_while_ready_and_stops_the_sync
     try:
         # the gateway "started" with none listed here; its start's jobs are in flight, so nothing is sent yet
         wait_for(lambda: sup.state is ServerState.READY and len(control.reads) >= 4, 10, "a few sync rounds")
+        (sync_thread,) = [t for t in threading.enumerate() if t.name.startswith("gateway-sync-")]
         assert fake.bodies == []
         fake.workers = {
             "w1": {"id": "w1", "url": "http://10.0.0.1:8001", "is_healthy": True},
@@ -793,10 +825,8 @@ def test_the_supervisor_follows_the_control_plane_while_ready_and_stops_the_sync
     finally:
         sup.request_stop()
         thread.join(10)
-    assert sup.state is ServerState.STOPPED
-    reads = len(control.reads)
-    assert not [t for t in threading.enumerate() if t.name == "gateway-sync-gateway-8"]  # ended with its gateway
-    assert len(control.reads) == reads
+    assert not thread.is_alive() and sup.state is ServerState.STOPPED
+    assert not sync_thread.is_alive()  # the sync ended with its gateway
 
 
 def test_a_gateway_with_its_own_key_is_given_only_the_ready_replicas_and_those_not_heard(caplog) -> None:
@@ -810,8 +840,8 @@ def test_a_gateway_with_its_own_key_is_given_only_the_ready_replicas_and_those_n
     ))  # fmt: skip
     assert not st.workers_on_command_line
 
-    def members(url: str, key: Any, timeout_s: float) -> Membership:
-        return Membership(url, key, timeout_s=timeout_s, transport=httpx.MockTransport(fake))
+    def members(url: str, key: Any, timeout_s: float, key_env: str | None = None) -> Membership:
+        return Membership(url, key, timeout_s=timeout_s, key_env=key_env, transport=httpx.MockTransport(fake))
 
     deps = World(lifetimes=[None]).deps()
     deps.membership, deps.read_control, deps.clock = members, control, time.monotonic
@@ -831,6 +861,7 @@ def test_a_gateway_with_its_own_key_is_given_only_the_ready_replicas_and_those_n
     finally:
         sup.request_stop()
         thread.join(10)
+    assert not thread.is_alive() and sup.state is ServerState.STOPPED
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------
@@ -858,9 +889,9 @@ def test_dry_run_prints_the_exact_settings_and_no_key(tmp_path, monkeypatch: pyt
 
 def test_the_package_surface() -> None:
     assert gateway_pkg.__all__ == ["GatewayPolicy", "GatewaySpec"]
-    assert membership.__all__ == ["Member", "Membership", "same_url"]
+    assert membership.__all__ == ["Membership"]
     assert sync.__all__ == [
-        "JOB_PATIENCE_S", "READY", "Job", "Replica", "SyncPlan", "plan_sync", "same_url", "url_key", "wanted",
+        "JOB_PATIENCE_S", "READY", "Job", "Member", "Replica", "SyncPlan", "parse_workers", "plan_sync", "wanted",
     ]  # fmt: skip
     assert sync_loop.__all__ == ["CALL_TIMEOUT_S", "SyncLoop"]
     assert GatewaySpec(group=8, port=1).name == "gateway-8"

@@ -26,9 +26,9 @@ import httpx
 import openai
 import psutil
 import pytest
+from _grafana_queries import PROMETHEUS_LABELS, gateway_queries, scrape_labels, scraped, used_labels
 from _pipeline_runs import free_port, local_copy
 from _waiting import wait_for
-from test_grafana import PROMETHEUS_LABELS, _scraped, gateway_queries, scrape_labels, used_labels
 
 from model_server.cli.status import gateway_lines
 from model_server.common.processes import listening_pid
@@ -347,7 +347,7 @@ def test_every_gateway_metric_the_dashboard_queries_is_exported_by_the_real_gate
     def scraped_all() -> bool:  # some series appear with their first event (a health check ticks every second)
         exported.clear()
         for port in (fleet.chat_metrics, fleet.embed_metrics):
-            for name, labels in _scraped(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text).items():
+            for name, labels in scraped(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text).items():
                 exported.setdefault(name, set()).update(labels)
         return wanted <= exported.keys()
 

@@ -10,10 +10,12 @@ import pytest
 from _client_sims import servers_toml
 
 from model_server.cli.status import gateway_lines
+from model_server.common.control_status import ControlAnswer
 from model_server.config import parse_fleet
 from model_server.gateway.settings import resolve
 from model_server.gateway.status_read import read_gateway
-from model_server.gateway.status_view import GatewayAnswer, WorkerView, gateway_view, parse_workers
+from model_server.gateway.status_view import GatewayAnswer, WorkerView, gateway_view
+from model_server.gateway.sync import Member, parse_workers
 from model_server.launcher import fleet_view as fv
 
 KEY = "sk-gateway-status-0123456789"
@@ -79,6 +81,7 @@ def test_a_gateway_that_does_not_answer_is_a_view_saying_why(answer: GatewayAnsw
     [
         (answered(None, 401), "GET /workers answered 401: export MS_GW_KEY=<the gateway's key> here"),
         (answered(None, 500), "GET /workers answered 500"),
+        (answered(None, 403), "GET /workers answered 403: export MS_GW_KEY=<the gateway's key> here"),
         (GatewayAnswer(URL, 200, workers_problem="no answer within 3 s"), "GET /workers: no answer within 3 s"),
         (answered({"total": 3}), 'no "workers" list'),
         (answered({"workers": [{"is_healthy": True}]}), "no url in workers[0]"),
@@ -92,9 +95,16 @@ def test_a_worker_list_that_cannot_be_read_says_why_and_the_gateway_is_still_up(
     assert gateway_lines(view) == [f"gateway gateway-8: its worker list is unknown: {view.workers_problem}"]
 
 
+def test_a_refusal_with_no_key_named_says_where_to_name_one() -> None:
+    view = gateway_view("gateway-8", "8", answered(None, 401), SERVERS)
+    assert "the table names none: set api_key_env in its [[gateways]] entry" in view.workers_problem
+
+
 def test_parse_workers_takes_only_a_true_is_healthy_as_healthy() -> None:
     data = {"workers": [{"url": "a", "is_healthy": "yes"}, {"url": "b"}, {"url": "c", "is_healthy": True}]}
-    assert parse_workers(data) == ((("a", False), ("b", False), ("c", True)), "")
+    members, problem = parse_workers(data)
+    assert problem == "" and [(m.url, m.healthy) for m in members] == [("a", False), ("b", False), ("c", True)]
+    assert members[2] == Member("", "c", healthy=True)
 
 
 # ---- the read (an in-process transport) -------------------------------------------------------------------
@@ -126,6 +136,7 @@ def test_the_read_sends_the_key_only_with_get_workers() -> None:
         (httpx.ConnectError("[Errno 111] Connection refused"), "connection refused: nothing listens there"),
         (httpx.ReadTimeout("timed out"), "no answer within 1.5 s"),
         (httpx.ConnectError("[Errno -2] Name or service not known"), "cannot connect ([Errno -2] Name or service"),
+        (httpx.RemoteProtocolError("Server disconnected without a response"), "RemoteProtocolError: Server discon"),
     ],
 )
 def test_the_read_turns_what_the_network_does_into_a_short_phrase(fail: Exception, why: str) -> None:
@@ -199,7 +210,7 @@ def test_merge_gateways_flags_the_replicas_a_control_api_calls_ready() -> None:
     fleet = parse_fleet(table("control_port = 9100"), source="<gateways>")
     specs = fv.hosts_of(fleet.servers)["127.0.0.1"]
     states = [{"name": n, "state": st} for n, st in (("8-0", "READY"), ("8-1", "DRAINING"), ("8-2", "READY"))]
-    host = fv.merge_host("127.0.0.1", specs, fv.ControlAnswer("u", {"servers": states}), None, {})
+    host = fv.merge_host("127.0.0.1", specs, ControlAnswer("u", {"servers": states}), None, {})
     settings = [resolve(fleet, g) for g in fleet.gateways]
     answers = [answered(workers(("http://127.0.0.1:1001", True))), answered(workers(("http://127.0.0.1:1004", True)))]
     chat, embed = fv.merge_gateways(fleet, settings, answers, [host])

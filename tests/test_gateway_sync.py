@@ -105,8 +105,10 @@ class Stack:
         except (httpx.HTTPError, ValueError, KeyError):
             return None
 
-    def listed(self, name: str) -> bool:
-        return self.urls[name] in (self.members() or {})
+    def left(self, name: str) -> bool:
+        """Whether the gateway answers, without ``name`` among its workers (not: whether it does not answer)."""
+        members = self.members()
+        return members is not None and self.urls[name] not in members
 
     def all_served(self) -> bool:
         members = self.members() or {}
@@ -182,6 +184,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if gateway is not None:
             _stop_gateway(gateway)
         run.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _all_ready_and_served(stack: Stack) -> None:
+    """Each test starts with chat-1..3 READY and healthy workers of the gateway, whatever the one before left."""
+    wait_for(lambda: all(stack.servers()[n]["state"] == "READY" for n in NAMES) and stack.all_served(), 45,
+             lambda: f"chat-1..3 READY and healthy workers of the gateway before the test; {stack.diagnose()}")  # fmt: skip
 
 
 class Load:
@@ -273,15 +282,16 @@ class Recorder:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        assert not self._thread.is_alive(), "the recorder's thread did not end within 10 s"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(105)  # 1.5 x its waits (70 s): a wait's own message, not the timeout's, tells what failed
 def test_a_killed_replica_leaves_the_gateway_within_the_control_planes_refresh_and_comes_back(stack: Stack) -> None:
     old_pid = stack.servers()["chat-2"]["pid"]
     with Load(stack.port) as load:
         os.kill(old_pid, signal.SIGKILL)
         killed = time.monotonic()
-        wait_for(lambda: not stack.listed("chat-2"), REMOVED_WITHIN_S,
+        wait_for(lambda: stack.left("chat-2"), REMOVED_WITHIN_S,
                  lambda: f"chat-2 out of the gateway's workers; {stack.diagnose()}")  # fmt: skip
         removed_s = time.monotonic() - killed
         wait_for(lambda: (s := stack.servers()["chat-2"])["state"] == "READY" and s["pid"] != old_pid, 30,
@@ -303,7 +313,7 @@ def test_a_killed_replica_leaves_the_gateway_within_the_control_planes_refresh_a
     assert "removing worker " + stack.urls["chat-2"] + " (chat-2 is " in stack.output()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(145)  # 1.5 x its waits (95 s)
 def test_a_rollout_through_the_gateway_under_load_fails_no_request(stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {CONTROL_KEY}"}
     # ~0.3 s a request, so ~2 run on each replica at any time: a drained replica that kept getting requests would
@@ -338,11 +348,11 @@ def test_a_rollout_through_the_gateway_under_load_fails_no_request(stack: Stack)
     assert load.failures == [], load.failures
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(135)  # 1.5 x its waits (90 s)
 def test_a_restarted_gateway_gets_the_ready_replicas_again_and_no_other(stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {CONTROL_KEY}"}
     assert stack.control.post("/servers/chat-3/stop", headers=auth).status_code == 202
-    wait_for(lambda: stack.servers()["chat-3"]["state"] == "STOPPED" and not stack.listed("chat-3"), 20,
+    wait_for(lambda: stack.servers()["chat-3"]["state"] == "STOPPED" and stack.left("chat-3"), 20,
              lambda: f"chat-3 STOPPED and out of the gateway; {stack.diagnose()}")  # fmt: skip
     old = listening_pid(stack.port)
     assert old is not None
@@ -356,7 +366,10 @@ def test_a_restarted_gateway_gets_the_ready_replicas_again_and_no_other(stack: S
     assert "registered 2 worker(s) through POST /workers: " in output and "(not: chat-3 is STOPPED)" in output
     assert stack.control.post("/servers/chat-3/start", headers=auth).status_code == 202
     wait_for(stack.all_served, 30, lambda: f"chat-3 READY and a worker again; {stack.diagnose()}")
-    assert f"adding worker {stack.urls['chat-3']} (chat-3 is READY)" in stack.output().split("killed by signal 9")[-1]
+    full = stack.gateway_log.read_text(errors="replace")  # all of it: output() is a tail
+    killed = "READY -> RESTARTING (the gateway exited (killed by signal 9)"
+    assert killed in full, stack.output()
+    assert f"adding worker {stack.urls['chat-3']} (chat-3 is READY)" in full.split(killed)[-1], stack.output()
 
 
 class PortsSeen(httpx.BaseTransport):

@@ -10,12 +10,12 @@ metric's own, Prometheus's (``instance``, ``job``, ``le``), or the scrape
 config's (grafana/prometheus.yml), whose engine and gateway targets are
 configs/local.toml's. The gateway's ``smg_`` names and their labels are
 checked against a real gateway's /metrics, after traffic, in
-tests/test_gateway_live.py (:func:`gateway_queries` is what it checks).
+tests/test_gateway_live.py (tests/_grafana_queries.py's :func:`gateway_queries` is what it
+checks).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -24,8 +24,20 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from _grafana_queries import (
+    GATEWAY_PREFIX,
+    METRIC,
+    PROMETHEUS_LABELS,
+    ROOT,
+    SCRAPE,
+    all_queries,
+    dashboard,
+    queries,
+    scrape_labels,
+    scraped,
+    used_labels,
+)
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from model_server.config import load_fleet
 from model_server.gateway.settings import resolve
@@ -35,23 +47,8 @@ from model_server.launcher.metrics import PipelineMetrics
 from model_server.launcher.status_file import ServerStatus
 from model_server.sim.metrics import SimMetrics
 
-ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "grafana" / "model-server-fleet.json"
-SCRAPE = ROOT / "grafana" / "prometheus.yml"
-METRIC = re.compile(r"\b(sglang:[a-z0-9_]+|model_server_[a-z0-9_]+|smg_[a-z0-9_]+)\b")
-GATEWAY_PREFIX = "smg_"  # sglang-router's names: checked against a real gateway in test_gateway_live.py
 PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "heatmap", "table", "state-timeline", "gauge", "text"}
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
-PROMETHEUS_LABELS = {"instance", "job"}
-
-
-def _scraped(text: str) -> dict[str, set[str]]:
-    """Every sample name in a Prometheus text, with the labels it carries."""
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, set()).update(s.labels)
-    return out
 
 
 def _exported() -> dict[str, set[str]]:
@@ -83,7 +80,7 @@ def _exported() -> dict[str, set[str]]:
     sim.finished(prompt_tokens=5, output_tokens=3, e2e_s=0.1, tpot_s=0.01, streaming=True)
     exported: dict[str, set[str]] = {}
     for text in (pipeline.exposition(), generate_latest(registry), sim.render(running=1, queued=0, used_tokens=8)):
-        for name, labels in _scraped(text.decode()).items():
+        for name, labels in scraped(text.decode()).items():
             exported.setdefault(name, set()).update(labels)
     return exported
 
@@ -102,54 +99,12 @@ def _sglang_names() -> set[str] | None:
     return set(re.findall(r'name="(sglang:[a-z0-9_]+)"', source.read_text()))
 
 
-def _dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def _queries(dashboard: dict) -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target."""
-    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", ())]
-
-
-def _all_queries(dashboard: dict) -> list[tuple[str, str]]:
-    """(title, PromQL) of every target and every variable's query."""
-    variables = [("variable " + v["name"], v["definition"]) for v in dashboard["templating"]["list"]]
-    return _queries(dashboard) + variables
-
-
-def used_labels(expr: str) -> set[str]:
-    """The labels a query filters or groups by (and a label_values() reads)."""
-    used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
-    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
-        used |= {x.strip() for x in group.split(",") if x.strip()}
-    for match in re.findall(r"label_values\([^,]+,\s*(\w+)\)", expr):
-        used.add(match)
-    return used
-
-
-def scrape_labels(job: str | None = None) -> set[str]:
-    """The labels grafana/prometheus.yml gives its targets (of one job, or of all)."""
-    jobs = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
-    return {label for j in jobs if job is None or j["job_name"] == job
-            for c in j["static_configs"] for label in c.get("labels", {})}  # fmt: skip
-
-
-def gateway_queries() -> list[tuple[str, str, set[str]]]:
-    """(title, PromQL, its smg_ metric names) of every query of the dashboard that reads a gateway's metrics."""
-    out = []
-    for title, expr in _all_queries(_dashboard()):
-        names = {m for m in METRIC.findall(expr) if m.startswith(GATEWAY_PREFIX)}
-        if names:
-            out.append((title, expr, names))
-    return out
-
-
 def _base(name: str) -> str:
     return re.sub(r"_(bucket|sum|count|total|created)$", "", name)
 
 
 def test_the_dashboard_is_an_importable_grafana_dashboard() -> None:
-    d = _dashboard()
+    d = dashboard()
     assert d["title"] and d["uid"] == "model-server-fleet" and isinstance(d["schemaVersion"], int)
     assert d["schemaVersion"] >= 36 and "id" not in d  # an export for import: Grafana gives it an id
     inputs = {i["name"]: i for i in d["__inputs"]}
@@ -176,7 +131,7 @@ def test_the_dashboard_is_an_importable_grafana_dashboard() -> None:
     ]
     assert len(cells) == len(set(cells)), "two panels start in the same place of a row"
     defined = {v["name"] for v in d["templating"]["list"]}
-    for title, expr in _queries(d) + [("variable " + v["name"], v["definition"]) for v in d["templating"]["list"]]:
+    for title, expr in queries(d) + [("variable " + v["name"], v["definition"]) for v in d["templating"]["list"]]:
         assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), (title, expr)
         assert expr.count("[") == expr.count("]"), (title, expr)
         used = set(re.findall(r"\$(\w+)", expr)) - GRAFANA_VARIABLES
@@ -186,9 +141,9 @@ def test_the_dashboard_is_an_importable_grafana_dashboard() -> None:
 def test_every_query_names_metrics_our_exporters_or_sglang_export_with_labels_they_have() -> None:
     exported = _exported()
     sglang = _sglang_names()
-    scraped = scrape_labels()
+    given = scrape_labels()
     named: set[str] = set()
-    for title, expr in _all_queries(_dashboard()):
+    for title, expr in all_queries(dashboard()):
         metrics = set(METRIC.findall(expr))
         assert metrics, (title, expr)
         named |= {_base(m) for m in metrics}
@@ -200,7 +155,7 @@ def test_every_query_names_metrics_our_exporters_or_sglang_export_with_labels_th
             assert m in exported, f"{title}: {m} is exported by none of the pipeline, the client, the engine"
             labels |= exported[m]
             if m.startswith("sglang:"):
-                labels |= scraped
+                labels |= given
                 if sglang is not None:
                     assert _base(m) in sglang or m in sglang, f"{title}: SGLang 0.5.23 has no metric {m}"
         used = used_labels(expr)

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from model_server.cli._app import CONFIG_HELP, app
+from model_server.common.control_status import ControlAnswer, get_control_status
 from model_server.config import Fleet, ServerSpec, load_fleet
 from model_server.errors import ConfigError, LaunchError
 from model_server.launcher.redact import Secret
@@ -104,29 +105,41 @@ def post(target: ControlTarget, host: str, path: str, body: dict[str, Any] | Non
         said = data.get("error") if isinstance(data, dict) else None
         raise LaunchError(
             f"the control API of host {host} refused POST {path} ({response.status_code}): "
-            f"{said or response.text[:300] or 'no reason given'}"
+            f"{said or response.text[:300] or 'no reason given'}{_key_hint(target, response.status_code)}"
         )
     return data
 
 
-def read_status(target: ControlTarget, host: str) -> tuple[dict[str, Any] | None, str]:
-    """``GET /status`` of ``host``'s control API: (its JSON, "") or (None, why not)."""
-    from model_server.launcher.fleet_view import get_control_status
+def _key_hint(target: ControlTarget, status: int) -> str:
+    """A refused key names the variable it came from here (the refusal says whether the pipeline has one)."""
+    if status not in (401, 403):
+        return ""
+    return f" (the key sent is the one in ${target.fleet.launch.control_key_env} here)"
 
-    answer = get_control_status(host, target.fleet.launch, target.key.value, REQUEST_TIMEOUT_S)
-    return answer.data, answer.problem
+
+def read_status(target: ControlTarget, host: str) -> ControlAnswer:
+    """``GET /status`` of ``host``'s control API (never raising)."""
+    return get_control_status(host, target.fleet.launch, target.key.value, REQUEST_TIMEOUT_S)
 
 
 def first_status(target: ControlTarget, host: str) -> dict[str, Any]:
     """The first read of a host: LaunchError (exit 2) when its control API does not answer."""
-    data, problem = read_status(target, host)
-    if data is None:
+    answer = read_status(target, host)
+    if answer.data is None:
         raise LaunchError(
-            f"the control API of host {host} cannot be read: {problem}. Start the pipeline there with "
-            f"launch.control_port = {target.port} (python serve_llm_pipeline.py --config {target.fleet.source}), "
-            f"or fix the host's address in the table."
+            f"the control API of host {host} cannot be read: {answer.problem}{_start_hint(target, answer)}"
         )
-    return data
+    return answer.data
+
+
+def _start_hint(target: ControlTarget, answer: ControlAnswer) -> str:
+    """How to get an answer when nothing did (a refusal already says which key to export)."""
+    if answer.status is not None:
+        return ""
+    return (
+        f". Start the pipeline there with launch.control_port = {target.port} (python serve_llm_pipeline.py "
+        f"--config {target.fleet.source}), or fix the host's address in the table."
+    )
 
 
 def entry_of(data: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -145,7 +158,8 @@ class Watch:
 
     def until(self, check: Callable[[dict[str, Any]], tuple[bool, str] | None], what: str) -> tuple[bool, str]:
         while True:
-            data, problem = read_status(self.target, self.host)
+            answer = read_status(self.target, self.host)
+            data, problem = answer.data, answer.problem
             if data is not None:
                 self._told_unreachable = False
                 outcome = check(data)
@@ -188,16 +202,15 @@ def _one_server(
     old_pid = before.get("pid")
     was = f"{before.get('state')}" + (f", pid {old_pid}" if old_pid else "")
     typer.echo(f"{name} on {spec.host}: {verb} accepted (it was {was})")
-    last = {"state": before.get("state"), "left_ready": False, "moved": False}
+    last: dict[str, Any] = {"state": before.get("state"), "left_ready": False, "entry": before}
 
     def check(data: dict[str, Any]) -> tuple[bool, str] | None:
-        entry = entry_of(data, name) or {}
+        # a start's 202 comes after its server is WAITING_GPU: no STOPPED or FAILED from before is seen here
+        entry = last["entry"] = entry_of(data, name) or {}
         state = entry.get("state", "?")
         if state != last["state"]:
             typer.echo(f"  {name}: {state}")
-            last["state"], last["moved"] = state, True
-        if verb == "start" and not last["moved"]:
-            return None  # still the STOPPED or FAILED it was started from
+            last["state"] = state
         last["left_ready"] = last["left_ready"] or state != "READY"
         return after_command(then, Seen(state, entry.get("pid")), old_pid, bool(last["left_ready"]))
 
@@ -208,8 +221,7 @@ def _one_server(
     if then == "stop":
         typer.echo(f"{name}: STOPPED after its drain ({took:.1f} s). Start it again with: model-server start {name}")
     else:
-        data = first_status(target, spec.host)
-        new_pid = (entry_of(data, name) or {}).get("pid")
+        new_pid = last["entry"].get("pid")  # the entry the check saw READY: no read after success to fail
         pids = f"pid {old_pid} -> {new_pid}" if old_pid else f"pid {new_pid}"
         typer.echo(f"{name}: READY{' again' if verb != 'start' else ''}, {pids} ({took:.1f} s)")
 
@@ -226,14 +238,14 @@ def _goal(then: str) -> str:
 @app.command()
 def drain(
     server: ServerName,
-    then: Annotated[str, typer.Option("--then", help="Once drained: stop (the default) or restart.")] = "stop",
+    then: Annotated[
+        Literal["stop", "restart"], typer.Option("--then", help="Once drained: stop (the default) or restart.")
+    ] = "stop",
     config: ConfigPath = None,
     timeout_s: TimeoutS = None,
 ) -> None:
     """Drain a server (it finishes its requests in flight, takes no new ones), then stop or restart it."""
-    if then not in ("stop", "restart"):
-        raise ConfigError(f"--then {then}: give 'stop' (the default) or 'restart'.")
-    _one_server(config, server, "drain", then, timeout_s)  # type: ignore[arg-type]  # checked above
+    _one_server(config, server, "drain", then, timeout_s)
 
 
 @app.command()

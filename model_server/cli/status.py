@@ -30,10 +30,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from model_server.cli._app import CONFIG_HELP, app
+from model_server.common.control_status import READ_TIMEOUT_S
 from model_server.config import load_fleet
 from model_server.gateway.status_view import GatewayView
-
-PROBE_TIMEOUT_S = 3.0
 
 
 def _ago(since: float | None) -> str:
@@ -100,7 +99,7 @@ def _print_gateways(console: Console, gateways: tuple[GatewayView, ...]) -> None
 def status(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     timeout_s: float = typer.Option(
-        PROBE_TIMEOUT_S,
+        READ_TIMEOUT_S,
         "--timeout-s",
         min=0.1,
         help="Timeout of each control API read, each live /health_generate probe and each request to a gateway.",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import httpx
 
 from model_server.client.control_view import ControlView
-from model_server.common.control_status import get_control_status, parse_control_status
+from model_server.common.control_status import get_control_status, read_timeout_s
 from model_server.common.urls import server_url
 from model_server.config import ClientPolicy, Fleet
 
@@ -28,24 +28,18 @@ __all__ = ["ControlListener", "control_view_for"]
 
 log = logging.getLogger("model_server.client")
 
-MIN_READ_TIMEOUT_S = 1.0  # a busy pipeline on a 2-core machine may take a moment to answer
-MAX_READ_TIMEOUT_S = 5.0
 STALE_AFTER_READS = 3  # an answer counts for this many refresh intervals (plus one read's timeout)
 FAILED_READS_TO_FORGET = 2  # a host is forgotten after this many failed reads in a row
 
 
-def _read_timeout_s(policy: ClientPolicy) -> float:
-    return min(MAX_READ_TIMEOUT_S, max(MIN_READ_TIMEOUT_S, policy.control_refresh_s))
-
-
 def control_view_for(fleet: Fleet, policy: ClientPolicy, clock: Callable[[], float]) -> ControlView | None:
-    """The view a client keeps, or None when the table has no control API or the client does not listen."""
-    if fleet.launch.control_port is None or policy.control_refresh_s <= 0:
+    """The view a client keeps of the replicas it sends to itself, or None when the table has no control API,
+    the client does not listen, or every group goes through a gateway (which follows the control plane)."""
+    direct = {s.name: s.host for s in fleet.servers if s.group not in policy.through_gateway}
+    if fleet.launch.control_port is None or policy.control_refresh_s <= 0 or not direct:
         return None
-    if set(fleet.groups) <= set(policy.through_gateway):  # every group goes through its gateway, which follows
-        return None
-    stale_after_s = STALE_AFTER_READS * policy.control_refresh_s + _read_timeout_s(policy)
-    return ControlView({s.name: s.host for s in fleet.servers}, stale_after_s, clock)
+    stale_after_s = STALE_AFTER_READS * policy.control_refresh_s + read_timeout_s(policy.control_refresh_s)
+    return ControlView(direct, stale_after_s, clock)
 
 
 class ControlListener:
@@ -57,11 +51,11 @@ class ControlListener:
         self._refresh_s = policy.control_refresh_s
         self._launch = fleet.launch
         self._key = fleet.launch.control_key(required=False)
-        self._timeout_s = _read_timeout_s(policy)
+        self._timeout_s = read_timeout_s(policy.control_refresh_s)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._listen, args=(host,), name=f"model-server-control-{host}", daemon=True)
-            for host in sorted({s.host for s in fleet.servers})
+            for host in view.hosts
         ]
 
     def start(self) -> ControlListener:
@@ -89,22 +83,25 @@ class ControlListener:
                 except Exception as err:  # a bug must not end the listening: say so, and go on
                     log.exception("control API of host %s: its answer could not be used", host)
                     why = f"{type(err).__name__}: {err}"
-                failed = 0 if why is None else failed + 1
-                if why is not None and failed >= FAILED_READS_TO_FORGET:
-                    self._view.lost(host)
-                if why is None and reachable is not True:
-                    log.info("control API of host %s answers (%s): routing follows its servers' states", host, url)
-                elif why is not None and failed >= FAILED_READS_TO_FORGET and reachable is not False:
-                    log.warning("control API of host %s (%s) is not used: %s; routing on the client's probes", host,
-                                url, why)  # fmt: skip
-                if why is None or failed >= FAILED_READS_TO_FORGET:
-                    reachable = why is None
+                if why is None:
+                    failed = 0
+                    if reachable is not True:
+                        log.info("control API of host %s answers (%s): routing follows its servers' states", host, url)
+                    reachable = True
+                else:
+                    failed += 1
+                    if failed >= FAILED_READS_TO_FORGET:
+                        self._view.lost(host)
+                        if reachable is not False:
+                            log.warning("control API of host %s (%s) is not used: %s; routing on the client's probes",
+                                        host, url, why)  # fmt: skip
+                        reachable = False
                 self._stop.wait(self._refresh_s)
 
     def _read(self, http: httpx.Client, host: str) -> str | None:
         """One read of ``host``'s status into the view; None, or why it could not be used."""
         answer = get_control_status(host, self._launch, self._key, self._timeout_s, client=http)
-        servers, problem = parse_control_status(answer.data) if answer.data is not None else ({}, answer.problem)
+        servers, problem = answer.servers()
         if problem:
             return problem
         news = self._view.heard(host, servers)

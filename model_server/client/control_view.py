@@ -56,6 +56,18 @@ class ControlView:
         self._lock = threading.Lock()
         self._heard: dict[str, Heard] = {}
         self._unprobed: set[str] = set()  # heard READY again, not yet seen answering a probe of ours
+        # Nothing held out: every replica heard is READY and probed. Set with each write, read without the lock,
+        # so that a request in the usual case (the whole fleet READY) pays one attribute read here.
+        self._quiet = True
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts whose control APIs speak for these replicas, in order."""
+        return tuple(sorted(set(self._hosts.values())))
+
+    def _settle(self) -> None:
+        """With the lock held, after a write: whether anything can be held out now."""
+        self._quiet = not self._unprobed and all(h.state == READY for h in self._heard.values())
 
     def heard(self, host: str, servers: Mapping[str, Recorded]) -> HostNews:
         """Fold one ``GET /status`` answer of ``host`` (parsed: server name -> what its pipeline says) into the view."""
@@ -79,6 +91,7 @@ class ControlView:
                 ):
                     self._unprobed.add(name)
                     back.append(name)
+            self._settle()
         return HostNews(tuple(left), tuple(back))
 
     def lost(self, host: str) -> bool:
@@ -88,12 +101,16 @@ class ControlView:
             for name in gone:
                 del self._heard[name]
                 self._unprobed.discard(name)
+            self._settle()
         return bool(gone)
 
     def probed(self, name: str) -> None:
         """One of our probes saw ``name`` answer: a replica heard READY again may take requests."""
+        if self._quiet:
+            return
         with self._lock:
             self._unprobed.discard(name)
+            self._settle()
 
     def _fresh(self, name: str, now: float) -> Heard | None:
         heard = self._heard.get(name)
@@ -101,12 +118,16 @@ class ControlView:
 
     def not_ready(self, names: Iterable[str]) -> frozenset[str]:
         """Replicas a fresh answer calls anything but READY: no request, no probe."""
+        if self._quiet:
+            return frozenset()
         now = self._clock()
         with self._lock:
             return frozenset(n for n in names if (h := self._fresh(n, now)) is not None and h.state != READY)
 
     def held_out(self, names: Iterable[str]) -> frozenset[str]:
         """Replicas that get no request: not READY, or READY again and not yet probed."""
+        if self._quiet:
+            return frozenset()
         now = self._clock()
         with self._lock:
             return frozenset(
@@ -115,6 +136,8 @@ class ControlView:
 
     def unprobed(self, names: Iterable[str]) -> frozenset[str]:
         """Replicas heard READY again that wait for a probe of ours (a re-probe is due at once)."""
+        if self._quiet:
+            return frozenset()
         now = self._clock()
         with self._lock:
             return frozenset(n for n in names if n in self._unprobed and self._fresh(n, now) is not None)

@@ -75,15 +75,11 @@ class ClientCore:
         problems = fleet.through_gateway_problems(policy)  # the table's own [client] was checked as it loaded
         if problems:
             raise ConfigError(f"{fleet.source}: " + "; ".join(problems) + ".")
-        self._keys: dict[str, str | None] = {}  # per group: a gateway may ask for its own key
-        for g in fleet.groups:
-            try:
-                self._keys[g] = fleet.client_api_key(g, policy)
-            except ConfigError:
-                if not policy.through_gateway or g in policy.through_gateway:
-                    raise  # a missing key is said at once...
-                # ...except the engines' key where groups go through gateways: an application that uses only
-                # those need not hold it. Asked again (and said) when one of the other groups is first used.
+        # Per group (a gateway may ask for its own key); a missing one is said now. Where some groups go through
+        # gateways, the engines' key is asked when a group that does not is first used: an application that
+        # uses only gateways need not hold it.
+        through = policy.through_gateway
+        self._keys = {g: fleet.client_api_key(g, policy) for g in fleet.groups if not through or g in through}
         self.view = control_view_for(fleet, policy, clock)  # None: no control API to listen to
         metrics.watch(self.stats)
         self._groups: dict[str, ReplicaGroup] = {}
@@ -108,7 +104,8 @@ class ClientCore:
                     self._keys[key] = self.fleet.client_api_key(key, self.policy)
                 if not specs:
                     raise UnknownGroupError(key, self.group_names, self.fleet.source)
-                group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock, view=self.view)
+                view = None if key in self.policy.through_gateway else self.view  # a gateway follows on its own
+                group = self._groups[key] = ReplicaGroup(key, specs, self.policy, clock=self.clock, view=view)
         if kind is not None and group.kind is not kind:
             other = "embed()" if group.kind is ServerKind.embedding else "chat() or stream_chat()"
             raise RequestRejectedError(

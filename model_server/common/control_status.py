@@ -15,7 +15,14 @@ from typing import Any
 from model_server.common.urls import bearer_headers, server_url
 from model_server.config import LaunchPolicy
 
-__all__ = ["READ_TIMEOUT_S", "ControlAnswer", "Recorded", "get_control_status", "parse_control_status"]
+__all__ = [
+    "READ_TIMEOUT_S",
+    "ControlAnswer",
+    "Recorded",
+    "get_control_status",
+    "parse_control_status",
+    "read_timeout_s",
+]
 
 READ_TIMEOUT_S = 3.0
 
@@ -38,6 +45,17 @@ class ControlAnswer:
     url: str
     data: dict[str, Any] | None = None
     problem: str = ""
+    status: int | None = None  # the HTTP status it answered with; None: no answer at all
+
+    def servers(self) -> tuple[dict[str, Recorded], str]:
+        """{server: Recorded} from the answer, or ({}, why there is none: no answer, or a malformed one)."""
+        return parse_control_status(self.data) if self.data is not None else ({}, self.problem)
+
+
+def read_timeout_s(interval_s: float) -> float:
+    """One read of a control API that is read every ``interval_s`` may take that long, within 1-5 s
+    (a busy 2-core pipeline answers slowly; a stuck one must not hold a listener for long)."""
+    return min(5.0, max(1.0, interval_s))
 
 
 def _count(value: Any) -> bool:
@@ -106,7 +124,8 @@ def get_control_status(
     if response.status_code != 200:
         said = data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else ""
         fix = _refusal_fix(response.status_code, policy, key is not None)
-        return ControlAnswer(url, problem=f"{url} answered {response.status_code}{': ' + said if said else ''}.{fix}")
+        problem = f"{url} answered {response.status_code}{': ' + said if said else ''}.{fix}"
+        return ControlAnswer(url, problem=problem, status=response.status_code)
     if not isinstance(data, dict):
-        return ControlAnswer(url, problem=f"{url} did not answer JSON: not a model-server control API")
-    return ControlAnswer(url, data)
+        return ControlAnswer(url, problem=f"{url} did not answer JSON: not a model-server control API", status=200)
+    return ControlAnswer(url, data, status=200)

@@ -11,7 +11,7 @@ replicas, when they serve a control API)::
     launcher.py    the gateway process: reads its keys from the environment, runs the router
     supervisor.py  one gateway process: spawn, liveness, restart with backoff, stop; GatewayRunner for several
     membership.py  add/remove workers through the gateway's worker API (/workers)
-    sync.py        the READY replicas per the control APIs vs. GET /workers -> what to add and remove (pure)
+    sync.py        GET /workers parsed (once, for all); READY replicas vs. that list -> what to add and remove (pure)
     sync_loop.py   the thread that follows the control plane while a gateway is READY (with launch.control_port)
     status_read.py what `model-server status` reads of a gateway: GET /liveness and GET /workers, never raising
     status_view.py those answers -> up or why not, its workers by server name, unhealthy and missing ones (pure)

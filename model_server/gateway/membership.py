@@ -29,46 +29,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from model_server.common.urls import bearer_headers
+from model_server.common.http_failure import describe_http_failure
+from model_server.common.urls import bearer_headers, same_url
 from model_server.errors import LaunchError
-from model_server.gateway.sync import same_url
+from model_server.gateway.sync import Member, parse_workers
 from model_server.launcher.redact import Secret
 
-__all__ = ["Member", "Membership", "same_url"]
+__all__ = ["Membership"]
 
 POLL_S = 0.1
-
-
-@dataclass(frozen=True)
-class Member:
-    """One worker as the gateway lists it."""
-
-    id: str
-    url: str
-    model_id: str = ""
-    healthy: bool = False
-    load: int = 0
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Member:
-        return cls(
-            id=str(data.get("id", "")),
-            url=str(data.get("url", "")),
-            model_id=str(data.get("model_id", "")),
-            healthy=bool(data.get("is_healthy", False)),
-            load=int(data.get("load", 0) or 0),
-        )
 
 
 class Membership:
     """The worker API of the gateway at ``gateway_url`` (``http://host:port``).
 
-    ``api_key`` is the gateway's own key (a str or a :class:`Secret`), or None.
+    ``api_key`` is the gateway's own key (a str or a :class:`Secret`), or None;
+    ``key_env`` the variable it comes from, named in the fix when the gateway refuses it.
     ``transport`` lets a test answer in-process; ``clock`` and ``sleep`` let it
     run the waits without waiting.
     """
@@ -79,6 +59,7 @@ class Membership:
         api_key: str | Secret | None = None,
         *,
         timeout_s: float = 5.0,
+        key_env: str | None = None,
         poll_s: float = POLL_S,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -86,8 +67,14 @@ class Membership:
     ) -> None:
         key = api_key.value if isinstance(api_key, Secret) else api_key
         self.gateway_url = gateway_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._key_env = key_env
         self._client = httpx.Client(
-            base_url=self.gateway_url, headers=bearer_headers(key), timeout=timeout_s, transport=transport
+            base_url=self.gateway_url,
+            headers=bearer_headers(key),
+            timeout=timeout_s,
+            transport=transport,
+            trust_env=False,  # a proxy of the environment must not carry the worker API's calls (nor its key)
         )
         self._poll_s = poll_s
         self._clock = clock
@@ -114,20 +101,24 @@ class Membership:
             response = self._client.request(method, path, json=json)
         except httpx.HTTPError as err:
             raise LaunchError(
-                f"gateway {self.gateway_url}: cannot {what} ({type(err).__name__}: {err}). Is the gateway running "
-                f"and listening there? `model-server gateway` starts it"
+                f"gateway {self.gateway_url}: cannot {what} ({describe_http_failure(err, self._timeout_s)}). "
+                "Is the gateway up and listening there?"
             ) from err
         if response.status_code in (401, 403):
             raise LaunchError(
-                f"gateway {self.gateway_url}: refused to {what} (status {response.status_code}): "
-                "its worker API needs the "
-                f"gateway's own key. Pass the key named by the gateway's api_key_env (else the table's api_key_env)"
+                f"gateway {self.gateway_url}: refused to {what} (status {response.status_code}): its worker API "
+                f"needs the gateway's own key. {self._key_fix()}"
             )
         if response.status_code not in set(ok):
             raise LaunchError(
                 f"gateway {self.gateway_url}: could not {what}: status {response.status_code}, {response.text[:300]!r}"
             )
         return response
+
+    def _key_fix(self) -> str:
+        if self._key_env:
+            return f"Export {self._key_env}=<the key the gateway was started with> here"
+        return "Set api_key_env in its [[gateways]] entry (or the table's) and export that variable here"
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         try:
@@ -142,10 +133,12 @@ class Membership:
     def members(self) -> tuple[Member, ...]:
         """Every worker the gateway routes to (``GET /workers``)."""
         data = self._json(self._request("GET", "/workers", "list its workers"), "GET /workers")
-        workers = data.get("workers") if isinstance(data, dict) else None
-        if not isinstance(workers, list):
-            raise LaunchError(f"gateway {self.gateway_url}: GET /workers has no 'workers' list: {str(data)[:200]!r}")
-        return tuple(Member.from_json(w) for w in workers if isinstance(w, dict))
+        members, problem = parse_workers(data)
+        if problem:
+            raise LaunchError(
+                f"gateway {self.gateway_url}: {problem}: {str(data)[:200]!r}. Is that port a sglang-router gateway?"
+            )
+        return members
 
     def find(self, url: str) -> Member | None:
         """The member at ``url``, or None."""
@@ -260,5 +253,5 @@ class Membership:
         present = self.members()
         missing = tuple(u for u in urls if not any(same_url(m.url, u) for m in present))
         for url in missing:
-            self.add(url, worker_api_key=worker_api_key, health=health, wait_s=0)
+            self.queue_add(url, worker_api_key, health)  # the list was just read: no second GET /workers each
         return missing

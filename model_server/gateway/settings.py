@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_server.common.control_status import read_timeout_s
 from model_server.common.urls import reachable_host, server_url
 from model_server.config import Fleet, LaunchPolicy
 from model_server.errors import ConfigError
@@ -65,7 +66,6 @@ __all__ = [
     "problems",
     "resolve",
     "select",
-    "sync_read_timeout_s",
     "validate",
 ]
 
@@ -98,11 +98,6 @@ class ControlSync:
         }
 
 
-def sync_read_timeout_s(interval_s: float) -> float:
-    """A read of one control API may take the interval, within 1-5 s (a busy 2-core pipeline answers slowly)."""
-    return min(5.0, max(1.0, interval_s))
-
-
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything one gateway is started and supervised with. No secret: only variable names."""
@@ -128,9 +123,9 @@ class GatewaySettings:
     max_restarts: int
     restart_window_s: float
     stop_grace_s: float
+    client_url: str  # where clients reach it (client_host, else host; a wildcard means loopback)
     sources: Mapping[str, str] = field(default_factory=dict)  # router setting -> where its value came from
     control: ControlSync | None = None  # None: the static list of the table (no control_port, or sync_interval_s 0)
-    client_url: str = ""  # where clients reach it (client_host, else host; a wildcard means loopback)
 
     @property
     def probe_host(self) -> str:
@@ -171,7 +166,7 @@ class GatewaySettings:
             "name": self.name,
             "group": self.group,
             "url": self.base_url,
-            "clients_reach_it_at": (self.client_url or self.url) + "/v1",
+            "clients_reach_it_at": self.client_url + "/v1",
             "metrics": self.metrics_url,
             "policy": self.policy,
             "workers": list(self.workers),
@@ -296,7 +291,7 @@ def resolve(fleet: Fleet, spec: GatewaySpec) -> GatewaySettings:
     control = None
     if launch.control_port is not None and spec.sync_interval_s > 0:
         replicas = tuple(Replica(s.name, s.host, server_url(s.host, s.port)) for s in servers)
-        control = ControlSync(spec.sync_interval_s, sync_read_timeout_s(spec.sync_interval_s), launch, replicas)
+        control = ControlSync(spec.sync_interval_s, read_timeout_s(spec.sync_interval_s), launch, replicas)
     return GatewaySettings(
         name=spec.name,
         group=spec.group,

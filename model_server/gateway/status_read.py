@@ -11,24 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from model_server.common.http_failure import describe_http_failure
 from model_server.common.urls import bearer_headers
 from model_server.gateway.status_view import GatewayAnswer
 
 __all__ = ["read_gateway"]
-
-
-def _failure(err: Exception, timeout_s: float) -> str:
-    import httpx  # noqa: PLC0415
-
-    if isinstance(err, httpx.TimeoutException):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(err, httpx.ConnectError):
-        return (
-            "connection refused: nothing listens there"
-            if "refused" in str(err).lower()
-            else f"cannot connect ({str(err)[:80]})"
-        )
-    return type(err).__name__
 
 
 def read_gateway(url: str, key: str | None, timeout_s: float, client: Any = None) -> GatewayAnswer:
@@ -37,21 +24,25 @@ def read_gateway(url: str, key: str | None, timeout_s: float, client: Any = None
     Two requests, each with ``timeout_s`` on every phase (connect, each read), so about 2 x ``timeout_s``
     unless a slow gateway trickles its answer.
 
-    ``client``: an ``httpx.Client`` to send with (a test's in-process app); default: a new connection each.
+    ``client``: an ``httpx.Client`` to send with (a test's in-process app); default: one of its own, which
+    ignores the environment's proxy settings (the gateway's key must not travel through one).
     """
     import httpx  # noqa: PLC0415  (only when a gateway is read)
 
-    sender = client or httpx
+    if client is None:
+        with httpx.Client(trust_env=False) as own:
+            return read_gateway(url, key, timeout_s, own)
+    sender = client
     try:
         live = sender.get(url + "/liveness", timeout=timeout_s)
     except httpx.HTTPError as err:
-        return GatewayAnswer(url, problem=_failure(err, timeout_s))
+        return GatewayAnswer(url, problem=describe_http_failure(err, timeout_s))
     if live.status_code != 200:
         return GatewayAnswer(url, live.status_code)
     try:
         listed = sender.get(url + "/workers", headers=bearer_headers(key), timeout=timeout_s)
     except httpx.HTTPError as err:
-        return GatewayAnswer(url, 200, workers_problem=_failure(err, timeout_s))
+        return GatewayAnswer(url, 200, workers_problem=describe_http_failure(err, timeout_s))
     try:
         data = listed.json()
     except ValueError:

@@ -21,9 +21,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from model_server.gateway.sync import url_key
+from model_server.common.urls import url_key
+from model_server.gateway.sync import parse_workers
 
-__all__ = ["GatewayAnswer", "GatewayView", "WorkerView", "gateway_view", "parse_workers"]
+__all__ = ["GatewayAnswer", "GatewayView", "WorkerView", "gateway_view"]
 
 
 @dataclass(frozen=True)
@@ -70,25 +71,17 @@ class GatewayView:
         return self.up and not self.workers_problem and not self.unhealthy and not self.missing
 
 
-def parse_workers(data: Any) -> tuple[tuple[tuple[str, bool], ...], str]:
-    """``GET /workers``'s JSON as ((url, healthy), ...), or ((), what is wrong with it)."""
-    workers = data.get("workers") if isinstance(data, dict) else None
-    if not isinstance(workers, list):
-        return (), 'its answer to GET /workers has no "workers" list'
-    out: list[tuple[str, bool]] = []
-    for i, w in enumerate(workers):
-        if not isinstance(w, dict) or not isinstance(w.get("url"), str):
-            return (), f"its answer to GET /workers has no url in workers[{i}]"
-        out.append((w["url"], w.get("is_healthy") is True))
-    return tuple(out), ""
-
-
 def _workers_problem(answer: GatewayAnswer, key_env: str | None) -> str:
     if answer.workers_problem:
         return f"GET /workers: {answer.workers_problem}"
     status = answer.workers_status
     if status in (401, 403):
-        fix = f"export {key_env}=<the gateway's key> here" if key_env else "the gateway wants a key the table names"
+        fix = (
+            f"export {key_env}=<the gateway's key> here"
+            if key_env
+            else "it wants a key and the table names none: set api_key_env in its [[gateways]] entry (or the "
+            "table's) and export it here"
+        )
         return f"GET /workers answered {status}: {fix}"
     if status != 200:
         return f"GET /workers answered {status}"
@@ -122,7 +115,7 @@ def gateway_view(
         return GatewayView(name, group, answer.url, True, workers_problem=problem)
     names = {url_key(url): server for url, server in servers.items()}
     order = {server: i for i, server in enumerate(servers.values())}
-    listed_workers = (WorkerView(url, names.get(url_key(url)), healthy) for url, healthy in listed)
+    listed_workers = (WorkerView(m.url, names.get(url_key(m.url)), m.healthy) for m in listed)
     workers = tuple(sorted(listed_workers, key=lambda w: order.get(w.server or "", len(order))))  # table order
     keys = {url_key(w.url) for w in workers}
     missing = tuple(servers.get(url, url) for url in ready if url_key(url) not in keys)

@@ -386,7 +386,10 @@ class GatewaySupervisor:
             workers = tuple(u for u in st.workers if want.get(u, (True, ""))[0])
             left_out = tuple(want[u][1] for u in st.workers if u not in workers)
         try:
-            with self.deps.membership(st.url, self.keys.gateway, timeout_s=REGISTER_TIMEOUT_S) as members:
+            membership = self.deps.membership(
+                st.url, self.keys.gateway, timeout_s=REGISTER_TIMEOUT_S, key_env=st.gateway_key_env
+            )
+            with membership as members:
                 queued = members.ensure(workers, worker_api_key=self.keys.worker, health=st.worker_health)
         except LaunchError as err:
             return self.redactor.redact(f"registering its workers failed: {err}"), ()

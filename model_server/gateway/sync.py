@@ -17,9 +17,10 @@ left alone. A change is a queued job of the gateway (it shows in
 :class:`Job` and not sent again before ``patience_s``, unless what it was for
 has already happened (the worker is listed, or gone) or no longer holds.
 
-:func:`wanted` turns what the control APIs said into the list the gateway
-should have; :func:`plan_sync` compares it with ``GET /workers`` and the jobs
-in flight. The thread that reads, plans and applies is
+:func:`parse_workers` reads ``GET /workers`` (for the sync and for
+`model-server status` alike); :func:`wanted` turns what the control APIs said
+into the list the gateway should have; :func:`plan_sync` compares it with
+``GET /workers`` and the jobs in flight. The thread that reads, plans and applies is
 :mod:`model_server.gateway.sync_loop`.
 """
 
@@ -27,28 +28,50 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
-__all__ = ["JOB_PATIENCE_S", "READY", "Job", "Replica", "SyncPlan", "plan_sync", "same_url", "url_key", "wanted"]
+from model_server.common.urls import url_key
+
+__all__ = ["JOB_PATIENCE_S", "READY", "Job", "Member", "Replica", "SyncPlan", "parse_workers", "plan_sync", "wanted"]
 
 READY = "READY"
 JOB_PATIENCE_S = 10.0  # a job not done by then (its worker went away meanwhile, the gateway restarted) is sent again
 
 
-def url_key(url: str) -> tuple[str, str, int | None, str]:
-    """A worker URL as the gateway and the table may both spell it: scheme and host lower-cased, no trailing /."""
-    parts = urlsplit(url.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+@dataclass(frozen=True)
+class Member:
+    """One worker as the gateway lists it in ``GET /workers``."""
+
+    id: str
+    url: str
+    model_id: str = ""
+    healthy: bool = False
+    load: int = 0
 
 
-def same_url(a: str, b: str) -> bool:
-    """Whether two worker URLs name the same worker (case of scheme and host, a trailing / ignored)."""
-    return url_key(a) == url_key(b)
+def _member(w: dict[str, Any]) -> Member:
+    load = w.get("load")
+    return Member(
+        id=str(w.get("id", "")),
+        url=w["url"],
+        model_id=str(w.get("model_id", "")),
+        healthy=w.get("is_healthy") is True,  # "false" or a missing flag is not healthy: no traffic goes there
+        load=load if isinstance(load, int) and not isinstance(load, bool) else 0,
+    )
+
+
+def parse_workers(data: Any) -> tuple[tuple[Member, ...], str]:
+    """``GET /workers``'s JSON as its members, or ((), what is wrong with it): the one reading of that answer,
+    so the status view and the worker sync never disagree about a worker."""
+    workers = data.get("workers") if isinstance(data, dict) else None
+    if not isinstance(workers, list):
+        return (), 'its answer to GET /workers has no "workers" list'
+    out: list[Member] = []
+    for i, w in enumerate(workers):
+        if not isinstance(w, dict) or not isinstance(w.get("url"), str) or not w["url"].strip():
+            return (), f"its answer to GET /workers has no url in workers[{i}]"
+        out.append(_member(w))
+    return tuple(out), ""
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,12 @@ from typing import Any
 
 import httpx
 
-from model_server.common.control_status import ControlAnswer, get_control_status, parse_control_status
+from model_server.common.control_status import ControlAnswer, get_control_status
+from model_server.common.urls import url_key
 from model_server.errors import LaunchError
-from model_server.gateway.membership import Member, Membership
+from model_server.gateway.membership import Membership
 from model_server.gateway.settings import ControlSync, GatewaySettings
-from model_server.gateway.sync import Job, SyncPlan, plan_sync, url_key, wanted
+from model_server.gateway.sync import Job, Member, SyncPlan, plan_sync, wanted
 from model_server.launcher.redact import Secret
 
 __all__ = ["CALL_TIMEOUT_S", "SyncLoop"]
@@ -68,19 +69,17 @@ class SyncLoop:
         self.settings = settings
         self.control: ControlSync = settings.control
         self.jobs: dict[str, Job] = {}
-        self.rounds = 0
         self._worker_key = worker_key
         self._control_key = _value(control_key)
         self._read_control = read_control
         self._clock = clock
-        self._members = membership(settings.url, gateway_key, timeout_s=CALL_TIMEOUT_S)
-        self._http = httpx.Client(timeout=self.control.timeout_s)
-        hosts = self.control.hosts
-        self._pool = (
-            ThreadPoolExecutor(max_workers=min(MAX_READERS, len(hosts)), thread_name_prefix=f"sync-{settings.name}")
-            if len(hosts) > 1
-            else None
+        self._members = membership(
+            settings.url, gateway_key, timeout_s=CALL_TIMEOUT_S, key_env=settings.gateway_key_env
         )
+        # trust_env=False: an HTTP(S)_PROXY meant for the internet must not carry reads of the pipelines' APIs
+        self._http = httpx.Client(timeout=self.control.timeout_s, trust_env=False)
+        readers = max(1, min(MAX_READERS, len(self.control.hosts)))
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix=f"sync-{settings.name}")
         self._quiet_hosts: dict[str, str] = {}  # host -> why its control API is not heard (logged once)
         self._gateway_problem = ""
         self._stop = threading.Event()
@@ -106,21 +105,21 @@ class SyncLoop:
 
     def stop(self, timeout_s: float | None = None) -> bool:
         """No new call after this; True once the thread has ended (within ``timeout_s``, by default the bound of
-        a read and a call)."""
+        a read and a call). The thread closes its connections as it ends; a loop never started closes them here."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(self.control.timeout_s + CALL_TIMEOUT_S if timeout_s is None else timeout_s)
+        if self._thread.ident is None:
+            self._close()
+            return True
+        self._thread.join(self.control.timeout_s + CALL_TIMEOUT_S if timeout_s is None else timeout_s)
         if self._thread.is_alive():
             log.warning("gateway %s: its worker-list sync is still in a call; it ends after it", self.settings.name)
             return False
-        self._close()
         return True
 
     def _close(self) -> None:
         self._members.close()
         self._http.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         try:
@@ -132,8 +131,7 @@ class SyncLoop:
                     log.exception("gateway %s: worker-list sync round failed", self.settings.name)
                 self._stop.wait(max(0.0, self.control.interval_s - (self._clock() - started)))
         finally:
-            if self._stop.is_set():
-                self._close()
+            self._close()
 
     # ---- one round --------------------------------------------------------------------------------------
 
@@ -141,19 +139,14 @@ class SyncLoop:
         return self._read_control(host, self.control.launch, self._control_key, self.control.timeout_s, self._http)
 
     def _read_all(self) -> dict[str, ControlAnswer]:
-        hosts = self.control.hosts
-        if self._pool is None:
-            return {h: self._read(h) for h in hosts}
-        futures = {h: self._pool.submit(self._read, h) for h in hosts}
+        futures = {h: self._pool.submit(self._read, h) for h in self.control.hosts}
         return {h: f.result() for h, f in futures.items()}
 
     def _heard(self, answers: Mapping[str, ControlAnswer]) -> dict[str, str]:
         """Replica name -> state, for the replicas their own host's control API described now."""
         states: dict[str, str] = {}
         for host, answer in answers.items():
-            recorded, problem = ({}, answer.problem or "no answer")
-            if not answer.problem and answer.data is not None:
-                recorded, problem = parse_control_status(answer.data)
+            recorded, problem = answer.servers()
             if problem:
                 if host not in self._quiet_hosts:
                     log.warning(
@@ -181,7 +174,6 @@ class SyncLoop:
 
     def run_round(self) -> SyncPlan | None:
         """Read, plan, apply once; the plan (None when nothing was heard, or the gateway did not answer)."""
-        self.rounds += 1
         want = self.hear()
         if not want or self._stop.is_set():
             return None

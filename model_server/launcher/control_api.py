@@ -66,6 +66,16 @@ class DrainBody(_NoFields):
     then: Literal["stop", "restart"] = "stop"
 
 
+# each write route on a server, and the body it takes (the dashboard's local writes use the same)
+BODIES: dict[str, type[_NoFields]] = {
+    "drain": DrainBody,
+    "undrain": _NoFields,
+    "restart": _NoFields,
+    "stop": _NoFields,
+    "start": _NoFields,
+}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -123,12 +133,12 @@ def build_app(
     events: EventLog,
     metrics: PipelineMetrics,
     key: Secret | None,
-    fleet: Fleet | None = None,
+    fleet: Fleet,
     *,
     dashboard_transport: httpx.MockTransport | None = None,
 ) -> FastAPI:
-    """The control API. ``fleet``: the table, for the dashboard's other hosts (default: the one the status file
-    names); ``dashboard_transport``: serves the dashboard's reads instead of the network (tests)."""
+    """The control API. ``fleet``: the pipeline's table, for the dashboard's other hosts;
+    ``dashboard_transport``: serves the dashboard's reads instead of the network (tests)."""
     app = FastAPI(title="model-server pipeline control", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Exception)
@@ -186,9 +196,8 @@ def build_app(
 
         app.add_api_route(f"/servers/{{name}}/{verb}", handler, methods=["POST"], name=verb)
 
-    _route("drain", DrainBody)
-    for verb in ("undrain", "restart", "stop", "start"):
-        _route(verb, _NoFields)
+    for verb, model in BODIES.items():
+        _route(verb, model)
 
     async def _rollout(request: Request, group: str) -> Response:
         body = await _allowed_body(request, key, _NoFields)
@@ -204,7 +213,7 @@ def build_app(
     app.add_api_route("/groups/{group}/rollout", _rollout, methods=["POST"], name="rollout")
 
     async def _local_server(request: Request, name: str, verb: str) -> Response:
-        return await _write(request, name, verb, DrainBody if verb == "drain" else _NoFields)
+        return await _write(request, name, verb, BODIES[verb])  # verb: checked by write_target
 
     dash.add_routes(
         app,

@@ -21,8 +21,7 @@ Routes (added by :func:`model_server.launcher.control_api.build_app`):
 The page asks for the key, keeps it in the tab's ``sessionStorage`` at most
 and sends it as ``Authorization: Bearer``; it never appears in a URL, the
 page, an answer or a log line. The table's other hosts come from the table
-the pipeline was started with (``fleet``; else the one its status file
-names; else only this host).
+the pipeline was started with (``fleet``).
 """
 
 from __future__ import annotations
@@ -40,16 +39,15 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from model_server.common.urls import server_url
-from model_server.config import Fleet, LaunchPolicy, ServerSpec, load_fleet
-from model_server.errors import ConfigError
+from model_server.common.control_status import ControlAnswer, get_control_status, parse_control_status
+from model_server.common.urls import bearer_headers, server_url
+from model_server.config import Fleet, LaunchPolicy, ServerSpec
 from model_server.launcher import dashboard_data as view
 from model_server.launcher.events_file import EventLog
 from model_server.launcher.fleet_control import FleetControl
-from model_server.launcher.fleet_view import ControlAnswer, get_control_status, hosts_of, parse_control_status
+from model_server.launcher.fleet_view import hosts_of
 from model_server.launcher.lifecycle import ServerState
 from model_server.launcher.redact import Secret
-from model_server.launcher.status_file import load_status
 
 __all__ = ["MAX_AGE_S", "ROUTES", "Dashboard", "add_routes", "static_file"]
 
@@ -99,7 +97,7 @@ class Dashboard:
         control: FleetControl,
         events: EventLog,
         key: Secret | None,
-        fleet: Fleet | None = None,
+        fleet: Fleet,
         *,
         timeout_s: float = READ_TIMEOUT_S,
         max_age_s: float = MAX_AGE_S,
@@ -109,9 +107,7 @@ class Dashboard:
     ) -> None:
         self.control, self.events, self.key = control, events, key
         self.timeout_s, self.max_age_s = timeout_s, max_age_s
-        self._fleet = fleet
-        self._table_read = fleet is not None
-        self._table_problem = ""
+        self.fleet = fleet
         self._transport = transport
         self._wall, self._clock = wall, clock
         self._cached: tuple[float, dict[str, Any]] | None = None
@@ -119,40 +115,12 @@ class Dashboard:
 
     # ---- the table ---------------------------------------------------------------------------------
 
-    def table(self) -> Fleet | None:
-        """The pipeline's table: the one given, else the one its status file names (read once), else None."""
-        if not self._table_read:
-            self._table_read = True
-            config = load_status(self.control.board.path).pipeline.get("config")
-            if isinstance(config, str) and not config.startswith("<"):
-                try:
-                    self._fleet = load_fleet(config)
-                except ConfigError as err:
-                    self._table_problem = f"the table {config} cannot be read now ({err}): only this host is shown"
-                    log.warning("dashboard: %s", self._table_problem)
-        return self._fleet
-
-    def policy(self) -> LaunchPolicy:
-        table = self.table()
-        if table is not None:
-            return table.launch
-        sups = self.control.supervisors()
-        return sups[0].policy if sups else LaunchPolicy()
-
     def here(self) -> list[str]:
         return list(self.control.specs)
 
     def hosts(self) -> dict[str, list[dict[str, Any]]]:
-        """Every host and its servers ({name, group, host, port}): the table's, and this pipeline's own."""
-        table = self.table()
-        mine = [_spec_dict(s) for s in self.control.specs.values()]
-        out: dict[str, list[dict[str, Any]]] = {}
-        if table is not None:
-            out = {h: [_spec_dict(s) for s in specs] for h, specs in hosts_of(table.servers).items()}
-        for s in mine:
-            if all(s["name"] != t["name"] for specs in out.values() for t in specs):
-                out.setdefault(s["host"], []).append(s)
-        return out
+        """Every host of the table and its servers ({name, group, host, port}); this pipeline's are among them."""
+        return {h: [_spec_dict(s) for s in specs] for h, specs in hosts_of(self.fleet.servers).items()}
 
     # ---- GET /fleet --------------------------------------------------------------------------------
 
@@ -168,7 +136,7 @@ class Dashboard:
             return data
 
     async def _read(self) -> dict[str, Any]:
-        policy = self.policy()
+        policy = self.fleet.launch
         hosts = self.hosts()
         mine = set(self.here())
         here = {h for h, specs in hosts.items() if any(s["name"] in mine for s in specs)}
@@ -182,7 +150,7 @@ class Dashboard:
                 s
                 for h, specs in hosts.items()
                 for s in specs
-                if _state_of(by_host[h][0], s["name"]) in UP and s.get("port")
+                if _state_of(by_host[h], s["name"]) in UP and s.get("port")
             ]
             loads = await asyncio.gather(*(self._engine_load(client, s) for s in engines))
             clients = await asyncio.gather(*(self._client(client, url) for url in policy.dashboard_client_metrics))
@@ -190,35 +158,30 @@ class Dashboard:
         now = self._wall()
         views = []
         for h, specs in hosts.items():
-            status, problem, _events = by_host[h]
-            views.append(view.host_view(h, specs, status, problem, h in here, load_of, now))
-        events = view.merge_events({h: by_host[h][2] for h in hosts}, EVENTS)
-        table = self.table()
-        page = view.fleet_page(table.source if table is not None else "", views, events, clients, now, key is not None)
-        if self._table_problem:
-            page["problem"] = self._table_problem
-        return page
+            views.append(view.host_view(h, specs, by_host[h], h in here, load_of, now))
+        events = view.merge_events({h: by_host[h].events for h in hosts}, EVENTS)
+        return view.fleet_page(self.fleet.source, views, events, clients, now, key is not None)
 
     async def _host_status(
         self, client: httpx.AsyncClient, host: str, here: bool, policy: LaunchPolicy, key: str | None
-    ) -> tuple[dict[str, Any] | None, str, list[dict[str, Any]]]:
-        """(its /status, "", its recent events), or (None, why, [])."""
+    ) -> view.HostStatus:
+        """Its /status, parsed, and its recent events; or why there are none."""
         if here:  # in a thread: it reads the GPUs (NVML)
-            status = await asyncio.to_thread(self.control.status)
-            return status, "", [e.as_json() for e in self.events.recent(EVENTS)]
+            return _parsed(
+                await asyncio.to_thread(self.control.status), [e.as_json() for e in self.events.recent(EVENTS)]
+            )
         if policy.control_port is None:
-            return None, "launch.control_port is not set in the table: no control API to ask", []
+            return view.HostStatus(problem="launch.control_port is not set in the table: no control API to ask")
         answer = await asyncio.to_thread(self._control_status, host, policy, key)
-        data, problem = answer.data, answer.problem
-        if data is not None and not problem:
-            _recorded, problem = parse_control_status(data)
-        if data is None or problem:
-            return None, problem, []
+        recorded, problem = answer.servers()
+        if answer.data is None or problem:
+            return view.HostStatus(problem=problem)
         events, _why = await _get_json(client, server_url(host, policy.control_port, f"/events?limit={EVENTS}"), key)
-        return data, "", (events or {}).get("events", []) if isinstance(events, dict) else []
+        listed = (events or {}).get("events", []) if isinstance(events, dict) else []
+        return view.HostStatus(answer.data, recorded, events=listed)
 
     def _control_status(self, host: str, policy: LaunchPolicy, key: str | None) -> ControlAnswer:
-        """fleet_view's read of a host's /status, with its messages (and fixes) for each refusal."""
+        """A host's /status, read as every reader does (common.control_status): its refusals name their fix."""
         if self._transport is None:
             return get_control_status(host, policy, key, self.timeout_s)
         with httpx.Client(transport=self._transport) as client:
@@ -252,7 +215,7 @@ class Dashboard:
 
     async def forward(self, host: str, path: str, authorization: str, body: bytes) -> Response:
         """POST ``path`` to ``host``'s control API with the browser's ``authorization``; its answer as it came."""
-        port = self.policy().control_port
+        port = self.fleet.launch.control_port
         if port is None:
             return _error(409, f"cannot reach host {host}: launch.control_port is not set in the table")
         url = server_url(host, port, path)
@@ -269,10 +232,15 @@ class Dashboard:
         return JSONResponse(data, status_code=answer.status_code)
 
 
-def _state_of(status: dict[str, Any] | None, name: str) -> str:
-    if status is None:
-        return view.UNKNOWN
-    return next((str(s.get("state")) for s in status.get("servers", ()) if s.get("name") == name), view.UNKNOWN)
+def _parsed(status: dict[str, Any], events: list[dict[str, Any]]) -> view.HostStatus:
+    """This host's own status, parsed as another host's would be (its answer's shape is the same)."""
+    recorded, problem = parse_control_status(status)
+    return view.HostStatus(status, recorded, problem, events)
+
+
+def _state_of(status: view.HostStatus, name: str) -> str:
+    recorded = status.recorded.get(name)
+    return recorded.state if recorded is not None else view.UNKNOWN
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -280,9 +248,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _get_text(client: httpx.AsyncClient, url: str, key: str | None = None) -> tuple[str | None, str]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        answer = await client.get(url, headers=headers)
+        answer = await client.get(url, headers=bearer_headers(key))
     except httpx.HTTPError as err:
         return None, f"{url}: {type(err).__name__}" + (f": {err}" if str(err) else "")
     if answer.status_code != 200:

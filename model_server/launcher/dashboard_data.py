@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from model_server.common.control_status import Recorded
 
 __all__ = [
     "ENGINE_METRICS",
@@ -36,6 +38,7 @@ __all__ = [
     "UNKNOWN",
     "ClientReplica",
     "EngineLoad",
+    "HostStatus",
     "WriteTarget",
     "client_replicas",
     "engine_load",
@@ -169,33 +172,58 @@ def _gpus(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class HostStatus:
+    """What one host's pipeline said: its ``/status`` JSON and its servers parsed from it, its recent events;
+    or (``status`` None) why it said nothing."""
+
+    status: Mapping[str, Any] | None = None
+    recorded: Mapping[str, Recorded] = field(default_factory=dict)
+    problem: str = ""
+    events: Sequence[Mapping[str, Any]] = ()
+
+
 def server_row(
-    raw: Mapping[str, Any], now: float, load: EngineLoad | None = None, load_problem: str = ""
+    spec: Mapping[str, Any],
+    recorded: Recorded,
+    now: float,
+    gpus: Any = None,
+    load: EngineLoad | None = None,
+    load_problem: str = "",
 ) -> dict[str, Any]:
-    """One server's row: its control API status (``raw``) with its time in that state and its engine's load."""
-    since = _number(raw.get("since"))
+    """One server's row: where it is (``spec``), what its pipeline says of it, its time in that state, its GPUs
+    (the control API's raw list) and its engine's load."""
+    since = _number(recorded.since)
     return {
-        "name": str(raw.get("name")),
-        "group": str(raw.get("group", "")),
-        "host": str(raw.get("host", "")),
-        "port": raw.get("port") if isinstance(raw.get("port"), int) else None,
-        "state": str(raw.get("state", UNKNOWN)),
-        "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
-        "restarts": raw.get("restarts") if isinstance(raw.get("restarts"), int) else 0,
+        "name": str(spec.get("name")),
+        "group": str(spec.get("group", "")),
+        "host": str(spec.get("host", "")),
+        "port": spec.get("port") if isinstance(spec.get("port"), int) else None,
+        "state": recorded.state,
+        "pid": recorded.pid,
+        "restarts": recorded.restarts,
         "since": since,
         "in_state_s": max(0.0, now - since) if since else None,
-        "last_error": raw.get("last_error") if isinstance(raw.get("last_error"), str) else "",
-        "gpus": _gpus(raw.get("gpus")),
+        "last_error": recorded.last_error,
+        "gpus": _gpus(gpus),
         "load": asdict(load) if load is not None else None,
         "load_problem": load_problem,
     }
 
 
+def _entries(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    """The raw server entries of a ``/status`` by name: for their GPUs, and where a server the table lacks is."""
+    listed = status.get("servers") if status is not None else None
+    return {
+        s["name"]: s for s in (listed if isinstance(listed, list) else ())
+        if isinstance(s, dict) and isinstance(s.get("name"), str)
+    }  # fmt: skip
+
+
 def host_view(
     host: str,
     specs: Sequence[Mapping[str, Any]],
-    status: Mapping[str, Any] | None,
-    problem: str,
+    answer: HostStatus,
     here: bool,
     loads: Mapping[str, tuple[EngineLoad | None, str]],
     now: float,
@@ -203,25 +231,21 @@ def host_view(
     """One host of the page: its groups and their servers, in table order.
 
     ``specs``: the table's servers of this host ({name, group, host, port});
-    ``status``: its control API's ``/status`` answer, None when there is none
-    (then ``problem`` says why, and each server is UNKNOWN); ``loads``: each
-    server's engine load (or why there is none).
+    ``answer``: what its pipeline said (each server UNKNOWN when it said
+    nothing, and ``answer.problem`` says why); ``loads``: each server's
+    engine load (or why there is none).
     """
-    reported = {}
-    if status is not None:
-        for s in status.get("servers", ()):
-            if isinstance(s, dict) and isinstance(s.get("name"), str):
-                reported[s["name"]] = s
-    names = [str(s["name"]) for s in specs] + [n for n in reported if n not in {s["name"] for s in specs}]
+    status = answer.status
+    raw = _entries(status)
     table = {str(s["name"]): s for s in specs}
+    names = list(table) + [n for n in answer.recorded if n not in table]
+    # its host did not answer, or its pipeline does not run it (started with --only, say)
+    missing = Recorded(UNKNOWN, last_error="" if status is None else NOT_RUN)
     groups: dict[str, list[dict[str, Any]]] = {}
     for name in names:
-        if name in reported:
-            raw = reported[name]
-        else:  # its host did not answer, or its pipeline does not run it (started with --only, say)
-            raw = {**table[name], "state": UNKNOWN, "last_error": "" if status is None else NOT_RUN}
         load, why = loads.get(name, (None, ""))
-        row = server_row(raw, now, load, why)
+        entry = raw.get(name, {})
+        row = server_row(table.get(name, entry), answer.recorded.get(name, missing), now, entry.get("gpus"), load, why)
         groups.setdefault(row["group"], []).append(row)
     rollouts = status.get("rollouts") if status is not None and isinstance(status.get("rollouts"), dict) else {}
     started = _number(status.get("started")) if status is not None else None
@@ -229,7 +253,7 @@ def host_view(
         "host": host,
         "here": here,
         "reachable": status is not None,
-        "problem": problem,
+        "problem": answer.problem,
         "started": started,
         "uptime_s": max(0.0, now - started) if started else None,
         "gpu_error": status.get("gpu_error", "") if status is not None else "",

@@ -63,14 +63,14 @@ class FleetControl:
         inventory: GpuInventory,
         executor: ThreadPoolExecutor,
         make_supervisor: Callable[[ServerSpec], ServerSupervisor],
-        policy: LaunchPolicy | None = None,
+        policy: LaunchPolicy,
     ) -> None:
         self.specs = {s.name: s for s in specs}
         self.board = board
         self.inventory = inventory
         self._executor = executor
         self._make = make_supervisor
-        self._given_policy = policy  # else the supervisors' (the pipeline's launch policy)
+        self.policy = policy  # the pipeline's launch policy: a rollout's bound per server
         self._lock = threading.Lock()
         self._closed = False
         self._started_wall_s = time.time()
@@ -194,7 +194,6 @@ class FleetControl:
 
     def rollout(self, group: str) -> dict[str, Any]:
         """Begin a rolling restart of ``group``'s servers here (CommandRefused: 404, 409); its plan as JSON."""
-        policy = self._policy()
         now = time.monotonic()
         with self._lock:
             groups = self.host_groups()
@@ -203,7 +202,7 @@ class FleetControl:
             if refusal is not None:
                 raise CommandRefused(*refusal)
             rollout_id = f"{group}-{next(self._rollout_ids)}"
-            r = ro.begin(rollout_id, group, groups[group], ro.per_server_bound_s(policy), now, time.time())
+            r = ro.begin(rollout_id, group, groups[group], ro.per_server_bound_s(self.policy), now, time.time())
             self._rollouts[group] = r
             thread = threading.Thread(target=self._roll, args=(group, rollout_id), name=f"rollout-{group}", daemon=True)
             self._rollout_threads[group] = thread
@@ -213,12 +212,6 @@ class FleetControl:
             rollout_id, group, len(r.servers), ", ".join(r.servers), r.bound_s,
         )  # fmt: skip
         return r.as_json(now)
-
-    def _policy(self) -> LaunchPolicy:
-        if self._given_policy is not None:
-            return self._given_policy
-        sups = self.supervisors()
-        return sups[0].policy if sups else LaunchPolicy()
 
     def _store(self, group: str, rollout_id: str, r: ro.Rollout) -> bool:
         """Keep ``r`` as the group's rollout unless that one was ended meanwhile (cancelled); whether it was kept."""

@@ -12,10 +12,8 @@ listening, a refusal, a timeout, an answer that is not a status) falls back:
 - ``"probes only"``: otherwise: no state, only whether each server answers.
 
 Each host says which source it used and, if not the control API, why not.
-By default every server is also probed directly (``/health_generate``), so
-``up``/``down`` is always what a client would see now; with
-``probe="fallback"`` only the servers of hosts without a control API are
-(a dashboard that refreshes often).
+Every server is also probed directly (``/health_generate``), so
+``up``/``down`` is always what a client would see now.
 
 Each ``[[gateways]]`` entry is read too, at the same time
 (:mod:`model_server.gateway.status_read`: ``/liveness``, ``/workers`` with
@@ -26,8 +24,9 @@ replicas of its group it does not list.
 
 What is returned is plain data (frozen dataclasses, :meth:`FleetView.as_dict`
 for JSON), and never holds the key. The pure parts, which source a host gets
-and how the answers merge (:func:`parse_control_status`, :func:`merge_host`),
-are apart from the I/O (:func:`get_control_status`, :func:`read_fleet`).
+and how the answers merge (:func:`merge_host`), are apart from the I/O
+(:func:`read_fleet`; a control API is read by
+:mod:`model_server.common.control_status`).
 """
 
 from __future__ import annotations
@@ -37,47 +36,35 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from model_server.common.control_status import (
-    READ_TIMEOUT_S,
-    ControlAnswer,
-    Recorded,
-    get_control_status,
-    parse_control_status,
-)
+from model_server.common.control_status import READ_TIMEOUT_S, ControlAnswer, Recorded, get_control_status
 from model_server.common.hosts import local_identities, match_servers
 from model_server.common.urls import server_url
 from model_server.config import Fleet, ServerSpec
 from model_server.gateway.settings import GatewaySettings, resolve
 from model_server.gateway.status_read import read_gateway
 from model_server.gateway.status_view import GatewayAnswer, GatewayView, gateway_view
-from model_server.gateway_table import GatewaySpec
 from model_server.launcher.status_file import StatusFile
 
 __all__ = [
     "SOURCE_API",
     "SOURCE_FILE",
     "SOURCE_PROBES",
-    "ControlAnswer",
     "FleetView",
     "GatewayView",
     "HostView",
     "Live",
-    "Recorded",
     "ServerView",
-    "get_control_status",
     "hosts_of",
     "merge_gateways",
     "merge_host",
-    "parse_control_status",
     "read_fleet",
 ]
 
 SOURCE_API = "control API"
 SOURCE_FILE = "status file + probes"
 SOURCE_PROBES = "probes only"
-TIMEOUT_S = READ_TIMEOUT_S
 MAX_THREADS = 32
 
 
@@ -177,15 +164,12 @@ def merge_host(
 
     ``answer`` None: the table has no ``launch.control_port``.
     """
-    recorded: dict[str, Recorded] = {}
-    problem = "launch.control_port is not set in the table" if answer is None else answer.problem
+    recorded, problem = answer.servers() if answer is not None else ({}, "launch.control_port is not set in the table")
     pipeline: dict[str, Any] = {}
     rollouts: dict[str, dict[str, Any]] = {}
     if answer is not None and answer.data is not None and not problem:
-        recorded, problem = parse_control_status(answer.data)
-        if not problem:
-            pipeline = {"started": answer.data.get("started")}
-            rollouts = _rollouts(answer.data)
+        pipeline = {"started": answer.data.get("started")}
+        rollouts = _rollouts(answer.data)
     if not problem:
         source, why = SOURCE_API, ""
     elif status_file is not None and status_file.exists:
@@ -226,12 +210,6 @@ def merge_gateways(
     )  # fmt: skip
 
 
-def gateway_url(spec: GatewaySpec, settings: GatewaySettings) -> str:
-    """Where this machine reaches a gateway: its ``client_host`` when set, else its bind address (a wildcard
-    means loopback)."""
-    return settings.client_url or spec.client_url
-
-
 # ---- I/O ----------------------------------------------------------------------------------------------
 
 
@@ -250,20 +228,18 @@ def _probe(spec: ServerSpec, timeout_s: float) -> Live:
 def read_fleet(
     fleet: Fleet,
     *,
-    timeout_s: float = TIMEOUT_S,
+    timeout_s: float = READ_TIMEOUT_S,
     key: str | None = None,
-    use_env_key: bool = True,
     host_ip: Sequence[str] = (),
     identities: frozenset[str] | None = None,
-    probe: Literal["all", "fallback"] = "all",
     probe_one: Callable[[ServerSpec, float], Live] = _probe,
     read_one: Callable[[str, str | None, float], GatewayAnswer] = read_gateway,
 ) -> FleetView:
     """Every host's view, the control APIs asked, the servers probed and the gateways read concurrently, each
     within ``timeout_s`` (a gateway: twice, ``/liveness`` then ``/workers``).
 
-    ``key``: the control key to send (default: from the environment, unless
-    ``use_env_key`` is False). ``identities``: this machine's names (default:
+    ``key``: the control key to send (default: from the environment).
+    ``identities``: this machine's names (default:
     its interface addresses, its hostname, and ``host_ip``). A gateway's key
     always comes from the variable its settings name (``api_key_env``).
     """
@@ -273,7 +249,7 @@ def read_fleet(
 
     started = time.monotonic()
     policy = fleet.launch
-    if key is None and use_env_key:
+    if key is None:
         key = policy.control_key(required=False)
     ids = identities if identities is not None else local_identities(host_ip)
     by_host = hosts_of(fleet.servers)
@@ -284,22 +260,14 @@ def read_fleet(
     if status_file is not None and status_file.exists:
         running = same_process(status_file.pipeline.get("pid"), status_file.pipeline.get("create_time"))
     gateways = [resolve(fleet, spec) for spec in fleet.gateways]
-    urls = [gateway_url(spec, g) for spec, g in zip(fleet.gateways, gateways, strict=True)]
     tasks = len(by_host) + len(fleet.servers) + len(gateways)
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_THREADS, tasks)), thread_name_prefix="fleet-view") as pool:
         asked: dict[str, Future[ControlAnswer]] = {}
         if policy.control_port is not None:
             asked = {h: pool.submit(get_control_status, h, policy, key, timeout_s) for h in by_host}
-        read = [pool.submit(read_one, u, _gateway_key(g), timeout_s) for u, g in zip(urls, gateways, strict=True)]
-        probed: dict[str, Future[Live]] = {}
-        if probe == "all":
-            probed = {s.name: pool.submit(probe_one, s, timeout_s) for s in fleet.servers}
+        read = [pool.submit(read_one, g.client_url, _gateway_key(g), timeout_s) for g in gateways]
+        probed = {s.name: pool.submit(probe_one, s, timeout_s) for s in fleet.servers}
         answers = {h: f.result() for h, f in asked.items()}
-        if probe == "fallback":
-            for h, specs in by_host.items():
-                answer = answers.get(h)
-                if answer is None or answer.data is None:
-                    probed.update({s.name: pool.submit(probe_one, s, timeout_s) for s in specs})
         probes = {n: f.result() for n, f in probed.items()}
         gateway_answers = [f.result() for f in read]
     hosts = tuple(

@@ -351,7 +351,7 @@ class Pipeline:
                 "Export it (a long random key) before starting the pipeline to turn them on",
                 self.policy.control_key_env,
             )
-        app = build_app(control, events, metrics, self._control_key, fleet=self.plan.fleet)
+        app = build_app(control, events, metrics, self._control_key, self.plan.fleet)
         return ControlServer(app, self.plan.servers[0].host, self.policy.control_port)
 
     def _stop_all(self, supervisors: list[ServerSupervisor], run_prefix: str) -> None:

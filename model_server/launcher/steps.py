@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from model_server.common.urls import server_url
+from model_server.common.urls import reachable_host, server_url
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.launcher import events as ev
 from model_server.launcher.command import build_command
@@ -63,8 +63,7 @@ TICK, KILL, RECORD = ev.BareEvent.TICK, ev.BareAction.KILL_ENGINE, ev.BareAction
 
 def health_url(host: str, port: int, path: str = "/health_generate") -> str:
     """The readiness URL (or another ``path`` of the engine); a wildcard bind address is probed on loopback."""
-    loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-    return server_url(loopback.get(host, host), port, path)
+    return server_url(reachable_host(host), port, path)
 
 
 def hang_bounds_s(policy: LaunchPolicy) -> tuple[float, float]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_server.common.http_failure import describe_http_failure
 from model_server.common.processes import create_time, log_tail
 from model_server.config import LaunchPolicy, ServerSpec
 from model_server.errors import LaunchError
@@ -73,14 +74,8 @@ def probe_health(url: str, timeout_s: float) -> tuple[bool, str]:
 
     try:
         response = httpx.get(url, timeout=timeout_s)
-    except httpx.TimeoutException:
-        return False, f"no answer within {timeout_s:g} s"
-    except httpx.ConnectError as err:
-        if "refused" in str(err).lower():
-            return False, "connection refused: nothing listens there"
-        return False, f"ConnectError: {err}"
     except httpx.HTTPError as err:
-        return False, f"{type(err).__name__}: {err}"
+        return False, describe_http_failure(err, timeout_s)
     if response.status_code == 200:
         return True, ""
     if response.status_code == 503:
